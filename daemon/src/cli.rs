@@ -1,0 +1,230 @@
+//! The subcommands, one function each. They print for people on stderr
+//! (progress, summaries) and for programs on stdout (`--json`).
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use osmvec_graphstore::apply::DiffApplier;
+use osmvec_graphstore::import::{self, ImportProgress};
+use osmvec_graphstore::read::{self, OscOptions, ReadError};
+use osmvec_graphstore::{Store, StoreError, TileConfig};
+
+use crate::follow::{self, FollowOptions};
+
+fn spinner() -> ProgressBar {
+    let pb = if std::io::stderr().is_terminal() {
+        ProgressBar::new_spinner()
+    } else {
+        ProgressBar::hidden()
+    };
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg} ({per_sec})")
+            .expect("valid template"),
+    );
+    pb.enable_steady_tick(Duration::from_millis(120));
+    pb
+}
+
+pub fn import(
+    store: &Path,
+    files: &[PathBuf],
+    fine_zoom: u8,
+    coarse_zoom: u8,
+    json: bool,
+) -> Result<()> {
+    anyhow::ensure!(
+        coarse_zoom < fine_zoom && fine_zoom <= 20,
+        "zooms must satisfy coarse < fine <= 20 (got coarse {coarse_zoom}, fine {fine_zoom})"
+    );
+    let tiles = TileConfig {
+        fine_zoom,
+        coarse_zoom,
+        ..TileConfig::default()
+    };
+    let pb = Mutex::new(spinner());
+    let progress = |p: ImportProgress| {
+        let pb = pb.lock().expect("progress bar lock");
+        match p {
+            ImportProgress::Reading { file, objects } => {
+                pb.set_position(objects);
+                pb.set_message(format!("reading {}: {objects} objects", file.display()));
+            }
+            ImportProgress::Deriving { done, total } => {
+                pb.set_position(done);
+                pb.set_message(format!("deriving features: {done}/{total} objects"));
+            }
+        }
+    };
+    let summary = import::import(store, files, tiles, &progress)
+        .with_context(|| format!("import into {} failed", store.display()))?;
+    pb.lock().expect("progress bar lock").finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string(&summary)?);
+        return Ok(());
+    }
+    for f in &summary.files {
+        println!(
+            "{}: {} nodes, {} ways, {} relations{}",
+            f.path.display(),
+            f.nodes,
+            f.ways,
+            f.relations,
+            match (&f.replication_timestamp, f.replication_sequence) {
+                (Some(t), Some(s)) => format!(", replication timestamp {t}, sequence {s}"),
+                (Some(t), None) => format!(", replication timestamp {t}"),
+                _ => String::new(),
+            }
+        );
+    }
+    let c = &summary.counts;
+    let objects = (c.nodes + c.ways + c.relations) as f64;
+    println!(
+        "store {}: {} nodes, {} ways, {} relations; features: {} points, {} polylines, {} polygons",
+        store.display(),
+        c.nodes,
+        c.ways,
+        c.relations,
+        c.point,
+        c.polyline,
+        c.polygon
+    );
+    println!(
+        "multipolygons: {} assembled, {} failed; tiles: {} fine, {} coarse (all dirty); {} written, {} kept (newer in store); {:.2} s ({:.0} objects/s)",
+        c.multipolygons_assembled,
+        c.multipolygons_failed,
+        summary.fine_tiles,
+        summary.coarse_tiles,
+        summary.written,
+        summary.kept_newer,
+        summary.seconds,
+        objects / summary.seconds.max(1e-9)
+    );
+    Ok(())
+}
+
+pub fn stats(store: &Path, json: bool) -> Result<()> {
+    let st = Store::open(store)?;
+    let s = st.stats()?;
+    if json {
+        println!("{}", serde_json::to_string(&s)?);
+    } else {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    }
+    Ok(())
+}
+
+/// Reads an osmChange file into an applier; the store is untouched until
+/// `commit`, so a bad file changes nothing.
+pub fn read_diff_into(
+    applier: &mut DiffApplier,
+    name: &str,
+    input: impl std::io::Read,
+    gzip: bool,
+    opts: &OscOptions,
+) -> Result<(), StoreError> {
+    let mut store_err = None;
+    let res = read::read_osc(name, input, gzip, opts, &mut |c| {
+        applier.push(c).map_err(|e| {
+            let msg = e.to_string();
+            store_err = Some(e);
+            ReadError::consumer(msg)
+        })
+    });
+    match (res, store_err) {
+        (_, Some(e)) => Err(e),
+        (Err(e), None) => Err(e.into()),
+        (Ok(()), None) => Ok(()),
+    }
+}
+
+pub fn apply(store: &Path, files: &[PathBuf], json: bool) -> Result<()> {
+    let st = Store::open(store)?;
+    let opts = OscOptions::default();
+    for f in files {
+        let name = f.display().to_string();
+        let file = std::fs::File::open(f).with_context(|| format!("cannot open {name}"))?;
+        let gzip = name.ends_with(".gz");
+        let mut applier = DiffApplier::new(&st, name.clone())?;
+        read_diff_into(
+            &mut applier,
+            &name,
+            std::io::BufReader::new(file),
+            gzip,
+            &opts,
+        )
+        .with_context(|| format!("{name} not applied; the store is unchanged"))?;
+        let report = applier.commit(None, None, true)?;
+        if json {
+            let mut v = serde_json::to_value(&report)?;
+            v["file"] = serde_json::Value::String(name.clone());
+            if let Some(o) = v.as_object_mut() {
+                o.remove("events");
+            }
+            println!("{v}");
+        } else {
+            println!(
+                "{name}: {} changes ({} stale skipped), {} objects and {} features changed, {} tiles dirty",
+                report.changes.total(),
+                report.stale_skipped,
+                report.objects_changed,
+                report.features_changed,
+                report.dirty_tiles.len()
+            );
+        }
+    }
+    Ok(())
+}
+
+pub struct ReplicateArgs {
+    pub store: PathBuf,
+    pub source: String,
+    pub until_caught_up: bool,
+    pub poll_interval: Duration,
+    pub max_diffs: Option<u64>,
+    pub max_attempts: Option<u32>,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    pub max_diff_bytes: u64,
+    pub json: bool,
+}
+
+pub fn replicate(a: ReplicateArgs) -> Result<()> {
+    let st = Store::open(&a.store)?;
+    let opts = FollowOptions {
+        until_caught_up: a.until_caught_up,
+        poll_interval: a.poll_interval,
+        max_diffs: a.max_diffs,
+        backoff: crate::replication::Backoff {
+            initial: a.retry_initial,
+            max: a.retry_max,
+            max_attempts: a.max_attempts,
+        },
+        osc: OscOptions {
+            max_decompressed_bytes: a.max_diff_bytes,
+        },
+    };
+    let source =
+        crate::replication::open_source(&a.source, &crate::replication::SourceOptions::default())
+            .with_context(|| format!("cannot open replication source {}", a.source))?;
+    let json = a.json;
+    let outcome = follow::follow(&st, source.as_ref(), &opts, &mut |r| {
+        if json {
+            let mut v = serde_json::to_value(r).unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                o.remove("events");
+            }
+            println!("{v}");
+        }
+    })?;
+    tracing::info!(
+        applied = outcome.applied,
+        sequence = ?outcome.sequence,
+        "replication stopped"
+    );
+    Ok(())
+}

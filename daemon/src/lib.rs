@@ -1,0 +1,6 @@
+//! The `osmvec` daemon as a library: the binary in `main.rs` is a thin CLI
+//! over these modules, and the end-to-end tests drive the binary.
+
+pub mod cli;
+pub mod follow;
+pub mod replication;

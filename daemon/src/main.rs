@@ -1,0 +1,198 @@
+//! `osmvec`: the command-line edge. Parses arguments, sets up logging and
+//! turns library errors into messages and exit codes.
+
+use std::io::{BufWriter, IsTerminal};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use osmvec::cli;
+
+#[derive(Parser)]
+#[command(
+    name = "osmvec",
+    version,
+    about = "Keeps learned location embeddings of OpenStreetMap fresh while the map changes"
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "OSMVEC_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Import extracts (.osm.pbf, .osm, .osm.gz, .osm.bz2) into a store; several
+    /// files merge, the highest version of an object wins.
+    Import {
+        #[arg(long, env = "OSMVEC_STORE")]
+        store: PathBuf,
+        /// Fine (embedding) zoom; only used when the store is created.
+        #[arg(long, default_value_t = 15)]
+        fine_zoom: u8,
+        /// Coarse (context) zoom; only used when the store is created.
+        #[arg(long, default_value_t = 12)]
+        coarse_zoom: u8,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Print store statistics.
+    Stats {
+        #[arg(long, env = "OSMVEC_STORE")]
+        store: PathBuf,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write every stored object (as osmium's `cat -f opl,add_metadata=version`).
+    Export {
+        #[arg(long, env = "OSMVEC_STORE")]
+        store: PathBuf,
+        #[arg(long, value_enum, default_value_t = ExportFormat::Opl)]
+        format: ExportFormat,
+        /// Output file (default: stdout).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Apply osmChange files (.osc, .osc.gz) in the given order, each in one
+    /// atomic write. Does not move the replication sequence (see `replicate`).
+    Apply {
+        #[arg(long, env = "OSMVEC_STORE")]
+        store: PathBuf,
+        /// Print one JSON report per file.
+        #[arg(long)]
+        json: bool,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Follow a replication feed (URL or directory) and apply every diff in order.
+    Replicate {
+        #[arg(long, env = "OSMVEC_STORE")]
+        store: PathBuf,
+        /// Base URL (https://…/replication/minute) or local directory.
+        #[arg(long, env = "OSMVEC_SOURCE")]
+        source: String,
+        /// Exit 0 once no newer sequence is published.
+        #[arg(long)]
+        until_caught_up: bool,
+        /// Seconds between polls once caught up.
+        #[arg(long, default_value_t = 30.0)]
+        poll_interval: f64,
+        /// Stop after this many diffs (for tests and benchmarks).
+        #[arg(long)]
+        max_diffs: Option<u64>,
+        /// Give up on a failing request after this many attempts (default: retry forever).
+        #[arg(long)]
+        max_attempts: Option<u32>,
+        /// First retry delay in seconds (doubles per attempt, with jitter).
+        #[arg(long, default_value_t = 1.0)]
+        retry_initial: f64,
+        /// Longest retry delay in seconds.
+        #[arg(long, default_value_t = 300.0)]
+        retry_max: f64,
+        /// Largest decompressed diff accepted, bytes (guards against gzip bombs).
+        #[arg(long, default_value_t = 1 << 30)]
+        max_diff_bytes: u64,
+        /// Print one JSON line per applied diff on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ExportFormat {
+    Opl,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OSMVEC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Import {
+            store,
+            fine_zoom,
+            coarse_zoom,
+            json,
+            files,
+        } => cli::import(&store, &files, fine_zoom, coarse_zoom, json),
+        Command::Stats { store, json } => cli::stats(&store, json),
+        Command::Export {
+            store,
+            format: ExportFormat::Opl,
+            output,
+        } => {
+            let st = osmvec_graphstore::Store::open(&store)?;
+            st.ensure_consistent()?;
+            match output {
+                Some(p) => {
+                    let f = std::fs::File::create(&p)
+                        .with_context(|| format!("cannot create {}", p.display()))?;
+                    st.export_opl(&mut BufWriter::new(f))?;
+                }
+                None => {
+                    st.export_opl(&mut BufWriter::new(std::io::stdout().lock()))?;
+                }
+            }
+            Ok(())
+        }
+        Command::Apply { store, json, files } => cli::apply(&store, &files, json),
+        Command::Replicate {
+            store,
+            source,
+            until_caught_up,
+            poll_interval,
+            max_diffs,
+            max_attempts,
+            retry_initial,
+            retry_max,
+            max_diff_bytes,
+            json,
+        } => cli::replicate(cli::ReplicateArgs {
+            retry_initial: std::time::Duration::from_secs_f64(retry_initial),
+            retry_max: std::time::Duration::from_secs_f64(retry_max),
+            store,
+            source,
+            until_caught_up,
+            poll_interval: std::time::Duration::from_secs_f64(poll_interval),
+            max_diffs,
+            max_attempts,
+            max_diff_bytes,
+            json,
+        }),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

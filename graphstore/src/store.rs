@@ -1,0 +1,531 @@
+//! The RocksDB store: one column family per kind of record (see
+//! docs/ARCHITECTURE.md for the key encodings).
+//!
+//! Every mutation goes through one `WriteBatch`, so a reader never sees raw
+//! objects without their indexes and features, and the replication sequence
+//! never runs ahead of the data it describes.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rocksdb::{
+    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options,
+    ReadOptions, WriteBatch, WriteOptions,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::codec;
+use crate::element::{Element, Node, Relation, Way};
+use crate::error::{Result, StoreError};
+use crate::feature::{Feature, FeatureKind, TileConfig};
+use crate::tiles::TileId;
+
+/// Bumped whenever an encoding changes; a store of another version is refused.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Column family names.
+pub mod cf {
+    pub const NODES: &str = "nodes";
+    pub const WAYS: &str = "ways";
+    pub const RELATIONS: &str = "relations";
+    pub const NODE_WAYS: &str = "node_ways";
+    pub const MEMBER_RELATIONS: &str = "member_relations";
+    pub const FEATURES: &str = "features";
+    pub const TILE_FEATURES: &str = "tile_features";
+    pub const TILES: &str = "tiles";
+    pub const DIRTY_TILES: &str = "dirty_tiles";
+    pub const META: &str = "meta";
+    pub const ALL: &[&str] = &[
+        NODES,
+        WAYS,
+        RELATIONS,
+        NODE_WAYS,
+        MEMBER_RELATIONS,
+        FEATURES,
+        TILE_FEATURES,
+        TILES,
+        DIRTY_TILES,
+        META,
+    ];
+}
+
+/// Keys of the `meta` column family.
+pub mod meta {
+    pub const SCHEMA: &[u8] = b"schema_version";
+    pub const TILE_CONFIG: &[u8] = b"tile_config";
+    pub const SEQUENCE: &[u8] = b"replication_sequence";
+    pub const TIMESTAMP: &[u8] = b"replication_timestamp";
+    pub const BASE_URL: &[u8] = b"replication_base_url";
+    pub const COUNTS: &[u8] = b"counts";
+    pub const IMPORT_IN_PROGRESS: &[u8] = b"import_in_progress";
+}
+
+/// Object and feature counts, kept exact in every write batch so that
+/// `stats` never has to scan the store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub nodes: i64,
+    pub ways: i64,
+    pub relations: i64,
+    pub point: i64,
+    pub polyline: i64,
+    pub polygon: i64,
+    /// Area relations that became polygons / that could not be assembled.
+    pub multipolygons_assembled: i64,
+    pub multipolygons_failed: i64,
+}
+
+impl Counts {
+    pub fn add_feature(&mut self, kind: FeatureKind, delta: i64) {
+        match kind {
+            FeatureKind::Point => self.point += delta,
+            FeatureKind::Polyline => self.polyline += delta,
+            FeatureKind::Polygon => self.polygon += delta,
+        }
+    }
+}
+
+/// What `osmvec stats` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    pub nodes: i64,
+    pub ways: i64,
+    pub relations: i64,
+    pub features: FeatureStats,
+    /// Fine-zoom tiles holding at least one feature.
+    pub tiles: u64,
+    pub coarse_tiles: u64,
+    pub dirty_tiles: u64,
+    pub sequence: Option<u64>,
+    /// RFC 3339.
+    pub timestamp: Option<String>,
+    pub multipolygons: MultipolygonStats,
+    pub fine_zoom: u8,
+    pub coarse_zoom: u8,
+    pub schema_version: u32,
+    pub import_interrupted: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FeatureStats {
+    pub point: i64,
+    pub polyline: i64,
+    pub polygon: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MultipolygonStats {
+    pub assembled: i64,
+    pub failed: i64,
+}
+
+pub struct Store {
+    db: DB,
+    path: PathBuf,
+    tiles: TileConfig,
+}
+
+fn db_options() -> Options {
+    let mut o = Options::default();
+    o.create_if_missing(true);
+    o.create_missing_column_families(true);
+    o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    o.increase_parallelism(2);
+    let mut b = BlockBasedOptions::default();
+    b.set_bloom_filter(10.0, false);
+    b.set_block_cache(&rocksdb::Cache::new_lru_cache(128 << 20));
+    o.set_block_based_table_factory(&b);
+    o
+}
+
+impl Store {
+    /// Opens an existing store.
+    pub fn open(path: &Path) -> Result<Store> {
+        if !path.join("CURRENT").exists() {
+            return Err(StoreError::Missing(path.to_path_buf()));
+        }
+        Self::open_inner(path, None)
+    }
+
+    /// Opens a store, creating it with `tiles` if it does not exist. An
+    /// existing store keeps its own tile configuration.
+    pub fn open_or_create(path: &Path, tiles: TileConfig) -> Result<Store> {
+        Self::open_inner(path, Some(tiles))
+    }
+
+    fn open_inner(path: &Path, create: Option<TileConfig>) -> Result<Store> {
+        let opts = db_options();
+        let cfs = cf::ALL
+            .iter()
+            .map(|n| ColumnFamilyDescriptor::new(*n, db_options()));
+        let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| StoreError::Db {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let mut store = Store {
+            db,
+            path: path.to_path_buf(),
+            tiles: TileConfig::default(),
+        };
+        match store.get_meta(meta::SCHEMA)? {
+            Some(v) => {
+                let found = u32::from_le_bytes(
+                    v.as_slice()
+                        .try_into()
+                        .map_err(|_| StoreError::corrupt("schema version"))?,
+                );
+                if found != SCHEMA_VERSION {
+                    return Err(StoreError::Schema {
+                        found,
+                        expected: SCHEMA_VERSION,
+                    });
+                }
+                let cfg = store
+                    .get_meta(meta::TILE_CONFIG)?
+                    .ok_or_else(|| StoreError::corrupt("tile configuration missing"))?;
+                store.tiles = serde_json::from_slice(&cfg)
+                    .map_err(|e| StoreError::Corrupt(format!("tile configuration: {e}")))?;
+            }
+            None => {
+                let Some(cfg) = create else {
+                    return Err(StoreError::NotAStore {
+                        path: path.to_path_buf(),
+                        why: "no schema version".into(),
+                    });
+                };
+                store.tiles = cfg;
+                let mut b = WriteBatch::default();
+                let m = store.cf(cf::META);
+                b.put_cf(m, meta::SCHEMA, SCHEMA_VERSION.to_le_bytes());
+                b.put_cf(
+                    m,
+                    meta::TILE_CONFIG,
+                    serde_json::to_vec(&cfg).expect("config serialises"),
+                );
+                b.put_cf(
+                    m,
+                    meta::COUNTS,
+                    serde_json::to_vec(&Counts::default()).expect("counts serialise"),
+                );
+                store.write(b, true)?;
+            }
+        }
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn tile_config(&self) -> TileConfig {
+        self.tiles
+    }
+
+    pub(crate) fn cf(&self, name: &str) -> &ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("every column family is opened at start")
+    }
+
+    pub(crate) fn db(&self) -> &DB {
+        &self.db
+    }
+
+    fn db_err(&self, e: rocksdb::Error) -> StoreError {
+        StoreError::Db {
+            path: self.path.clone(),
+            source: e,
+        }
+    }
+
+    /// Writes a batch; `sync` makes it durable against power loss, not just
+    /// against a crash of this process.
+    pub fn write(&self, batch: WriteBatch, sync: bool) -> Result<()> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        self.db.write_opt(batch, &wo).map_err(|e| self.db_err(e))
+    }
+
+    pub(crate) fn get_cf(&self, name: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.db
+            .get_cf(self.cf(name), key)
+            .map_err(|e| self.db_err(e))
+    }
+
+    pub fn get_meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.get_cf(cf::META, key)
+    }
+
+    pub fn counts(&self) -> Result<Counts> {
+        match self.get_meta(meta::COUNTS)? {
+            Some(v) => {
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(format!("counts: {e}")))
+            }
+            None => Ok(Counts::default()),
+        }
+    }
+
+    pub(crate) fn put_counts(&self, b: &mut WriteBatch, c: &Counts) {
+        b.put_cf(
+            self.cf(cf::META),
+            meta::COUNTS,
+            serde_json::to_vec(c).expect("counts serialise"),
+        );
+    }
+
+    /// The last applied replication state: sequence (if known) and timestamp.
+    pub fn replication_state(&self) -> Result<(Option<u64>, Option<i64>)> {
+        let seq = self
+            .get_meta(meta::SEQUENCE)?
+            .map(|v| v.as_slice().try_into().map(u64::from_le_bytes))
+            .transpose()
+            .map_err(|_| StoreError::corrupt("sequence"))?;
+        let ts = self
+            .get_meta(meta::TIMESTAMP)?
+            .map(|v| v.as_slice().try_into().map(i64::from_le_bytes))
+            .transpose()
+            .map_err(|_| StoreError::corrupt("timestamp"))?;
+        Ok((seq, ts))
+    }
+
+    pub(crate) fn put_replication_state(
+        &self,
+        b: &mut WriteBatch,
+        seq: Option<u64>,
+        ts: Option<i64>,
+    ) {
+        let m = self.cf(cf::META);
+        match seq {
+            Some(s) => b.put_cf(m, meta::SEQUENCE, s.to_le_bytes()),
+            None => b.delete_cf(m, meta::SEQUENCE),
+        }
+        if let Some(t) = ts {
+            b.put_cf(m, meta::TIMESTAMP, t.to_le_bytes());
+        }
+    }
+
+    /// Whether an import was started and did not finish.
+    pub fn import_interrupted(&self) -> Result<Option<String>> {
+        Ok(self
+            .get_meta(meta::IMPORT_IN_PROGRESS)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Refuses to work on a store whose import did not finish.
+    pub fn ensure_consistent(&self) -> Result<()> {
+        match self.import_interrupted()? {
+            Some(what) => Err(StoreError::ImportInterrupted(what)),
+            None => Ok(()),
+        }
+    }
+
+    pub fn get_node(&self, id: i64) -> Result<Option<Node>> {
+        self.get_cf(cf::NODES, &codec::id_key(id))?
+            .map(|v| codec::decode_node(id, &v))
+            .transpose()
+    }
+
+    pub fn get_way(&self, id: i64) -> Result<Option<Way>> {
+        self.get_cf(cf::WAYS, &codec::id_key(id))?
+            .map(|v| codec::decode_way(id, &v))
+            .transpose()
+    }
+
+    pub fn get_relation(&self, id: i64) -> Result<Option<Relation>> {
+        self.get_cf(cf::RELATIONS, &codec::id_key(id))?
+            .map(|v| codec::decode_relation(id, &v))
+            .transpose()
+    }
+
+    pub fn get_feature(&self, t: crate::element::ElementType, id: i64) -> Result<Option<Feature>> {
+        self.get_cf(cf::FEATURES, &codec::typed_key(t, id))?
+            .map(|v| Feature::decode(&v))
+            .transpose()
+    }
+
+    /// Ids found under a key prefix in an index column family, where the id
+    /// is the last 8 bytes of the key (node→ways, member→relations).
+    pub(crate) fn index_ids(&self, cf_name: &str, prefix: &[u8]) -> Result<Vec<i64>> {
+        let mut ro = ReadOptions::default();
+        let mut upper = prefix.to_vec();
+        increment(&mut upper);
+        ro.set_iterate_upper_bound(upper);
+        let it = self.db.iterator_cf_opt(
+            self.cf(cf_name),
+            ro,
+            IteratorMode::From(prefix, Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for kv in it {
+            let (k, _) = kv.map_err(|e| self.db_err(e))?;
+            out.push(codec::id_from_key(&k[k.len() - 8..])?);
+        }
+        Ok(out)
+    }
+
+    /// Ways that use a node.
+    pub fn ways_of_node(&self, node: i64) -> Result<Vec<i64>> {
+        self.index_ids(cf::NODE_WAYS, &codec::id_key(node))
+    }
+
+    /// Relations that have an object as member.
+    pub fn relations_of(&self, t: crate::element::ElementType, id: i64) -> Result<Vec<i64>> {
+        self.index_ids(cf::MEMBER_RELATIONS, &codec::typed_key(t, id))
+    }
+
+    /// Features (type, id) indexed in a tile.
+    pub fn features_in_tile(
+        &self,
+        tile: TileId,
+    ) -> Result<Vec<(crate::element::ElementType, i64)>> {
+        let prefix = tile.to_key();
+        let mut ro = ReadOptions::default();
+        let mut upper = prefix.to_vec();
+        increment(&mut upper);
+        ro.set_iterate_upper_bound(upper);
+        let it = self.db.iterator_cf_opt(
+            self.cf(cf::TILE_FEATURES),
+            ro,
+            IteratorMode::From(&prefix, Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for kv in it {
+            let (k, _) = kv.map_err(|e| self.db_err(e))?;
+            out.push(codec::typed_from_key(&k[9..])?);
+        }
+        Ok(out)
+    }
+
+    /// Dirty tiles with the sequence at which each became dirty, in key order.
+    pub fn dirty_tiles(&self) -> Result<Vec<(TileId, u64)>> {
+        let mut out = Vec::new();
+        for kv in self
+            .db
+            .iterator_cf(self.cf(cf::DIRTY_TILES), IteratorMode::Start)
+        {
+            let (k, v) = kv.map_err(|e| self.db_err(e))?;
+            let t = TileId::from_key(&k).ok_or_else(|| StoreError::corrupt("dirty tile key"))?;
+            let seq = codec::Reader::new(&v).uvarint()?;
+            out.push((t, seq));
+        }
+        Ok(out)
+    }
+
+    /// Tiles holding features, with their feature count.
+    pub fn tiles(&self) -> Result<BTreeMap<TileId, u64>> {
+        let mut out = BTreeMap::new();
+        for kv in self.db.iterator_cf(self.cf(cf::TILES), IteratorMode::Start) {
+            let (k, v) = kv.map_err(|e| self.db_err(e))?;
+            let t = TileId::from_key(&k).ok_or_else(|| StoreError::corrupt("tile key"))?;
+            out.insert(t, codec::Reader::new(&v).uvarint()?);
+        }
+        Ok(out)
+    }
+
+    fn count_keys(&self, name: &str) -> Result<u64> {
+        let mut n = 0;
+        let mut it = self.db.raw_iterator_cf(self.cf(name));
+        it.seek_to_first();
+        while it.valid() {
+            n += 1;
+            it.next();
+        }
+        it.status().map_err(|e| self.db_err(e))?;
+        Ok(n)
+    }
+
+    pub fn stats(&self) -> Result<Stats> {
+        let c = self.counts()?;
+        let (seq, ts) = self.replication_state()?;
+        let tiles = self.tiles()?;
+        let fine = tiles.keys().filter(|t| t.z == self.tiles.fine_zoom).count() as u64;
+        Ok(Stats {
+            nodes: c.nodes,
+            ways: c.ways,
+            relations: c.relations,
+            features: FeatureStats {
+                point: c.point,
+                polyline: c.polyline,
+                polygon: c.polygon,
+            },
+            tiles: fine,
+            coarse_tiles: tiles.len() as u64 - fine,
+            dirty_tiles: self.count_keys(cf::DIRTY_TILES)?,
+            sequence: seq,
+            timestamp: ts.map(format_timestamp),
+            multipolygons: MultipolygonStats {
+                assembled: c.multipolygons_assembled,
+                failed: c.multipolygons_failed,
+            },
+            fine_zoom: self.tiles.fine_zoom,
+            coarse_zoom: self.tiles.coarse_zoom,
+            schema_version: SCHEMA_VERSION,
+            import_interrupted: self.import_interrupted()?.is_some(),
+        })
+    }
+
+    /// Counts objects by scanning, to check the kept counters.
+    pub fn recount(&self) -> Result<(u64, u64, u64)> {
+        Ok((
+            self.count_keys(cf::NODES)?,
+            self.count_keys(cf::WAYS)?,
+            self.count_keys(cf::RELATIONS)?,
+        ))
+    }
+
+    /// Writes every object as OPL (nodes, ways, relations; ascending id),
+    /// the same lines as `osmium cat -f opl,add_metadata=version`.
+    pub fn export_opl<W: Write>(&self, out: &mut W) -> Result<u64> {
+        let io = |e: std::io::Error| StoreError::Io {
+            context: "writing OPL".into(),
+            source: e,
+        };
+        let mut n = 0u64;
+        for name in [cf::NODES, cf::WAYS, cf::RELATIONS] {
+            for kv in self.db.iterator_cf(self.cf(name), IteratorMode::Start) {
+                let (k, v) = kv.map_err(|e| self.db_err(e))?;
+                let id = codec::id_from_key(&k)?;
+                let el = match name {
+                    cf::NODES => Element::Node(codec::decode_node(id, &v)?),
+                    cf::WAYS => Element::Way(codec::decode_way(id, &v)?),
+                    _ => Element::Relation(codec::decode_relation(id, &v)?),
+                };
+                crate::opl::write_element(out, &el).map_err(io)?;
+                n += 1;
+            }
+        }
+        out.flush().map_err(io)?;
+        Ok(n)
+    }
+
+    /// Iterates a whole column family (key, value); for the import's feature
+    /// pass and for tests.
+    pub(crate) fn scan(
+        &self,
+        name: &str,
+    ) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>)>> + '_ {
+        self.db
+            .iterator_cf(self.cf(name), IteratorMode::Start)
+            .map(|kv| kv.map_err(|e| self.db_err(e)))
+    }
+}
+
+/// Increments a byte string as a big-endian number: the exclusive upper
+/// bound of a prefix scan.
+fn increment(k: &mut Vec<u8>) {
+    while let Some(last) = k.last_mut() {
+        if *last == 0xff {
+            k.pop();
+        } else {
+            *last += 1;
+            return;
+        }
+    }
+}
+
+pub fn format_timestamp(ts: i64) -> String {
+    chrono::DateTime::from_timestamp(ts, 0)
+        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_else(|| ts.to_string())
+}

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what osmvec needs to build and test, idempotently: Debian packages
+# (osmium-tool as the reference implementation in tests, libclang for the
+# RocksDB bindings, python3 for the test HTTP source) and the release build.
+# Only package registries are used (Debian, crates.io).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v osmium >/dev/null 2>&1 || need+=(osmium-tool)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+command -v cc >/dev/null 2>&1 || need+=(build-essential)
+# bindgen (librocksdb-sys) loads libclang at build time.
+ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev clang)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "ops/install.sh: installing ${need[*]}" >&2
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "ops/install.sh: cargo not found; install Rust (https://rustup.rs) first" >&2
+  exit 1
+fi
+
+cargo build --release --locked -p osmvec
+echo "ops/install.sh: built $(pwd)/target/release/osmvec" >&2

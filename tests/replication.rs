@@ -1,0 +1,564 @@
+//! End-to-end tests of diff application and replication on real feeds:
+//! results are compared with osmium's reconstruction of the same area.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use osmvec_tests::*;
+
+const MALDIVES_END: &str = "2017-03-01T10:49:00Z";
+
+fn maldives_base() -> PathBuf {
+    data("replication/maldives/base-2017-03-01T0749Z.osm.pbf")
+}
+
+fn maldives_feed() -> PathBuf {
+    data("replication/maldives/minute")
+}
+
+/// osmium's snapshot of the Maldives at the end of the feed.
+fn maldives_reference() -> String {
+    let dir = tempdir();
+    let snap = dir.path().join("end.osm.pbf");
+    osmium(&[
+        "time-filter",
+        path_str(&data("history/maldives-history-2017-08-05.osh.pbf")),
+        MALDIVES_END,
+        "-o",
+        path_str(&snap),
+    ]);
+    osmium_opl(&snap)
+}
+
+fn import(store: &Path, file: &Path) {
+    osmvec_ok(&["import", "--store", path_str(store), path_str(file)]);
+}
+
+fn replicate(store: &Path, source: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "replicate",
+        "--store",
+        path_str(store),
+        "--source",
+        source,
+        "--until-caught-up",
+    ];
+    args.extend_from_slice(extra);
+    osmvec(&args)
+}
+
+fn replicate_ok(store: &Path, source: &str, extra: &[&str]) {
+    let out = replicate(store, source, extra);
+    assert!(
+        out.status.success(),
+        "replicate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The stdlib HTTP server of tests/fixtures serving a replication directory.
+struct HttpSource {
+    child: Child,
+    url: String,
+}
+
+impl HttpSource {
+    fn start(dir: &Path, extra: &[&str]) -> HttpSource {
+        let script = root().join("tests/fixtures/http_source.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .arg("--dir")
+            .arg(dir)
+            .arg("--port")
+            .arg("0")
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("python3 runs");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("server prints its port");
+        let port: u16 = line
+            .trim()
+            .strip_prefix("PORT ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line from the server: {line:?}"));
+        HttpSource {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for HttpSource {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn maldives_feed_from_directory_and_http_matches_osmium() {
+    let reference = maldives_reference();
+    let dir = tempdir();
+
+    let a = dir.path().join("dir");
+    import(&a, &maldives_base());
+    replicate_ok(&a, path_str(&maldives_feed()), &[]);
+    let s = stats(&a);
+    assert_eq!(s["sequence"], 180);
+    assert_eq!(s["timestamp"], MALDIVES_END);
+    let from_dir = sort_tags(&export(&a));
+    assert_same_opl(&from_dir, &reference, "Maldives feed from a directory");
+
+    let server = HttpSource::start(&maldives_feed(), &[]);
+    let b = dir.path().join("http");
+    import(&b, &maldives_base());
+    replicate_ok(&b, &server.url, &[]);
+    assert_eq!(stats(&b)["sequence"], 180);
+    assert_same_opl(
+        &sort_tags(&export(&b)),
+        &reference,
+        "Maldives feed over HTTP",
+    );
+}
+
+#[test]
+fn andorra_chain_reaches_the_2021_extract() {
+    let dir = tempdir();
+    let store = dir.path().join("s");
+    import(
+        &store,
+        &data("replication/andorra/base-2017-01-15T0000Z.osm.pbf"),
+    );
+    replicate_ok(&store, path_str(&data("replication/andorra/day")), &[]);
+    assert_eq!(stats(&store)["sequence"], 35);
+    for d in [
+        "andorra-2017-02-19_2018-03-01.osc.gz",
+        "andorra-2018-03-01_2019-02-23.osc.gz",
+        "andorra-2019-02-23_2021-04-14.osc.gz",
+    ] {
+        osmvec_ok(&[
+            "apply",
+            "--store",
+            path_str(&store),
+            path_str(&data(&format!("diffs/derived/{d}"))),
+        ]);
+    }
+    assert_same_opl(
+        &sort_tags(&export(&store)),
+        &osmium_opl(&data("extracts/andorra-2021-04-14.osm.pbf")),
+        "Andorra chain",
+    );
+}
+
+#[test]
+fn monaco_chain_reaches_the_2026_extract() {
+    let dir = tempdir();
+    let store = dir.path().join("s");
+    import(&store, &data("extracts/monaco-2015-04-27.osm.pbf"));
+    let diffs = [
+        "monaco-2015-04-27_2015-07-07.osc.gz",
+        "monaco-2015-07-07_2016-01-01.osc.gz",
+        "monaco-2016-01-01_2021-04-21.osc.gz",
+        "monaco-2021-04-21_2022-07-19.osc.gz",
+        "monaco-2022-07-19_2023-11-21.osc.gz",
+        "monaco-2023-11-21_2026-03-10.osc.gz",
+    ];
+    // One call, several files: applied in the given order, one batch each.
+    let mut args = vec!["apply", "--store", path_str(&store)];
+    let paths: Vec<PathBuf> = diffs
+        .iter()
+        .map(|d| data(&format!("diffs/derived/{d}")))
+        .collect();
+    args.extend(paths.iter().map(|p| path_str(p)));
+    osmvec_ok(&args);
+    assert_same_opl(
+        &sort_tags(&export(&store)),
+        &osmium_opl(&data("extracts/monaco-2026-03-10.osm.pbf")),
+        "Monaco chain",
+    );
+    // The counters kept in every batch agree with the objects stored.
+    let s = stats(&store);
+    let opl = export(&store);
+    for (k, p) in [("nodes", 'n'), ("ways", 'w'), ("relations", 'r')] {
+        let n = opl.lines().filter(|l| l.starts_with(p)).count();
+        assert_eq!(s[k].as_u64().unwrap() as usize, n, "{k} counter");
+    }
+}
+
+#[test]
+fn applying_a_diff_twice_changes_nothing() {
+    let dir = tempdir();
+    let store = dir.path().join("s");
+    import(&store, &maldives_base());
+    replicate_ok(&store, path_str(&maldives_feed()), &["--max-diffs", "90"]);
+    let seq = stats(&store)["sequence"].clone();
+    assert_eq!(seq, 90);
+    let before = export(&store);
+    let before_stats = stats(&store);
+    // The plain apply of an already applied diff: same versions, no change.
+    let diff = maldives_feed().join("000/000/090.osc.gz");
+    let out = osmvec_ok(&[
+        "apply",
+        "--json",
+        "--store",
+        path_str(&store),
+        path_str(&diff),
+    ]);
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(report["objects_changed"], 0, "{report}");
+    assert_eq!(report["dirty_tiles"].as_array().unwrap().len(), 0);
+    assert_eq!(export(&store), before);
+    assert_eq!(stats(&store), before_stats);
+    // Replicating again from the same sequence applies nothing twice.
+    let feed = tempdir();
+    copy_dir(&maldives_feed(), feed.path());
+    // Pretend the feed ends at 90: the store is caught up, nothing applied.
+    std::fs::copy(
+        feed.path().join("000/000/090.state.txt"),
+        feed.path().join("state.txt"),
+    )
+    .unwrap();
+    replicate_ok(&store, path_str(feed.path()), &[]);
+    assert_eq!(export(&store), before);
+    assert_eq!(stats(&store)["sequence"], 90);
+}
+
+/// A tiny deterministic generator, so a failing kill schedule can be replayed.
+struct XorShift(u64);
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[test]
+fn sigkill_at_random_moments_loses_nothing() {
+    let dir = tempdir();
+    let pristine = dir.path().join("pristine");
+    import(&pristine, &maldives_base());
+    let reference_store = dir.path().join("ref");
+    copy_dir(&pristine, &reference_store);
+    let t = Instant::now();
+    replicate_ok(&reference_store, path_str(&maldives_feed()), &[]);
+    let full = t.elapsed();
+    let reference = export(&reference_store);
+    let reference_stats = stats(&reference_store);
+
+    let seed = std::env::var("OSMVEC_KILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_1234_u64);
+    eprintln!("kill schedule seed {seed} (set OSMVEC_KILL_SEED to replay); full run {full:?}");
+    let mut rng = XorShift(seed);
+    let max_ms = (full.as_millis() as u64).max(50);
+    let mut kills = 0;
+    let mut rounds = 0;
+    // Each round starts from the freshly imported store and kills the
+    // replicating process twice at random moments before letting it finish.
+    while kills < 24 && rounds < 60 {
+        rounds += 1;
+        let store = dir.path().join(format!("round{rounds}"));
+        copy_dir(&pristine, &store);
+        let mut last_seq = 0u64;
+        for _ in 0..2 {
+            let mut child = Command::new(bin())
+                .args([
+                    "replicate",
+                    "--store",
+                    path_str(&store),
+                    "--source",
+                    path_str(&maldives_feed()),
+                    "--until-caught-up",
+                ])
+                .env("OSMVEC_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(rng.next() % max_ms));
+            if child.try_wait().unwrap().is_none() {
+                child.kill().unwrap(); // SIGKILL
+                kills += 1;
+            }
+            child.wait().unwrap();
+            let seq = stats(&store)["sequence"].as_u64().unwrap_or(0);
+            assert!(
+                seq >= last_seq,
+                "sequence went back from {last_seq} to {seq}"
+            );
+            last_seq = seq;
+        }
+        replicate_ok(&store, path_str(&maldives_feed()), &[]);
+        assert_same_opl(
+            &export(&store),
+            &reference,
+            &format!("round {rounds}, after SIGKILLs"),
+        );
+        assert_eq!(stats(&store), reference_stats, "round {rounds}");
+        std::fs::remove_dir_all(&store).unwrap();
+    }
+    eprintln!("{kills} kills in {rounds} rounds");
+    assert!(kills >= 20, "only {kills} kills landed");
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+#[test]
+fn bad_diffs_stop_replication_without_losing_anything() {
+    let dir = tempdir();
+    let feed = dir.path().join("feed");
+    copy_dir(&maldives_feed(), &feed);
+    let store = dir.path().join("s");
+    import(&store, &maldives_base());
+    let quick = ["--max-attempts", "2", "--retry-initial", "0.01"];
+
+    // Reference state at sequence 4.
+    let ref4 = dir.path().join("ref4");
+    import(&ref4, &maldives_base());
+    replicate_ok(&ref4, path_str(&feed), &["--max-diffs", "4"]);
+    let at4 = export(&ref4);
+
+    // 1. Truncated gzip at sequence 5.
+    let d5 = feed.join("000/000/005.osc.gz");
+    let good5 = std::fs::read(&d5).unwrap();
+    std::fs::write(&d5, &good5[..good5.len() / 2]).unwrap();
+    let out = replicate(&store, path_str(&feed), &quick);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("sequence 5"),
+        "error does not name the sequence: {err}"
+    );
+    assert_eq!(stats(&store)["sequence"], 4);
+    assert_eq!(export(&store), at4);
+
+    // 2. Invalid XML at sequence 5.
+    let xml = String::from_utf8(flate2_decode(&good5)).unwrap();
+    let broken = xml.replacen("</create>", "</crate>", 1);
+    assert_ne!(broken, xml);
+    std::fs::write(&d5, gzip(broken.as_bytes())).unwrap();
+    let out = replicate(&store, path_str(&feed), &quick);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("sequence 5") && err.contains("line"), "{err}");
+    assert_eq!(stats(&store)["sequence"], 4);
+    assert_eq!(export(&store), at4);
+
+    // 3. A bad coordinate.
+    let bad = xml.replacen(" lat=\"", " lat=\"9", 1);
+    std::fs::write(&d5, gzip(bad.as_bytes())).unwrap();
+    let out = replicate(&store, path_str(&feed), &quick);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("coordinates"));
+    assert_eq!(stats(&store)["sequence"], 4);
+
+    // Repaired: replication resumes from 5.
+    std::fs::write(&d5, &good5).unwrap();
+
+    // 4. A garbled state file at sequence 7.
+    let s7 = feed.join("000/000/007.state.txt");
+    let good7 = std::fs::read(&s7).unwrap();
+    std::fs::write(&s7, b"#garbage\nsequenceNumber=seven\n").unwrap();
+    let out = replicate(&store, path_str(&feed), &quick);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("7"), "{err}");
+    assert_eq!(stats(&store)["sequence"], 6);
+    std::fs::write(&s7, &good7).unwrap();
+
+    // 5. A missing diff: never skipped.
+    let d9 = feed.join("000/000/009.osc.gz");
+    let good9 = std::fs::read(&d9).unwrap();
+    std::fs::remove_file(&d9).unwrap();
+    let out = replicate(&store, path_str(&feed), &quick);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("9"), "{err}");
+    assert_eq!(stats(&store)["sequence"], 8);
+    std::fs::write(&d9, &good9).unwrap();
+
+    // 6. HTTP 500s then success: retried, nothing skipped.
+    let server = HttpSource::start(&feed, &["--fail-first", "2"]);
+    replicate_ok(
+        &store,
+        &server.url,
+        &[
+            "--max-attempts",
+            "5",
+            "--retry-initial",
+            "0.005",
+            "--retry-max",
+            "0.05",
+        ],
+    );
+    assert_eq!(stats(&store)["sequence"], 180);
+    let reference = dir.path().join("ref");
+    import(&reference, &maldives_base());
+    replicate_ok(&reference, path_str(&maldives_feed()), &[]);
+    assert_same_opl(
+        &export(&store),
+        &export(&reference),
+        "after repaired errors",
+    );
+}
+
+fn flate2_decode(b: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    flate2::read::MultiGzDecoder::new(b)
+        .read_to_end(&mut out)
+        .unwrap();
+    out
+}
+
+// ---- dirty tiles, computed independently ------------------------------------
+
+fn tile_of(z: u8, lon: f64, lat: f64) -> (u8, u32, u32) {
+    let n = (1u64 << z) as f64;
+    let x = ((lon + 180.0) / 360.0 * n).floor() as u32;
+    let r = lat.to_radians();
+    let y =
+        ((1.0 - (r.tan() + 1.0 / r.cos()).ln() / std::f64::consts::PI) / 2.0 * n).floor() as u32;
+    (z, x, y)
+}
+
+/// Tiles a polyline passes through, by dense sampling of each segment.
+fn tiles_of_line(z: u8, pts: &[(f64, f64)]) -> std::collections::BTreeSet<(u8, u32, u32)> {
+    let mut out = std::collections::BTreeSet::new();
+    for w in pts.windows(2) {
+        for i in 0..=2000 {
+            let t = i as f64 / 2000.0;
+            let lon = w[0].0 + (w[1].0 - w[0].0) * t;
+            let lat = w[0].1 + (w[1].1 - w[0].1) * t;
+            out.insert(tile_of(z, lon, lat));
+        }
+    }
+    if pts.len() == 1 {
+        out.insert(tile_of(z, pts[0].0, pts[0].1));
+    }
+    out
+}
+
+fn opl_coords(opl: &str) -> std::collections::HashMap<String, (f64, f64)> {
+    let mut m = std::collections::HashMap::new();
+    for l in opl.lines().filter(|l| l.starts_with('n')) {
+        let f: Vec<&str> = l.split(' ').collect();
+        let x = f.iter().find(|s| s.starts_with('x')).unwrap()[1..]
+            .parse()
+            .unwrap();
+        let y = f.iter().find(|s| s.starts_with('y')).unwrap()[1..]
+            .parse()
+            .unwrap();
+        m.insert(f[0].to_string(), (x, y));
+    }
+    m
+}
+
+#[test]
+fn moving_one_node_dirties_exactly_the_ways_old_and_new_tiles() {
+    // The feed's one node modification: node 4711298768 v2 at sequence 76.
+    let dir = tempdir();
+    let store = dir.path().join("s");
+    import(&store, &maldives_base());
+    replicate_ok(&store, path_str(&maldives_feed()), &["--max-diffs", "75"]);
+    // Sequence 76 adds the node to a way and moves it. Apply everything of
+    // 76 but the move first, so that the move alone is the diff under test.
+    let xml76 = String::from_utf8(flate2_decode(
+        &std::fs::read(maldives_feed().join("000/000/076.osc.gz")).unwrap(),
+    ))
+    .unwrap();
+    let start = xml76.find("<node id=\"4711298768\"").unwrap();
+    let end = start + xml76[start..].find("/>").unwrap() + 2;
+    let rest = dir.path().join("rest.osc");
+    std::fs::write(&rest, format!("{}{}", &xml76[..start], &xml76[end..])).unwrap();
+    osmvec_ok(&["apply", "--store", path_str(&store), path_str(&rest)]);
+    let before = export(&store);
+    let coords = opl_coords(&before);
+    let node = "n4711298768";
+    let (old_lon, old_lat) = coords[node];
+    let ways: Vec<&str> = before
+        .lines()
+        .filter(|l| {
+            l.starts_with('w')
+                && l.split(' ')
+                    .any(|f| f.starts_with('N') && f[1..].split(',').any(|r| r == node))
+        })
+        .collect();
+    assert!(!ways.is_empty(), "no way uses {node}");
+
+    // The real edit, alone in an osmChange file.
+    let elem = &xml76[start..end];
+    let get = |a: &str| -> f64 {
+        let i = elem.find(&format!(" {a}=\"")).unwrap() + a.len() + 3;
+        elem[i..i + elem[i..].find('"').unwrap()].parse().unwrap()
+    };
+    let (new_lon, new_lat) = (get("lon"), get("lat"));
+    assert!(
+        (new_lon, new_lat) != (old_lon, old_lat),
+        "the edit moves the node"
+    );
+    let osc = dir.path().join("move.osc");
+    std::fs::write(
+        &osc,
+        format!("<?xml version='1.0' encoding='UTF-8'?>\n<osmChange version=\"0.6\">\n<modify>\n{elem}\n</modify>\n</osmChange>\n"),
+    )
+    .unwrap();
+    let out = osmvec_ok(&[
+        "apply",
+        "--json",
+        "--store",
+        path_str(&store),
+        path_str(&osc),
+    ]);
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let got: std::collections::BTreeSet<(u8, u32, u32)> = report["dirty_tiles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            let p: Vec<u32> = t
+                .as_str()
+                .unwrap()
+                .split('/')
+                .map(|v| v.parse().unwrap())
+                .collect();
+            (p[0] as u8, p[1], p[2])
+        })
+        .collect();
+
+    let s = stats(&store);
+    let zooms = [
+        s["fine_zoom"].as_u64().unwrap() as u8,
+        s["coarse_zoom"].as_u64().unwrap() as u8,
+    ];
+    let mut expected = std::collections::BTreeSet::new();
+    for w in &ways {
+        let refs = w.split(' ').find(|f| f.starts_with('N')).unwrap()[1..].split(',');
+        let (mut old, mut new) = (Vec::new(), Vec::new());
+        for r in refs {
+            if let Some(&c) = coords.get(r) {
+                old.push(c);
+                new.push(if r == node { (new_lon, new_lat) } else { c });
+            }
+        }
+        for z in zooms {
+            expected.extend(tiles_of_line(z, &old));
+            expected.extend(tiles_of_line(z, &new));
+        }
+    }
+    eprintln!("{} way(s) use the node; dirty tiles {got:?}", ways.len());
+    assert_eq!(got, expected);
+}
