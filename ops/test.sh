@@ -1,9 +1,19 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: installs what is missing, builds
-# once (release profile, shared by tests and benchmarks), runs every test.
+# once (release profile, shared by tests and benchmarks), runs every test,
+# and ends with one summary line over all test binaries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 bash ops/install.sh
-cargo test --release --locked --workspace
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --release --locked --workspace 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+summary=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+               END { printf "%d passed, %d failed", p, f }' "$log")
 echo "ops/test.sh: finished in $(( $(date +%s) - start )) s" >&2
+echo "tests: $summary"
+exit "$status"

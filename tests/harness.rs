@@ -102,12 +102,10 @@ pub fn sort_tags(opl: &str) -> String {
     for line in opl.lines() {
         let mut fields: Vec<String> = line.split(' ').map(str::to_string).collect();
         for f in fields.iter_mut() {
-            if let Some(tags) = f.strip_prefix('T') {
-                if !tags.is_empty() {
-                    let mut t: Vec<&str> = tags.split(',').collect();
-                    t.sort_unstable();
-                    *f = format!("T{}", t.join(","));
-                }
+            if let Some(tags) = f.strip_prefix('T').filter(|t| !t.is_empty()) {
+                let mut t: Vec<&str> = tags.split(',').collect();
+                t.sort_unstable();
+                *f = format!("T{}", t.join(","));
             }
         }
         out.push_str(&fields.join(" "));

@@ -149,6 +149,7 @@ pub fn apply(store: &Path, files: &[PathBuf], json: bool) -> Result<()> {
         let name = f.display().to_string();
         let file = std::fs::File::open(f).with_context(|| format!("cannot open {name}"))?;
         let gzip = name.ends_with(".gz");
+        let t0 = std::time::Instant::now();
         let mut applier = DiffApplier::new(&st, name.clone())?;
         read_diff_into(
             &mut applier,
@@ -158,7 +159,9 @@ pub fn apply(store: &Path, files: &[PathBuf], json: bool) -> Result<()> {
             &opts,
         )
         .with_context(|| format!("{name} not applied; the store is unchanged"))?;
+        let read_s = t0.elapsed().as_secs_f64();
         let report = applier.commit(None, None, true)?;
+        let total_s = t0.elapsed().as_secs_f64();
         if json {
             let mut v = serde_json::to_value(&report)?;
             v["file"] = serde_json::Value::String(name.clone());
@@ -168,12 +171,16 @@ pub fn apply(store: &Path, files: &[PathBuf], json: bool) -> Result<()> {
             println!("{v}");
         } else {
             println!(
-                "{name}: {} changes ({} stale skipped), {} objects and {} features changed, {} tiles dirty",
+                "{name}: {} changes ({} stale skipped), {} objects and {} features changed, {} tiles dirty; {:.2} s (read {:.2} s, commit {:.2} s), {:.0} changes/s",
                 report.changes.total(),
                 report.stale_skipped,
                 report.objects_changed,
                 report.features_changed,
-                report.dirty_tiles.len()
+                report.dirty_tiles.len(),
+                total_s,
+                read_s,
+                total_s - read_s,
+                report.changes.total() as f64 / total_s.max(1e-9)
             );
         }
     }

@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+use rayon::prelude::*;
 use rocksdb::WriteBatch;
 use serde::Serialize;
 
@@ -115,7 +116,23 @@ pub struct DiffApplier<'s> {
     rels: HashMap<i64, Slot<Relation>>,
     changes: ChangeCounts,
     stale: u64,
+    pending: Vec<Change>,
 }
+
+/// One object's feature before and after the diff.
+struct Owner {
+    t: ElementType,
+    id: i64,
+    old_f: Option<crate::feature::Feature>,
+    new_f: Option<crate::feature::Feature>,
+    raw_changed: bool,
+    /// Area-relation status before and after: 0 none, 1 assembled, 2 failed.
+    old_status: i32,
+    new_status: i32,
+}
+
+/// Changes buffered before their objects' old states are fetched.
+const PUSH_CHUNK: usize = 8192;
 
 /// Whether a diff with this sequence is already in the store.
 pub fn is_applied(store: &Store, sequence: u64) -> Result<bool> {
@@ -138,47 +155,160 @@ impl<'s> DiffApplier<'s> {
             rels: HashMap::new(),
             changes: ChangeCounts::default(),
             stale: 0,
+            pending: Vec::new(),
         })
     }
 
     /// Folds one change into the overlay. Versions older than the current
     /// state are skipped; equal versions replace (an object that left an
-    /// extract comes back with the version it left with).
+    /// extract comes back with the version it left with). Changes are
+    /// buffered so that the objects' previous states are read from the store
+    /// with one multi-get per chunk rather than one read per change.
     pub fn push(&mut self, change: Change) -> Result<()> {
-        let Change { action, element } = change;
-        self.changes.add(element.kind(), action);
-        let v = version_of(&element);
-        let id = element.id();
-        let store = self.store;
-        macro_rules! fold {
-            ($map:expr, $get:ident, $variant:ident) => {{
-                let slot = match $map.entry(id) {
-                    std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(vac) => {
-                        let old = store.$get(id)?;
-                        vac.insert(Slot {
-                            new: old.clone(),
-                            old,
-                        })
-                    }
-                };
-                if slot.new.as_ref().is_some_and(|cur| cur.meta.version > v) {
-                    self.stale += 1;
-                    return Ok(());
-                }
-                slot.new = match (action, element) {
-                    (Action::Delete, _) => None,
-                    (_, Element::$variant(x)) => Some(x),
-                    _ => unreachable!("element kind matches the map"),
-                };
-            }};
-        }
-        match element.kind() {
-            ElementType::Node => fold!(self.nodes, get_node, Node),
-            ElementType::Way => fold!(self.ways, get_way, Way),
-            ElementType::Relation => fold!(self.rels, get_relation, Relation),
+        self.changes.add(change.element.kind(), change.action);
+        self.pending.push(change);
+        if self.pending.len() >= PUSH_CHUNK {
+            self.flush()?;
         }
         Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        let pending = std::mem::take(&mut self.pending);
+        let store = self.store;
+        macro_rules! load {
+            ($map:expr, $kind:expr, $cf:expr, $decode:path) => {{
+                let mut ids: Vec<i64> = pending
+                    .iter()
+                    .filter(|c| c.element.kind() == $kind)
+                    .map(|c| c.element.id())
+                    .filter(|id| !$map.contains_key(id))
+                    .collect();
+                ids.sort_unstable();
+                ids.dedup();
+                let keys: Vec<[u8; 8]> = ids.iter().map(|id| codec::id_key(*id)).collect();
+                let vals = store
+                    .db()
+                    .batched_multi_get_cf(store.cf($cf), keys.iter(), true);
+                for (id, v) in ids.into_iter().zip(vals) {
+                    let v = v.map_err(|e| StoreError::Db {
+                        path: store.path().to_path_buf(),
+                        source: e,
+                    })?;
+                    let old = v.map(|v| $decode(id, &v)).transpose()?;
+                    $map.insert(
+                        id,
+                        Slot {
+                            new: old.clone(),
+                            old,
+                        },
+                    );
+                }
+            }};
+        }
+        load!(self.nodes, ElementType::Node, cf::NODES, codec::decode_node);
+        load!(self.ways, ElementType::Way, cf::WAYS, codec::decode_way);
+        load!(
+            self.rels,
+            ElementType::Relation,
+            cf::RELATIONS,
+            codec::decode_relation
+        );
+        for Change { action, element } in pending {
+            let v = version_of(&element);
+            let id = element.id();
+            macro_rules! fold {
+                ($map:expr, $variant:ident) => {{
+                    let slot = $map.get_mut(&id).expect("loaded above");
+                    if slot.new.as_ref().is_some_and(|cur| cur.meta.version > v) {
+                        self.stale += 1;
+                        continue;
+                    }
+                    slot.new = match (action, element) {
+                        (Action::Delete, _) => None,
+                        (_, Element::$variant(x)) => Some(x),
+                        _ => unreachable!("element kind matches the map"),
+                    };
+                }};
+            }
+            match element.kind() {
+                ElementType::Node => fold!(self.nodes, Node),
+                ElementType::Way => fold!(self.ways, Way),
+                ElementType::Relation => fold!(self.rels, Relation),
+            }
+        }
+        Ok(())
+    }
+
+    /// Old and new feature of one object whose feature may have changed.
+    fn derive_owner(
+        &self,
+        t: ElementType,
+        id: i64,
+        look: &Overlay,
+        cfg: &crate::feature::TileConfig,
+    ) -> Result<Owner> {
+        let existed_before = match t {
+            ElementType::Node => self.nodes.get(&id).is_none_or(|s| s.old.is_some()),
+            ElementType::Way => self.ways.get(&id).is_none_or(|s| s.old.is_some()),
+            ElementType::Relation => self.rels.get(&id).is_none_or(|s| s.old.is_some()),
+        };
+        // An object that did not exist has no feature to look up.
+        let old_f = if existed_before {
+            self.store.get_feature(t, id)?
+        } else {
+            None
+        };
+        let raw_changed = match t {
+            ElementType::Node => self.nodes.contains_key(&id),
+            ElementType::Way => self.ways.contains_key(&id),
+            ElementType::Relation => self.rels.contains_key(&id),
+        };
+        let mut statuses = (0, 0);
+        let new_f = match t {
+            ElementType::Node => self
+                .nodes
+                .get(&id)
+                .and_then(|s| s.new.as_ref())
+                .and_then(|n| derive_node(n, cfg)),
+            ElementType::Way => match look.way(id)? {
+                Some(w) => derive_way(&w, look, cfg)?,
+                None => None,
+            },
+            ElementType::Relation => {
+                let new_rel = match self.rels.get(&id) {
+                    Some(s) => s.new.clone(),
+                    None => self.store.get_relation(id)?,
+                };
+                let old_rel = match self.rels.get(&id) {
+                    Some(s) => s.old.clone(),
+                    None => new_rel.clone(),
+                };
+                let old_status = relation_status(old_rel.as_ref(), old_f.is_some());
+                let (f, new_status) = match &new_rel {
+                    Some(r) => match derive_relation(r, look, cfg)? {
+                        RelationFeature::None => (None, 0),
+                        RelationFeature::Assembled(f) => (Some(f), 1),
+                        RelationFeature::Failed(why) => {
+                            tracing::debug!(relation = id, %why, "multipolygon not assembled");
+                            (None, 2)
+                        }
+                    },
+                    None => (None, 0),
+                };
+                statuses = (old_status, new_status);
+                f
+            }
+        };
+        Ok(Owner {
+            t,
+            id,
+            old_f,
+            new_f,
+            raw_changed,
+            old_status: statuses.0,
+            new_status: statuses.1,
+        })
     }
 
     /// Writes the diff. With a sequence, the store's sequence moves to it in
@@ -189,6 +319,7 @@ impl<'s> DiffApplier<'s> {
         timestamp: Option<i64>,
         sync: bool,
     ) -> Result<ApplyReport> {
+        self.flush()?;
         let store = self.store;
         let mut report = ApplyReport {
             sequence,
@@ -220,6 +351,8 @@ impl<'s> DiffApplier<'s> {
         report.objects_changed = (self.nodes.len() + self.ways.len() + self.rels.len()) as u64;
 
         let cfg = store.tile_config();
+        let t0 = std::time::Instant::now();
+        let mut phases = Vec::new();
         let mut counts = store.counts()?;
         let mut b = WriteBatch::default();
 
@@ -233,76 +366,66 @@ impl<'s> DiffApplier<'s> {
             .map(|(id, _)| *id)
             .collect();
         let mut ways: BTreeSet<i64> = self.ways.keys().copied().collect();
-        for m in &moved {
-            ways.extend(store.ways_of_node(*m)?);
-        }
+        let moved_keys: Vec<Vec<u8>> = moved_sorted(&moved)
+            .map(|m| codec::id_key(m).to_vec())
+            .collect();
+        ways.extend(store.index_ids_many(cf::NODE_WAYS, &moved_keys)?);
         let mut rels: BTreeSet<i64> = self.rels.keys().copied().collect();
-        for w in &ways {
-            rels.extend(store.relations_of(ElementType::Way, *w)?);
-        }
-        for m in &moved {
-            rels.extend(store.relations_of(ElementType::Node, *m)?);
-        }
-
+        let mut member_keys: Vec<Vec<u8>> = ways
+            .iter()
+            .map(|w| codec::typed_key(ElementType::Way, *w).to_vec())
+            .collect();
+        member_keys
+            .extend(moved_sorted(&moved).map(|m| codec::typed_key(ElementType::Node, m).to_vec()));
+        member_keys.sort();
+        rels.extend(store.index_ids_many(cf::MEMBER_RELATIONS, &member_keys)?);
+        phases.push(("closure", t0.elapsed()));
         let mut dirty: BTreeSet<TileId> = BTreeSet::new();
         let mut tile_delta: BTreeMap<TileId, i64> = BTreeMap::new();
         let mut feature_tiles: HashMap<(ElementType, i64), Vec<TileId>> = HashMap::new();
         let look = Overlay { a: &self };
 
         let mut owners: Vec<(ElementType, i64)> = Vec::new();
-        owners.extend(self.nodes.keys().map(|id| (ElementType::Node, *id)));
+        // A node is a feature exactly when it has descriptive tags; bare
+        // vertices (most of any diff) have no feature before or after.
+        owners.extend(
+            self.nodes
+                .iter()
+                .filter(|(_, s)| {
+                    [&s.old, &s.new]
+                        .into_iter()
+                        .flatten()
+                        .any(|n| feature::is_interesting(&n.tags))
+                })
+                .map(|(id, _)| (ElementType::Node, *id)),
+        );
         owners.extend(ways.iter().map(|id| (ElementType::Way, *id)));
         owners.extend(rels.iter().map(|id| (ElementType::Relation, *id)));
         owners.sort();
 
-        for (t, id) in owners {
-            let old_f = store.get_feature(t, id)?;
-            let raw_changed = match t {
-                ElementType::Node => self.nodes.contains_key(&id),
-                ElementType::Way => self.ways.contains_key(&id),
-                ElementType::Relation => self.rels.contains_key(&id),
-            };
-            let new_f = match t {
-                ElementType::Node => self
-                    .nodes
-                    .get(&id)
-                    .and_then(|s| s.new.as_ref())
-                    .and_then(|n| derive_node(n, &cfg)),
-                ElementType::Way => match look.way(id)? {
-                    Some(w) => derive_way(&w, &look, &cfg)?,
-                    None => None,
-                },
-                ElementType::Relation => {
-                    let new_rel = match self.rels.get(&id) {
-                        Some(s) => s.new.clone(),
-                        None => store.get_relation(id)?,
-                    };
-                    let old_rel = match self.rels.get(&id) {
-                        Some(s) => s.old.clone(),
-                        None => new_rel.clone(),
-                    };
-                    let old_status = relation_status(old_rel.as_ref(), old_f.is_some());
-                    let (f, new_status) = match &new_rel {
-                        Some(r) => match derive_relation(r, &look, &cfg)? {
-                            RelationFeature::None => (None, 0),
-                            RelationFeature::Assembled(f) => (Some(f), 1),
-                            RelationFeature::Failed(why) => {
-                                tracing::debug!(relation = id, %why, "multipolygon not assembled");
-                                (None, 2)
-                            }
-                        },
-                        None => (None, 0),
-                    };
-                    for (status, sign) in [(old_status, -1), (new_status, 1)] {
-                        match status {
-                            1 => counts.multipolygons_assembled += sign,
-                            2 => counts.multipolygons_failed += sign,
-                            _ => {}
-                        }
-                    }
-                    f
+        // Deriving is read-only: done in parallel, written in order below.
+        let this = &self;
+        let derived: Vec<Result<Owner>> = owners
+            .par_iter()
+            .map(|&(t, id)| this.derive_owner(t, id, &look, &cfg))
+            .collect();
+        for d in derived {
+            let Owner {
+                t,
+                id,
+                old_f,
+                new_f,
+                raw_changed,
+                old_status,
+                new_status,
+            } = d?;
+            for (status, sign) in [(old_status, -1), (new_status, 1)] {
+                match status {
+                    1 => counts.multipolygons_assembled += sign,
+                    2 => counts.multipolygons_failed += sign,
+                    _ => {}
                 }
-            };
+            }
             if old_f == new_f && !raw_changed {
                 continue;
             }
@@ -341,8 +464,9 @@ impl<'s> DiffApplier<'s> {
             }
         }
 
+        phases.push(("features", t0.elapsed()));
         // Raw objects, reverse indexes, counts and change events.
-        for (id, s) in &self.nodes {
+        for (id, s) in sorted(&self.nodes) {
             let key = codec::id_key(*id);
             counts.nodes += s.new.is_some() as i64 - s.old.is_some() as i64;
             match &s.new {
@@ -358,7 +482,7 @@ impl<'s> DiffApplier<'s> {
                 |n| (n.meta.version, &n.tags),
             );
         }
-        for (id, s) in &self.ways {
+        for (id, s) in sorted(&self.ways) {
             let key = codec::id_key(*id);
             counts.ways += s.new.is_some() as i64 - s.old.is_some() as i64;
             let old: HashSet<i64> = s.old.iter().flat_map(|w| w.refs.iter().copied()).collect();
@@ -381,7 +505,7 @@ impl<'s> DiffApplier<'s> {
                 (w.meta.version, &w.tags)
             });
         }
-        for (id, s) in &self.rels {
+        for (id, s) in sorted(&self.rels) {
             let key = codec::id_key(*id);
             counts.relations += s.new.is_some() as i64 - s.old.is_some() as i64;
             let members = |r: &Option<Relation>| -> HashSet<(ElementType, i64)> {
@@ -417,6 +541,7 @@ impl<'s> DiffApplier<'s> {
             );
         }
 
+        phases.push(("objects", t0.elapsed()));
         // Tile counts: a tile whose last feature left disappears.
         for (tile, d) in &tile_delta {
             if *d == 0 {
@@ -453,7 +578,10 @@ impl<'s> DiffApplier<'s> {
         if sequence.is_some() || timestamp.is_some() {
             store.put_replication_state(&mut b, sequence.or(cur_seq), timestamp);
         }
+        phases.push(("batch", t0.elapsed()));
         store.write(b, sync)?;
+        phases.push(("write", t0.elapsed()));
+        tracing::debug!(diff = %self.name, ?phases, "commit phases (cumulative)");
         report.dirty_tiles = dirty.into_iter().collect();
         report
             .events
@@ -462,16 +590,30 @@ impl<'s> DiffApplier<'s> {
     }
 }
 
+/// Map entries by ascending id: the memtable inserts sorted keys faster.
+fn sorted<T>(m: &HashMap<i64, Slot<T>>) -> Vec<(&i64, &Slot<T>)> {
+    let mut v: Vec<_> = m.iter().collect();
+    v.sort_unstable_by_key(|(id, _)| **id);
+    v
+}
+
+/// Ids in ascending key order, so one iterator walks the index forward.
+fn moved_sorted(moved: &[i64]) -> impl Iterator<Item = i64> {
+    let mut v = moved.to_vec();
+    v.sort_unstable();
+    v.into_iter()
+}
+
 /// 0: not an area relation, 1: assembled, 2: failed.
 fn relation_status(rel: Option<&Relation>, has_feature: bool) -> i32 {
     match rel {
         _ if has_feature => 1,
-        Some(r) if feature::is_area_relation(&r.tags) && feature::is_interesting(&r.tags) => {
-            if r.tags.iter().any(|(k, _)| k != "type") {
-                2
-            } else {
-                0
-            }
+        Some(r)
+            if feature::is_area_relation(&r.tags)
+                && feature::is_interesting(&r.tags)
+                && r.tags.iter().any(|(k, _)| k != "type") =>
+        {
+            2
         }
         _ => 0,
     }

@@ -436,7 +436,7 @@ fn line_from(ls: LineString, cfg: &TileConfig) -> Option<Feature> {
 
 fn polygon_from(mp: MultiPolygon, cfg: &TileConfig) -> Option<Feature> {
     let rect = mp.bounding_rect()?;
-    let area_m2 = mp.chamberlain_duquette_unsigned_area();
+    let area_m2 = area_of(&mp);
     let centroid = mp.centroid().map(|p| p.0).unwrap_or(rect.center());
     let length_m: f64 = mp.0.iter().map(|p| Haversine.length(p.exterior())).sum();
     let mut verts = Vec::new();
@@ -486,6 +486,21 @@ fn finish(
         fine_tiles: touched_tiles(geom, bbox, cfg.fine_zoom, cfg.max_tiles_per_feature),
         coarse_tiles: touched_tiles(geom, bbox, cfg.coarse_zoom, cfg.max_tiles_per_feature),
     }
+}
+
+/// Area in m²: each ring measured on its own, holes subtracted. Ring
+/// direction in OSM is arbitrary and the underlying formula is signed, so
+/// summing signed areas of mixed rings would add holes instead of removing
+/// them.
+fn area_of(mp: &MultiPolygon) -> f64 {
+    let ring =
+        |r: &LineString| Polygon::new(r.clone(), vec![]).chamberlain_duquette_unsigned_area();
+    mp.0.iter()
+        .map(|p| {
+            let holes: f64 = p.interiors().iter().map(ring).sum();
+            (ring(p.exterior()) - holes).max(0.0)
+        })
+        .sum()
 }
 
 /// Tiles whose square intersects the geometry (a polygon covering a tile
@@ -683,7 +698,7 @@ mod tests {
             panic!("not assembled")
         };
         let full = 0.01f64.to_radians().powi(2) * 6_378_137f64.powi(2);
-        let hole_a = full * 0.02; // half of 0.002 × 0.002 / (0.01 × 0.01)
+        let hole_a = full * 0.02; // a triangle: half of 0.002² / 0.01²
         assert!(
             (f.area_m2 - (full - hole_a)).abs() / full < 0.01,
             "{}",

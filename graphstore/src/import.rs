@@ -21,7 +21,7 @@ use crate::element::{Element, ElementType, FileHeader};
 use crate::error::{Result, StoreError};
 use crate::feature::{Feature, RelationFeature, TileConfig};
 use crate::read::{self, ReadError};
-use crate::store::{Counts, Store, cf, meta};
+use crate::store::{Counts, KeyValue, Store, cf, meta};
 use crate::tiles::TileId;
 
 /// Progress reports for a progress bar.
@@ -310,6 +310,9 @@ fn write_raw(
     Ok((written, kept))
 }
 
+/// A derived feature, and for area relations whether assembly succeeded.
+type Derivation = (i64, Option<Feature>, Option<bool>);
+
 struct Derived {
     tiles: BTreeMap<TileId, u64>,
     oversize: u64,
@@ -367,7 +370,7 @@ fn derive_all(
             emit(&mut b, ElementType::Node, id, &f, counts);
         }
         let d = done.fetch_add(1, Ordering::Relaxed) + 1;
-        if d % 65536 == 0 {
+        if d.is_multiple_of(65536) {
             progress(ImportProgress::Deriving { done: d, total });
             store.write(std::mem::take(&mut b), false)?;
         }
@@ -382,9 +385,8 @@ fn derive_all(
     ] {
         let mut it = store.scan(name).peekable();
         while it.peek().is_some() {
-            let chunk: Vec<(Box<[u8]>, Box<[u8]>)> =
-                it.by_ref().take(CHUNK).collect::<Result<_>>()?;
-            let results: Vec<Result<(i64, Option<Feature>, Option<bool>)>> = chunk
+            let chunk: Vec<KeyValue> = it.by_ref().take(CHUNK).collect::<Result<_>>()?;
+            let results: Vec<Result<Derivation>> = chunk
                 .par_iter()
                 .map(|(k, v)| {
                     let id = codec::id_from_key(k)?;

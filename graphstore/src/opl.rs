@@ -118,9 +118,10 @@ fn push_coordinate(line: &mut String, value: i32) {
 ///
 /// Characters in a fixed set pass through: printable ASCII except space,
 /// `%`, `,`, `=` and `@`, plus U+00A1..U+05FF without the soft hyphen
-/// U+00AD. Everything else, including all of Arabic, Hebrew's neighbours,
-/// CJK and emoji, becomes `%<hex>%` with lowercase digits: two for code
-/// points up to U+00FF, otherwise at least four. Above U+FFFF libosmium
+/// U+00AD (so Latin, Greek, Cyrillic, Armenian and Hebrew stay readable).
+/// Everything else, e.g. the no-break space, the en dash, Arabic (from
+/// U+0600), Indic scripts, CJK and emoji, becomes `%<hex>%` with lowercase
+/// digits: two for code points up to U+00FF, otherwise at least four. Above U+FFFF libosmium
 /// writes each of the upper nibbles only if it is non-zero, so U+10ABCD comes
 /// out as `%1abcd%`; this is reproduced. (libosmium stops at a NUL byte;
 /// here it is written as `%00%` instead of losing the rest of the string.)

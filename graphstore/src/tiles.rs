@@ -140,21 +140,21 @@ mod tests {
     #[test]
     fn key_roundtrip_and_order() {
         let a = TileId {
-            z: 15,
+            z: 17,
             x: 3,
             y: 70000,
         };
-        let b = TileId { z: 15, x: 4, y: 1 };
+        let b = TileId { z: 17, x: 4, y: 1 };
         assert_eq!(TileId::from_key(&a.to_key()), Some(a));
         assert!(a.to_key() < b.to_key());
-        assert_eq!(TileId::parse("15/3/70000"), Some(a));
+        assert_eq!(TileId::parse("17/3/70000"), Some(a));
         assert_eq!(TileId::parse("1/2/0"), None);
         assert_eq!(
             a.parent_at(12),
             TileId {
                 z: 12,
                 x: 0,
-                y: 8750
+                y: 2187
             }
         );
     }

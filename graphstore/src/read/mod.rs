@@ -95,6 +95,11 @@ pub fn read_header(path: &Path) -> Result<FileHeader, ReadError> {
 /// found in history files) are left out, so a history file yields every
 /// visible version. If `on_batch` fails, reading stops and its error is
 /// returned.
+///
+/// `on_batch` runs on the calling thread while PBF blobs are decoded on
+/// rayon's global pool, so a slow consumer overlaps with decoding. (Do not
+/// call this from a worker of a one-thread rayon pool: nothing would be left
+/// to decode.)
 pub fn read_extract(
     path: &Path,
     on_batch: &mut dyn FnMut(Vec<Element>) -> Result<(), ReadError>,

@@ -280,25 +280,21 @@ pub(crate) fn read(
         // slow consumer overlaps with decoding of the next chunk.
         scope.spawn(move || {
             loop {
-                let mut batch = Vec::with_capacity(chunk);
-                let mut end = None;
-                while batch.len() < chunk {
+                let mut blobs = Vec::with_capacity(chunk);
+                let mut failure = None;
+                while blobs.len() < chunk {
                     match frames.next(file) {
-                        Ok(Some(frame)) => batch.push(frame),
-                        Ok(None) => {
-                            end = Some(Ok(()));
-                            break;
-                        }
+                        Ok(Some(frame)) => blobs.push(frame),
+                        Ok(None) => break,
                         Err(e) => {
-                            end = Some(Err(e));
+                            failure = Some(Err(e));
                             break;
                         }
                     }
                 }
-                let decoded: Vec<_> = batch.par_iter().map(|f| decode_data(file, f)).collect();
-                let stop_after = end.and_then(Result::err).map(Err);
-                let finished = batch.len() < chunk;
-                for result in decoded.into_iter().chain(stop_after) {
+                let finished = blobs.len() < chunk;
+                let decoded: Vec<_> = blobs.par_iter().map(|f| decode_data(file, f)).collect();
+                for result in decoded.into_iter().chain(failure) {
                     let failed = result.is_err();
                     if tx.send(result).is_err() || failed {
                         return;
