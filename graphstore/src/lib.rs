@@ -10,6 +10,7 @@ pub mod derive;
 pub mod element;
 pub mod error;
 pub mod feature;
+pub mod graph;
 pub mod import;
 pub mod opl;
 pub mod read;

@@ -1,0 +1,380 @@
+//! The real geometry of a feature, resolved from the store exactly as
+//! `derive` builds the feature record: node locations looked up by way refs
+//! (missing nodes skipped), consecutive repeats removed, closed area ways as
+//! polygons, multipolygon relations assembled from their member ways into
+//! rings joined end to end by node id.
+
+use std::collections::HashMap;
+
+use geo::{
+    ChamberlainDuquetteArea, Contains, Coord, Geometry, LineString, MultiPolygon, Point, Polygon,
+};
+use rocksdb::{DB, ReadOptions, SnapshotWithThreadMode};
+
+use crate::codec;
+use crate::derive::loc_of;
+use crate::element::{ElementType, Member, Tags, Way};
+use crate::error::{Result, StoreError};
+use crate::feature::{Feature, FeatureKind};
+use crate::store::{Store, cf};
+use crate::tiles::TileId;
+
+/// A feature with everything the graph builder needs.
+pub(crate) struct Resolved {
+    pub element: ElementType,
+    pub id: i64,
+    pub feature: Feature,
+    pub tags: Tags,
+    /// Node refs of a way feature (empty for nodes and relations).
+    pub refs: Vec<i64>,
+    /// Lon/lat degrees. A point for point features and for lines whose only
+    /// located node is one; `None` when nothing could be located (a relation
+    /// whose members vanished since its feature was derived).
+    pub geometry: Option<Geometry>,
+}
+
+/// The geometry of a feature (lon/lat degrees), or `None` when the store has
+/// no feature for the object or its geometry cannot be rebuilt.
+///
+/// Points give a `Point`; polylines a `LineString` (a `Point` when only one of
+/// the way's nodes is in the store); way polygons a `Polygon`; multipolygon
+/// relations a `MultiPolygon`.
+pub fn feature_geometry(store: &Store, element: ElementType, id: i64) -> Result<Option<Geometry>> {
+    let view = View::new(store);
+    Ok(view
+        .resolve_many(&[(element, id)])?
+        .pop()
+        .and_then(|r| r.geometry))
+}
+
+/// Reads from one RocksDB snapshot, so that a graph never mixes the states
+/// before and after a diff committed while it was being built, with one
+/// batched multi-get per column family and step instead of a read per object.
+pub(crate) struct View<'a> {
+    store: &'a Store,
+    snap: SnapshotWithThreadMode<'a, DB>,
+}
+
+impl<'a> View<'a> {
+    pub fn new(store: &'a Store) -> Self {
+        View {
+            store,
+            snap: store.db().snapshot(),
+        }
+    }
+
+    fn read_options(&self) -> ReadOptions {
+        let mut ro = ReadOptions::default();
+        ro.set_snapshot(&self.snap);
+        ro
+    }
+
+    fn db_err(&self, e: rocksdb::Error) -> StoreError {
+        StoreError::Db {
+            path: self.store.path().to_path_buf(),
+            source: e,
+        }
+    }
+
+    /// Features (type, id) indexed in a tile, in key order.
+    pub fn tile_features(&self, tile: TileId) -> Result<Vec<(ElementType, i64)>> {
+        let prefix = tile.to_key();
+        let mut ro = self.read_options();
+        // The tile key's successor: x and y are u32 and z is at most 30, so
+        // incrementing the last non-0xff byte is exact.
+        let mut upper = prefix.to_vec();
+        while let Some(b) = upper.pop() {
+            if b != 0xff {
+                upper.push(b + 1);
+                break;
+            }
+        }
+        ro.set_iterate_upper_bound(upper);
+        let mut it = self
+            .store
+            .db()
+            .raw_iterator_cf_opt(self.store.cf(cf::TILE_FEATURES), ro);
+        it.seek(prefix);
+        let mut out = Vec::new();
+        while let Some(k) = it.key() {
+            out.push(codec::typed_from_key(&k[9..])?);
+            it.next();
+        }
+        it.status().map_err(|e| self.db_err(e))?;
+        Ok(out)
+    }
+
+    /// Values of `keys` in one column family, in the order of `keys`.
+    fn multi_get<K: AsRef<[u8]>>(
+        &self,
+        name: &str,
+        keys: &[K],
+        decode: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let ro = self.read_options();
+        let sorted = keys.windows(2).all(|w| w[0].as_ref() <= w[1].as_ref());
+        let res =
+            self.store
+                .db()
+                .batched_multi_get_cf_opt(self.store.cf(name), keys.iter(), sorted, &ro);
+        for (i, r) in res.into_iter().enumerate() {
+            if let Some(v) = r.map_err(|e| self.db_err(e))? {
+                decode(i, &v)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Locations (lon, lat degrees) of nodes, by id; missing nodes absent.
+    fn node_locs(&self, mut ids: Vec<i64>) -> Result<HashMap<i64, [f64; 2]>> {
+        ids.sort_unstable();
+        ids.dedup();
+        let keys: Vec<[u8; 8]> = ids.iter().map(|id| codec::id_key(*id)).collect();
+        let mut out = HashMap::with_capacity(ids.len());
+        self.multi_get(cf::NODES, &keys, &mut |i, v| {
+            let (lat, lon) = codec::decode_node_location(v)?;
+            out.insert(ids[i], loc_of(lat, lon));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    fn ways(&self, ids: &[i64]) -> Result<Vec<Option<Way>>> {
+        let keys: Vec<[u8; 8]> = ids.iter().map(|id| codec::id_key(*id)).collect();
+        let mut out = vec![None; ids.len()];
+        self.multi_get(cf::WAYS, &keys, &mut |i, v| {
+            out[i] = Some(codec::decode_way(ids[i], v)?);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Features, objects and geometries of `keys`, in the order of `keys`;
+    /// an object whose feature record or raw object is missing is left out
+    /// (the index can only be out of step with them in a corrupt store).
+    pub fn resolve_many(&self, keys: &[(ElementType, i64)]) -> Result<Vec<Resolved>> {
+        let fkeys: Vec<[u8; 9]> = keys
+            .iter()
+            .map(|(t, id)| codec::typed_key(*t, *id))
+            .collect();
+        let mut features: Vec<Option<Feature>> = vec![None; keys.len()];
+        self.multi_get(cf::FEATURES, &fkeys, &mut |i, v| {
+            features[i] = Some(Feature::decode(v)?);
+            Ok(())
+        })?;
+
+        // Raw objects, per type.
+        let ids_of = |t: ElementType| -> Vec<(usize, i64)> {
+            keys.iter()
+                .enumerate()
+                .filter(|(i, (kt, _))| *kt == t && features[*i].is_some())
+                .map(|(i, (_, id))| (i, *id))
+                .collect()
+        };
+        let mut tags: Vec<Option<Tags>> = vec![None; keys.len()];
+        let mut refs: Vec<Vec<i64>> = vec![Vec::new(); keys.len()];
+        let mut members: Vec<Vec<Member>> = vec![Vec::new(); keys.len()];
+        let mut point_locs: Vec<Option<[f64; 2]>> = vec![None; keys.len()];
+        let nodes = ids_of(ElementType::Node);
+        let nkeys: Vec<[u8; 8]> = nodes.iter().map(|(_, id)| codec::id_key(*id)).collect();
+        self.multi_get(cf::NODES, &nkeys, &mut |k, v| {
+            let (i, id) = nodes[k];
+            let n = codec::decode_node(id, v)?;
+            point_locs[i] = Some([n.lon_deg(), n.lat_deg()]);
+            tags[i] = Some(n.tags);
+            Ok(())
+        })?;
+        let ways = ids_of(ElementType::Way);
+        let way_ids: Vec<i64> = ways.iter().map(|(_, id)| *id).collect();
+        for ((i, _), w) in ways.iter().zip(self.ways(&way_ids)?) {
+            if let Some(w) = w {
+                tags[*i] = Some(w.tags);
+                refs[*i] = w.refs;
+            }
+        }
+        let rels = ids_of(ElementType::Relation);
+        let rkeys: Vec<[u8; 8]> = rels.iter().map(|(_, id)| codec::id_key(*id)).collect();
+        self.multi_get(cf::RELATIONS, &rkeys, &mut |k, v| {
+            let (i, id) = rels[k];
+            let r = codec::decode_relation(id, v)?;
+            tags[i] = Some(r.tags);
+            members[i] = r.members;
+            Ok(())
+        })?;
+
+        // Member ways of area relations.
+        let mut member_ids: Vec<i64> = members
+            .iter()
+            .flatten()
+            .filter(|m| is_ring_member(m))
+            .map(|m| m.id)
+            .collect();
+        member_ids.sort_unstable();
+        member_ids.dedup();
+        let member_ways: HashMap<i64, Way> = self
+            .ways(&member_ids)?
+            .into_iter()
+            .flatten()
+            .map(|w| (w.id, w))
+            .collect();
+
+        // Every node location needed, in one read.
+        let mut need: Vec<i64> = refs.iter().flatten().copied().collect();
+        need.extend(member_ways.values().flat_map(|w| w.refs.iter().copied()));
+        let locs = self.node_locs(need)?;
+
+        let mut out = Vec::with_capacity(keys.len());
+        for (i, (&(element, id), feature)) in keys.iter().zip(features).enumerate() {
+            let (Some(feature), Some(tags)) = (feature, tags[i].take()) else {
+                continue;
+            };
+            let geometry = match element {
+                ElementType::Node => point_locs[i].map(|p| Geometry::Point(Point::new(p[0], p[1]))),
+                ElementType::Way => {
+                    let pts: Vec<[f64; 2]> = refs[i]
+                        .iter()
+                        .filter_map(|r| locs.get(r).copied())
+                        .collect();
+                    way_geometry(feature.kind, &pts)
+                }
+                // Area relations are the only relation features so far.
+                ElementType::Relation if feature.kind == FeatureKind::Polygon => {
+                    relation_geometry(&members[i], &member_ways, &locs).map(Geometry::MultiPolygon)
+                }
+                ElementType::Relation => None,
+            };
+            out.push(Resolved {
+                element,
+                id,
+                feature,
+                tags,
+                refs: std::mem::take(&mut refs[i]),
+                geometry,
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn is_ring_member(m: &Member) -> bool {
+    m.kind == ElementType::Way && matches!(m.role.as_str(), "outer" | "inner" | "")
+}
+
+/// The geometry of a way feature of `kind` from its located nodes, as
+/// `feature::way_feature` builds it.
+pub(crate) fn way_geometry(kind: FeatureKind, locs: &[[f64; 2]]) -> Option<Geometry> {
+    let mut pts: Vec<Coord> = locs.iter().map(|c| Coord { x: c[0], y: c[1] }).collect();
+    pts.dedup();
+    match pts.len() {
+        0 => None,
+        1 => Some(Geometry::Point(Point(pts[0]))),
+        n if kind == FeatureKind::Polygon && n >= 3 => Some(Geometry::Polygon(Polygon::new(
+            LineString::new(pts),
+            vec![],
+        ))),
+        _ => Some(Geometry::LineString(LineString::new(pts))),
+    }
+}
+
+type Segment = Vec<(i64, Option<[f64; 2]>)>;
+
+/// The rings of an area relation, assembled as `feature::relation_feature`
+/// does (same member roles, same joining, inner rings to the smallest outer
+/// ring containing them). Missing member ways are skipped here rather than
+/// failing: the feature record exists, so they were present when it was
+/// derived.
+fn relation_geometry(
+    members: &[Member],
+    ways: &HashMap<i64, Way>,
+    locs: &HashMap<i64, [f64; 2]>,
+) -> Option<MultiPolygon> {
+    let mut outer = Vec::new();
+    let mut inner = Vec::new();
+    for m in members.iter().filter(|m| is_ring_member(m)) {
+        let Some(w) = ways.get(&m.id) else {
+            continue;
+        };
+        if w.refs.len() < 2 {
+            continue;
+        }
+        let seg: Segment = w.refs.iter().map(|r| (*r, locs.get(r).copied())).collect();
+        if m.role == "inner" {
+            inner.push(seg);
+        } else {
+            outer.push(seg);
+        }
+    }
+    let outers = assemble_rings(outer);
+    let inners = assemble_rings(inner);
+    if outers.is_empty() {
+        return None;
+    }
+    let mut polys: Vec<(f64, Polygon, Vec<LineString>)> = outers
+        .into_iter()
+        .map(|r| {
+            let p = Polygon::new(r, vec![]);
+            (p.chamberlain_duquette_unsigned_area(), p, Vec::new())
+        })
+        .collect();
+    polys.sort_by(|a, b| a.0.total_cmp(&b.0));
+    for ring in inners {
+        let probe = ring.0[0];
+        if let Some(p) = polys.iter_mut().find(|p| p.1.contains(&probe)) {
+            p.2.push(ring);
+        }
+    }
+    Some(MultiPolygon::new(
+        polys
+            .into_iter()
+            .map(|(_, p, holes)| Polygon::new(p.into_inner().0, holes))
+            .collect(),
+    ))
+}
+
+/// Joins segments at shared end node ids into closed rings with at least
+/// three distinct located vertices; open or degenerate rings are dropped.
+fn assemble_rings(mut segs: Vec<Segment>) -> Vec<LineString> {
+    let mut rings = Vec::new();
+    while let Some(mut cur) = segs.pop() {
+        loop {
+            let (first, last) = (cur[0].0, cur[cur.len() - 1].0);
+            if first == last && cur.len() >= 4 {
+                break;
+            }
+            if let Some(i) = segs
+                .iter()
+                .position(|s| s[0].0 == last || s[s.len() - 1].0 == last)
+            {
+                let mut s = segs.swap_remove(i);
+                if s[0].0 != last {
+                    s.reverse();
+                }
+                cur.extend(s.into_iter().skip(1));
+                continue;
+            }
+            if let Some(i) = segs
+                .iter()
+                .position(|s| s[0].0 == first || s[s.len() - 1].0 == first)
+            {
+                let mut s = segs.swap_remove(i);
+                if s[s.len() - 1].0 != first {
+                    s.reverse();
+                }
+                s.extend(cur.into_iter().skip(1));
+                cur = s;
+                continue;
+            }
+            break;
+        }
+        let closed = cur.len() >= 4 && cur[0].0 == cur[cur.len() - 1].0;
+        let mut pts: Vec<Coord> = cur
+            .iter()
+            .filter_map(|(_, c)| c.map(|c| Coord { x: c[0], y: c[1] }))
+            .collect();
+        pts.dedup();
+        if closed && pts.len() >= 3 {
+            rings.push(LineString::new(pts));
+        }
+    }
+    rings
+}
