@@ -562,3 +562,46 @@ fn moving_one_node_dirties_exactly_the_ways_old_and_new_tiles() {
     eprintln!("{} way(s) use the node; dirty tiles {got:?}", ways.len());
     assert_eq!(got, expected);
 }
+
+#[test]
+fn start_sequence_is_found_from_the_extract_timestamp() {
+    // A snapshot taken between two minutely states, whose header has a
+    // replication timestamp but no sequence: replication must find the
+    // newest state at or before it (sequence 41, 08:30:00) by searching the
+    // state files, re-apply the overlap harmlessly and end exactly at
+    // osmium's snapshot of the feed's end.
+    let dir = tempdir();
+    let snap = dir.path().join("snap.osm.pbf");
+    osmium(&[
+        "time-filter",
+        path_str(&data("history/maldives-history-2017-08-05.osh.pbf")),
+        "2017-03-01T08:30:30Z",
+        "-o",
+        path_str(&snap),
+        "--output-header=osmosis_replication_timestamp=2017-03-01T08:30:30Z",
+    ]);
+    let store = dir.path().join("s");
+    import(&store, &snap);
+    let s = stats(&store);
+    assert!(s["sequence"].is_null());
+    assert_eq!(s["timestamp"], "2017-03-01T08:30:30Z");
+    let out = osmvec_ok(&[
+        "replicate",
+        "--store",
+        path_str(&store),
+        "--source",
+        path_str(&maldives_feed()),
+        "--until-caught-up",
+        "--json",
+    ]);
+    let first: serde_json::Value =
+        serde_json::from_str(out.lines().next().expect("one line per diff")).unwrap();
+    assert_eq!(first["sequence"], 42, "replication started at {first}");
+    assert_eq!(out.lines().count(), 180 - 41);
+    assert_eq!(stats(&store)["sequence"], 180);
+    assert_same_opl(
+        &sort_tags(&export(&store)),
+        &maldives_reference(),
+        "start from a timestamp",
+    );
+}

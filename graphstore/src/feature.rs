@@ -314,7 +314,7 @@ pub fn relation_feature(
         if m.refs.len() < 2 {
             continue;
         }
-        let seg: Vec<(i64, Option<[f64; 2]>)> = m
+        let seg: Segment = m
             .refs
             .iter()
             .copied()
@@ -326,13 +326,34 @@ pub fn relation_feature(
             outer_segs.push(seg);
         }
     }
-    let (outers, open_o) = assemble_rings(outer_segs);
-    let (inners, open_i) = assemble_rings(inner_segs);
+    let mp = match assemble_multipolygon(outer_segs, inner_segs) {
+        Ok(mp) => mp,
+        Err(why) => return RelationFeature::Failed(why),
+    };
+    match polygon_from(mp, cfg) {
+        Some(f) => RelationFeature::Assembled(f),
+        None => RelationFeature::Failed("degenerate rings".into()),
+    }
+}
+
+/// A member way as node ids with their locations (`None` where missing).
+pub(crate) type Segment = Vec<(i64, Option<[f64; 2]>)>;
+
+/// Builds a multipolygon from outer and inner member ways: rings joined end
+/// to end by node id; each inner ring goes to the smallest outer ring that
+/// contains it (rings nested in holes are islands of their own). Any open
+/// ring, or no outer ring, is a failure with the reason.
+pub(crate) fn assemble_multipolygon(
+    outer: Vec<Segment>,
+    inner: Vec<Segment>,
+) -> Result<MultiPolygon, String> {
+    let (outers, open_o) = assemble_rings(outer);
+    let (inners, open_i) = assemble_rings(inner);
     if open_o + open_i > 0 {
-        return RelationFeature::Failed(format!("{} ring(s) do not close", open_o + open_i));
+        return Err(format!("{} ring(s) do not close", open_o + open_i));
     }
     if outers.is_empty() {
-        return RelationFeature::Failed("no outer ring".into());
+        return Err("no outer ring".into());
     }
     let mut outer_polys: Vec<(f64, Polygon, Vec<LineString>)> = outers
         .into_iter()
@@ -341,8 +362,6 @@ pub fn relation_feature(
             (p.chamberlain_duquette_unsigned_area(), p, Vec::new())
         })
         .collect();
-    // Smallest outer first, so an inner ring goes to the tightest outer that
-    // contains it (rings nested in holes form islands of their own).
     outer_polys.sort_by(|a, b| a.0.total_cmp(&b.0));
     for inner in inners {
         let probe = inner.0[0];
@@ -350,22 +369,18 @@ pub fn relation_feature(
             o.2.push(inner);
         }
     }
-    let mp = MultiPolygon::new(
+    Ok(MultiPolygon::new(
         outer_polys
             .into_iter()
-            .map(|(_, p, holes)| Polygon::new(p.exterior().clone(), holes))
+            .map(|(_, p, holes)| Polygon::new(p.into_inner().0, holes))
             .collect(),
-    );
-    match polygon_from(mp, cfg) {
-        Some(f) => RelationFeature::Assembled(f),
-        None => RelationFeature::Failed("degenerate rings".into()),
-    }
+    ))
 }
 
 /// Joins segments (node id + optional location) at shared end node ids.
 /// Returns closed rings (with at least three distinct located vertices) and
 /// the number of rings that stayed open or degenerate.
-fn assemble_rings(mut segs: Vec<Vec<(i64, Option<[f64; 2]>)>>) -> (Vec<LineString>, usize) {
+fn assemble_rings(mut segs: Vec<Segment>) -> (Vec<LineString>, usize) {
     let mut rings = Vec::new();
     let mut open = 0;
     while let Some(mut cur) = segs.pop() {

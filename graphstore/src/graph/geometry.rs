@@ -6,9 +6,7 @@
 
 use std::collections::HashMap;
 
-use geo::{
-    ChamberlainDuquetteArea, Contains, Coord, Geometry, LineString, MultiPolygon, Point, Polygon,
-};
+use geo::{Coord, Geometry, LineString, MultiPolygon, Point, Polygon};
 use rocksdb::{DB, ReadOptions, SnapshotWithThreadMode};
 
 use crate::codec;
@@ -276,7 +274,7 @@ pub(crate) fn way_geometry(kind: FeatureKind, locs: &[[f64; 2]]) -> Option<Geome
     }
 }
 
-type Segment = Vec<(i64, Option<[f64; 2]>)>;
+use crate::feature::Segment;
 
 /// The rings of an area relation, assembled as `feature::relation_feature`
 /// does (same member roles, same joining, inner rings to the smallest outer
@@ -304,77 +302,7 @@ fn relation_geometry(
             outer.push(seg);
         }
     }
-    let outers = assemble_rings(outer);
-    let inners = assemble_rings(inner);
-    if outers.is_empty() {
-        return None;
-    }
-    let mut polys: Vec<(f64, Polygon, Vec<LineString>)> = outers
-        .into_iter()
-        .map(|r| {
-            let p = Polygon::new(r, vec![]);
-            (p.chamberlain_duquette_unsigned_area(), p, Vec::new())
-        })
-        .collect();
-    polys.sort_by(|a, b| a.0.total_cmp(&b.0));
-    for ring in inners {
-        let probe = ring.0[0];
-        if let Some(p) = polys.iter_mut().find(|p| p.1.contains(&probe)) {
-            p.2.push(ring);
-        }
-    }
-    Some(MultiPolygon::new(
-        polys
-            .into_iter()
-            .map(|(_, p, holes)| Polygon::new(p.into_inner().0, holes))
-            .collect(),
-    ))
-}
-
-/// Joins segments at shared end node ids into closed rings with at least
-/// three distinct located vertices; open or degenerate rings are dropped.
-fn assemble_rings(mut segs: Vec<Segment>) -> Vec<LineString> {
-    let mut rings = Vec::new();
-    while let Some(mut cur) = segs.pop() {
-        loop {
-            let (first, last) = (cur[0].0, cur[cur.len() - 1].0);
-            if first == last && cur.len() >= 4 {
-                break;
-            }
-            if let Some(i) = segs
-                .iter()
-                .position(|s| s[0].0 == last || s[s.len() - 1].0 == last)
-            {
-                let mut s = segs.swap_remove(i);
-                if s[0].0 != last {
-                    s.reverse();
-                }
-                cur.extend(s.into_iter().skip(1));
-                continue;
-            }
-            if let Some(i) = segs
-                .iter()
-                .position(|s| s[0].0 == first || s[s.len() - 1].0 == first)
-            {
-                let mut s = segs.swap_remove(i);
-                if s[s.len() - 1].0 != first {
-                    s.reverse();
-                }
-                s.extend(cur.into_iter().skip(1));
-                cur = s;
-                continue;
-            }
-            break;
-        }
-        let closed = cur.len() >= 4 && cur[0].0 == cur[cur.len() - 1].0;
-        let mut pts: Vec<Coord> = cur
-            .iter()
-            .filter_map(|(_, c)| c.map(|c| Coord { x: c[0], y: c[1] }))
-            .collect();
-        pts.dedup();
-        if closed && pts.len() >= 3 {
-            rings.push(LineString::new(pts));
-        }
-    }
-    rings
+    // Open rings make the whole relation fail, as when its feature was
+    // derived; a relation with a feature record assembled then.
+    crate::feature::assemble_multipolygon(outer, inner).ok()
 }
