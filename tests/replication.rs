@@ -605,3 +605,74 @@ fn start_sequence_is_found_from_the_extract_timestamp() {
         "start from a timestamp",
     );
 }
+
+fn sigterm(child: &Child) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs")
+        .success();
+    assert!(ok, "kill -TERM failed");
+}
+
+/// Waits for a child up to `limit`, returning its exit status.
+fn wait_for(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let t = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(t.elapsed() < limit, "process did not stop within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigterm_stops_replication_cleanly() {
+    let dir = tempdir();
+    let store = dir.path().join("s");
+    import(&store, &maldives_base());
+    let spawn = || {
+        Command::new(bin())
+            .args([
+                "replicate",
+                "--store",
+                path_str(&store),
+                "--source",
+                path_str(&maldives_feed()),
+                "--poll-interval",
+                "3600",
+                "--log-format",
+                "json",
+            ])
+            .env("OSMVEC_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // Mid-run (after its first applied diff): the diff in progress is
+    // finished, then exit 0.
+    let mut child = spawn();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while err.read_line(&mut line).unwrap() > 0 && !line.contains("applied diff") {
+        line.clear();
+    }
+    assert!(line.contains("applied diff"), "no diff applied");
+    sigterm(&child);
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    assert!(wait_for(&mut child, Duration::from_secs(10)).success());
+    let mid = stats(&store)["sequence"].as_u64().unwrap();
+    // Caught up and polling (an hour between polls): SIGTERM ends the wait.
+    let mut child = spawn();
+    std::thread::sleep(Duration::from_secs(3));
+    sigterm(&child);
+    assert!(wait_for(&mut child, Duration::from_secs(5)).success());
+    assert_eq!(stats(&store)["sequence"], 180, "stopped at {mid} first");
+    assert_same_opl(
+        &sort_tags(&export(&store)),
+        &maldives_reference(),
+        "after SIGTERMs",
+    );
+}

@@ -201,8 +201,15 @@ pub struct ReplicateArgs {
 }
 
 pub fn replicate(a: ReplicateArgs) -> Result<()> {
+    // SIGTERM / SIGINT finish the diff in progress (each diff is one atomic
+    // batch anyway) and exit 0.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).context("cannot install signal handlers")?;
+    }
     let st = Store::open(&a.store)?;
     let opts = FollowOptions {
+        stop,
         until_caught_up: a.until_caught_up,
         poll_interval: a.poll_interval,
         max_diffs: a.max_diffs,

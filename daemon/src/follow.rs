@@ -6,6 +6,8 @@
 //! Nothing is skipped: a diff that cannot be fetched or parsed stops the loop
 //! (after retries) with an error naming the sequence.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
@@ -28,6 +30,8 @@ pub struct FollowOptions {
     /// Retry policy for every request (attempts: None retries forever).
     pub backoff: Backoff,
     pub osc: OscOptions,
+    /// Set (by a signal handler) to stop after the diff in progress.
+    pub stop: Arc<AtomicBool>,
 }
 
 #[derive(Debug)]
@@ -82,7 +86,7 @@ pub fn follow(
         })
         .with_context(|| format!("cannot read the latest state of {}", source.describe()))?;
         while current < latest.sequence {
-            if opts.max_diffs.is_some_and(|m| applied >= m) {
+            if opts.max_diffs.is_some_and(|m| applied >= m) || stopping(opts) {
                 return Ok(FollowOutcome {
                     applied,
                     sequence: Some(current),
@@ -101,8 +105,26 @@ pub fn follow(
                 sequence: Some(current),
             });
         }
-        std::thread::sleep(opts.poll_interval);
+        if stopping(opts) {
+            return Ok(FollowOutcome {
+                applied,
+                sequence: Some(current),
+            });
+        }
+        // Sleep in short steps so that a stop request is seen promptly.
+        let until = Instant::now() + opts.poll_interval;
+        while Instant::now() < until && !stopping(opts) {
+            std::thread::sleep(Duration::from_millis(100).min(until - Instant::now()));
+        }
     }
+}
+
+fn stopping(opts: &FollowOptions) -> bool {
+    let stop = opts.stop.load(Ordering::Relaxed);
+    if stop {
+        tracing::info!("stop requested; the last diff was applied whole");
+    }
+    stop
 }
 
 fn not_yet(what: String) -> ReplicationError {
