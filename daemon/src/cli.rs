@@ -23,7 +23,7 @@ fn spinner() -> ProgressBar {
         ProgressBar::hidden()
     };
     pb.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg} ({per_sec})")
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
             .expect("valid template"),
     );
     pb.enable_steady_tick(Duration::from_millis(120));
@@ -51,12 +51,17 @@ pub fn import(
         let pb = pb.lock().expect("progress bar lock");
         match p {
             ImportProgress::Reading { file, objects } => {
-                pb.set_position(objects);
-                pb.set_message(format!("reading {}: {objects} objects", file.display()));
+                let rate = objects as f64 / pb.elapsed().as_secs_f64().max(1e-3);
+                pb.set_message(format!(
+                    "reading {}: {objects} objects ({rate:.0}/s)",
+                    file.display()
+                ));
             }
             ImportProgress::Deriving { done, total } => {
-                pb.set_position(done);
-                pb.set_message(format!("deriving features: {done}/{total} objects"));
+                let pct = 100.0 * done as f64 / (total.max(1) as f64);
+                pb.set_message(format!(
+                    "deriving features: {done}/{total} objects ({pct:.0}%)"
+                ));
             }
         }
     };
