@@ -29,5 +29,10 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
+# `--deps-only` (used by ops/test.sh): the test run builds the binary itself,
+# with the same dependency features as the tests, so nothing compiles twice.
+if [ "${1:-}" = "--deps-only" ]; then
+  exit 0
+fi
 cargo build --release --locked -p osmvec
 echo "ops/install.sh: built $(pwd)/target/release/osmvec" >&2

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: installs what is missing, builds
-# once (release profile, shared by tests and benchmarks), runs every test,
+# once (release profile, shared by tests and benchmarks; `cargo test` builds
+# target/release/osmvec too, see daemon/tests/cli.rs), runs every test,
 # and ends with one summary line over all test binaries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
-bash ops/install.sh
+bash ops/install.sh --deps-only
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e

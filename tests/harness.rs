@@ -31,7 +31,7 @@ pub fn bin() -> PathBuf {
     let p = target.join("release/osmvec");
     assert!(
         p.exists(),
-        "{} not found: build it first with `cargo build --release -p osmvec` (ops/test.sh does)",
+        "{} not found: run the tests with `cargo test --release --workspace` (ops/test.sh), which builds it, or `cargo build --release -p osmvec`",
         p.display()
     );
     p
