@@ -134,11 +134,6 @@ struct Owner {
 /// Changes buffered before their objects' old states are fetched.
 const PUSH_CHUNK: usize = 8192;
 
-/// Whether a diff with this sequence is already in the store.
-pub fn is_applied(store: &Store, sequence: u64) -> Result<bool> {
-    Ok(matches!(store.replication_state()?.0, Some(s) if s >= sequence))
-}
-
 fn version_of(e: &Element) -> u32 {
     e.meta().version
 }

@@ -347,21 +347,7 @@ impl Store {
     /// Ids found under a key prefix in an index column family, where the id
     /// is the last 8 bytes of the key (node→ways, member→relations).
     pub(crate) fn index_ids(&self, cf_name: &str, prefix: &[u8]) -> Result<Vec<i64>> {
-        let mut ro = ReadOptions::default();
-        let mut upper = prefix.to_vec();
-        increment(&mut upper);
-        ro.set_iterate_upper_bound(upper);
-        let it = self.db.iterator_cf_opt(
-            self.cf(cf_name),
-            ro,
-            IteratorMode::From(prefix, Direction::Forward),
-        );
-        let mut out = Vec::new();
-        for kv in it {
-            let (k, _) = kv.map_err(|e| self.db_err(e))?;
-            out.push(codec::id_from_key(&k[k.len() - 8..])?);
-        }
-        Ok(out)
+        self.index_ids_many(cf_name, &[prefix.to_vec()])
     }
 
     /// Like `index_ids` for many sorted prefixes, with one iterator that
