@@ -2,5 +2,6 @@
 //! over these modules, and the end-to-end tests drive the binary.
 
 pub mod cli;
+pub mod embedding;
 pub mod follow;
 pub mod replication;

@@ -110,6 +110,119 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Train the graph and location encoders contrastively on a store's
+    /// training blocks; resumes when OUT already holds a checkpoint.
+    Train {
+        #[arg(long, env = "OSMVEC_STORE")]
+        store: PathBuf,
+        /// Checkpoint directory (created; resumed if it holds one).
+        #[arg(long)]
+        out: PathBuf,
+        /// Total optimiser steps (a resumed run continues up to this count).
+        #[arg(long, default_value_t = 200)]
+        steps: u64,
+        /// Tiles per step.
+        #[arg(long, default_value_t = 256)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 3e-4)]
+        learning_rate: f64,
+        /// Linear learning-rate warm-up steps.
+        #[arg(long, default_value_t = 10)]
+        warmup_steps: u64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Spherical-harmonics degree L of the location encoder (OSMGraphCLIP uses 10 or 40).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=40))]
+        degree: u16,
+        /// Major model version of a new checkpoint (`N.0`).
+        #[arg(long, default_value_t = 1)]
+        major_version: u32,
+        /// Save a checkpoint every N steps (0: only at the end).
+        #[arg(long, default_value_t = 50)]
+        save_every: u64,
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Embed tiles with a checkpoint into the store: the dirty ones (default)
+    /// or all; clears the dirty marks handled.
+    Embed {
+        #[arg(long, env = "OSMVEC_STORE")]
+        store: PathBuf,
+        #[arg(long, env = "OSMVEC_CHECKPOINT")]
+        checkpoint: PathBuf,
+        /// Every tile with features (and drop embeddings of empty tiles).
+        #[arg(long, conflicts_with = "dirty")]
+        all: bool,
+        /// Only dirty tiles (the default).
+        #[arg(long)]
+        dirty: bool,
+        /// Tiles per encoder batch.
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Evaluate a checkpoint on held-out blocks (retrieval, land-use probe)
+    /// next to an untrained model and raw spherical harmonics.
+    Eval {
+        #[arg(long, env = "OSMVEC_STORE")]
+        store: PathBuf,
+        #[arg(long, env = "OSMVEC_CHECKPOINT")]
+        checkpoint: PathBuf,
+        /// Held-out tiles in the retrieval test.
+        #[arg(long, default_value_t = 1000)]
+        retrieval_tiles: usize,
+        /// Probe seeds to average over.
+        #[arg(long, default_value_t = 5)]
+        probe_seeds: u64,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Store the report in the checkpoint's metadata.
+        #[arg(long)]
+        save: bool,
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Print the report as one JSON object (the default prints it pretty).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Where the model runs and where the text model lives.
+#[derive(clap::Args, Clone)]
+struct ModelArgs {
+    /// cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu", env = "OSMVEC_DEVICE")]
+    device: String,
+    /// Directory of all-MiniLM-L6-v2 (default: $OSMVEC_MODEL_DIR, else ~/.cache/osmvec/all-MiniLM-L6-v2).
+    #[arg(long)]
+    text_model_dir: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    fn resolve(&self) -> anyhow::Result<(osmvec_model::Device, PathBuf)> {
+        Ok((
+            osmvec::embedding::device(&self.device)?,
+            self.text_model_dir
+                .clone()
+                .unwrap_or_else(osmvec::embedding::train::default_model_dir),
+        ))
+    }
+}
+
+fn print_report<T: serde::Serialize>(report: &T, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
+    } else {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    }
+    Ok(())
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -182,6 +295,87 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_diff_bytes,
             json,
         }),
+        Command::Train {
+            store,
+            out,
+            steps,
+            batch_size,
+            learning_rate,
+            warmup_steps,
+            seed,
+            degree,
+            major_version,
+            save_every,
+            model,
+            json,
+        } => {
+            let (device, model_dir) = model.resolve()?;
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+                signal_hook::flag::register(sig, stop.clone())?;
+            }
+            let report = osmvec::embedding::train::train(
+                &osmvec::embedding::train::TrainArgs {
+                    store,
+                    out,
+                    steps,
+                    batch_size,
+                    learning_rate,
+                    warmup_steps,
+                    seed,
+                    degree: degree as usize,
+                    major_version,
+                    save_every,
+                    model_dir,
+                    device,
+                },
+                stop,
+            )?;
+            print_report(&report, json)
+        }
+        Command::Embed {
+            store,
+            checkpoint,
+            all,
+            dirty: _,
+            batch_size,
+            model,
+            json,
+        } => {
+            let (device, model_dir) = model.resolve()?;
+            let report = osmvec::embedding::embed::embed(&osmvec::embedding::embed::EmbedArgs {
+                store,
+                checkpoint,
+                all,
+                batch_size,
+                model_dir,
+                device,
+            })?;
+            print_report(&report, json)
+        }
+        Command::Eval {
+            store,
+            checkpoint,
+            retrieval_tiles,
+            probe_seeds,
+            seed,
+            save,
+            model,
+            json,
+        } => {
+            let (device, model_dir) = model.resolve()?;
+            let report = osmvec::embedding::eval::eval(&osmvec::embedding::eval::EvalArgs {
+                store,
+                checkpoint,
+                retrieval_tiles,
+                probe_seeds,
+                seed,
+                save,
+                model_dir,
+                device,
+            })?;
+            print_report(&report, json)
+        }
     }
 }
 

@@ -18,7 +18,16 @@ fn version_and_help_list_the_commands() {
     assert!(v.status.success());
     assert!(String::from_utf8_lossy(&v.stdout).starts_with("osmvec "));
     let h = String::from_utf8(osmvec(&["--help"]).stdout).unwrap();
-    for cmd in ["import", "stats", "export", "apply", "replicate"] {
+    for cmd in [
+        "import",
+        "stats",
+        "export",
+        "apply",
+        "replicate",
+        "train",
+        "embed",
+        "eval",
+    ] {
         assert!(h.contains(cmd), "--help does not list {cmd}");
     }
 }

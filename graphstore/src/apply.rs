@@ -561,12 +561,21 @@ impl<'s> DiffApplier<'s> {
             }
         }
         // Dirty marks keep the sequence at which a tile first became dirty,
-        // so the scheduler can take the oldest first.
-        let mut mark = Vec::new();
-        put_uvarint(&mut mark, sequence.or(cur_seq).unwrap_or(0));
-        for tile in &dirty {
-            if store.get_cf(cf::DIRTY_TILES, &tile.to_key())?.is_none() {
-                b.put_cf(store.cf(cf::DIRTY_TILES), tile.to_key(), &mark);
+        // so the scheduler can take the oldest first, and the generation of
+        // this commit, so an embedder clears only marks it has seen.
+        if !dirty.is_empty() {
+            let generation = store.next_dirty_generation(&mut b)?;
+            let seq = sequence.or(cur_seq).unwrap_or(0);
+            for tile in &dirty {
+                let since = match store.get_cf(cf::DIRTY_TILES, &tile.to_key())? {
+                    Some(v) => crate::embeddings::DirtyMark::decode(&v)?.since_sequence,
+                    None => seq,
+                };
+                let mark = crate::embeddings::DirtyMark {
+                    since_sequence: since,
+                    generation,
+                };
+                b.put_cf(store.cf(cf::DIRTY_TILES), tile.to_key(), mark.encode());
             }
         }
         store.put_counts(&mut b, &counts);

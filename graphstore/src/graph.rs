@@ -54,7 +54,7 @@
 //! at most one member of the sample.
 
 mod delaunay;
-mod geometry;
+pub(crate) mod geometry;
 mod spatial;
 #[cfg(test)]
 mod tests;

@@ -434,8 +434,11 @@ fn derive_all(
     // Tile counts, and every tile dirty: a fresh import needs embedding.
     let (seq, _) = store.replication_state()?;
     let mut b = WriteBatch::default();
-    let mut mark = Vec::new();
-    put_uvarint(&mut mark, seq.unwrap_or(0));
+    let mark = crate::embeddings::DirtyMark {
+        since_sequence: seq.unwrap_or(0),
+        generation: store.next_dirty_generation(&mut b)?,
+    }
+    .encode();
     for (tile, n) in &tiles {
         let mut v = Vec::new();
         put_uvarint(&mut v, *n);

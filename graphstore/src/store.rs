@@ -36,6 +36,10 @@ pub mod cf {
     pub const TILES: &str = "tiles";
     pub const DIRTY_TILES: &str = "dirty_tiles";
     pub const META: &str = "meta";
+    /// Cache of tag-text vectors (see `embeddings`).
+    pub const TAG_VECTORS: &str = "tag_vectors";
+    /// Latest embedding of every tile (see `embeddings`).
+    pub const TILE_EMBEDDINGS: &str = "tile_embeddings";
     pub const ALL: &[&str] = &[
         NODES,
         WAYS,
@@ -47,6 +51,8 @@ pub mod cf {
         TILES,
         DIRTY_TILES,
         META,
+        TAG_VECTORS,
+        TILE_EMBEDDINGS,
     ];
 }
 
@@ -59,6 +65,8 @@ pub mod meta {
     pub const BASE_URL: &[u8] = b"replication_base_url";
     pub const COUNTS: &[u8] = b"counts";
     pub const IMPORT_IN_PROGRESS: &[u8] = b"import_in_progress";
+    /// u64 LE: generation of the last commit that marked tiles dirty.
+    pub const DIRTY_GENERATION: &[u8] = b"dirty_generation";
 }
 
 /// Object and feature counts, kept exact in every write batch so that
@@ -232,7 +240,7 @@ impl Store {
         &self.db
     }
 
-    fn db_err(&self, e: rocksdb::Error) -> StoreError {
+    pub(crate) fn db_err(&self, e: rocksdb::Error) -> StoreError {
         StoreError::Db {
             path: self.path.clone(),
             source: e,

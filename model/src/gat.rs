@@ -95,6 +95,12 @@ pub enum EdgeType {
     Within,
     /// Source polygon contains the target (the reverse of `Within`).
     Contains,
+    /// Boundaries meet, interiors do not (DE-9IM); symmetric.
+    Touches,
+    /// Interiors cross (line–line, line–area); symmetric.
+    Crosses,
+    /// Two areas' interiors overlap, neither within the other; symmetric.
+    Overlaps,
 }
 
 impl EdgeType {
@@ -105,6 +111,9 @@ impl EdgeType {
             EdgeType::Connects => "connects",
             EdgeType::Within => "within",
             EdgeType::Contains => "contains",
+            EdgeType::Touches => "touches",
+            EdgeType::Crosses => "crosses",
+            EdgeType::Overlaps => "overlaps",
         }
     }
 }
@@ -133,9 +142,17 @@ impl Relation {
         )
     }
 
-    /// The relation schema of osmvec's tile graphs: `near` between every pair
-    /// of types (as OSMGraphCLIP's nine relations), `connects` between
-    /// polylines, `within` from anything into polygons and `contains` back.
+    /// The relation schema of osmvec's tile graphs, every `(source, edge,
+    /// target)` that the graph builder (graphstore's `graph` module) can emit,
+    /// plus `contains` as the reverse of `within` so that containers also
+    /// tell their contents about themselves:
+    ///
+    /// * `near` between every pair of types (OSMGraphCLIP's nine relations);
+    /// * `connects` between polylines, and between a point and the line or
+    ///   area outline it is a vertex of (both directions);
+    /// * `within` from anything into polygons, `contains` back;
+    /// * `touches` between lines and areas in any combination, `crosses`
+    ///   between lines and between lines and areas, `overlaps` between areas.
     pub fn osm_default() -> Vec<Relation> {
         use EdgeType::*;
         use NodeType::*;
@@ -146,10 +163,30 @@ impl Relation {
             }
         }
         out.push(Relation::new(Polyline, Connects, Polyline));
+        for way in [Polyline, Polygon] {
+            out.push(Relation::new(Point, Connects, way));
+            out.push(Relation::new(way, Connects, Point));
+        }
         for s in NodeType::ALL {
             out.push(Relation::new(s, Within, Polygon));
             out.push(Relation::new(Polygon, Contains, s));
         }
+        for (s, d) in [
+            (Polyline, Polyline),
+            (Polyline, Polygon),
+            (Polygon, Polyline),
+            (Polygon, Polygon),
+        ] {
+            out.push(Relation::new(s, Touches, d));
+        }
+        for (s, d) in [
+            (Polyline, Polyline),
+            (Polyline, Polygon),
+            (Polygon, Polyline),
+        ] {
+            out.push(Relation::new(s, Crosses, d));
+        }
+        out.push(Relation::new(Polygon, Overlaps, Polygon));
         out
     }
 }
@@ -502,7 +539,7 @@ mod tests {
     #[test]
     fn default_schema_has_unique_relations() {
         let rels = Relation::osm_default();
-        assert_eq!(rels.len(), 16);
+        assert_eq!(rels.len(), 28);
         let set: std::collections::BTreeSet<_> = rels.iter().collect();
         assert_eq!(set.len(), rels.len());
         assert_eq!(rels[1].name(), "point__near__polyline");

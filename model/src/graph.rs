@@ -214,12 +214,18 @@ pub struct GraphBatch {
 impl GraphBatch {
     /// Concatenates the graphs' nodes per type (offsetting edge indices) and
     /// uploads everything to `device`. All graphs must share feature widths.
-    pub fn new(graphs: &[TileGraph], device: &Device) -> Result<Self> {
+    /// Takes owned graphs, references or `Arc`s (callers that cache graphs).
+    pub fn new<G: std::borrow::Borrow<TileGraph>>(graphs: &[G], device: &Device) -> Result<Self> {
         let first = graphs
             .first()
-            .ok_or(ModelError::EmptyBatch("no graphs to batch"))?;
+            .ok_or(ModelError::EmptyBatch("no graphs to batch"))?
+            .borrow();
         let in_dims = first.in_dims;
-        if let Some(g) = graphs.iter().find(|g| g.in_dims != in_dims) {
+        if let Some(g) = graphs
+            .iter()
+            .map(|g| g.borrow())
+            .find(|g| g.in_dims != in_dims)
+        {
             return Err(ModelError::Graph(format!(
                 "graphs with feature widths {:?} and {:?} in one batch",
                 in_dims, g.in_dims
@@ -231,6 +237,7 @@ impl GraphBatch {
         let mut offsets = [0u32; NodeType::COUNT];
         let mut present = Vec::with_capacity(graphs.len());
         for (gi, g) in graphs.iter().enumerate() {
+            let g: &TileGraph = g.borrow();
             let gi = u32::try_from(gi).map_err(|_| ModelError::Input("batch too large".into()))?;
             for (rel, idx) in &g.edges {
                 let (os, od) = (offsets[rel.src.index()], offsets[rel.dst.index()]);
@@ -853,7 +860,7 @@ mod tests {
         let dev = Device::Cpu;
         let enc = GraphEncoder::new(&small_config(), 1, &dev).unwrap();
         assert!(enc.encode(&[TileGraph::new([1, 1, 1])], None).is_err());
-        assert!(GraphBatch::new(&[], &dev).is_err());
+        assert!(GraphBatch::new::<TileGraph>(&[], &dev).is_err());
         assert!(GraphBatch::new(&[TileGraph::new(DIMS), TileGraph::new([1, 1, 1])], &dev).is_err());
         // A relation outside the model's schema.
         let mut cfg = small_config();

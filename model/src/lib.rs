@@ -32,6 +32,8 @@ pub mod error;
 pub mod gat;
 pub mod graph;
 pub mod loss;
+pub mod metrics;
+pub mod optim;
 pub mod params;
 pub mod pool;
 pub mod segment;
@@ -64,6 +66,11 @@ pub const MODEL_DTYPE: DType = DType::F32;
 pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
     let norm = x.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12f64, f64::MAX)?;
     Ok(x.broadcast_div(&norm)?)
+}
+
+/// Whether this build has candle's CUDA backend (the `cuda` feature).
+pub fn cuda_compiled() -> bool {
+    cfg!(feature = "cuda")
 }
 
 #[cfg(test)]

@@ -1,0 +1,172 @@
+//! `osmvec embed`: tile embeddings into the store.
+//!
+//! `--dirty` embeds the fine tiles marked dirty, oldest mark first, and
+//! clears the marks it has handled (a mark renewed meanwhile stays, see
+//! graphstore's `embeddings` module); `--all` embeds every tile with
+//! features and removes embeddings of tiles that have none left. A tile whose
+//! graph is empty gets no embedding (its old one is deleted). Dirty marks of
+//! coarse (context) tiles are cleared without work: a context is re-encoded
+//! whenever one of its fine tiles is.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Result;
+use osmvec_graphstore::Store;
+use osmvec_graphstore::embeddings::{DirtyMark, TileEmbedding};
+use osmvec_graphstore::tiles::TileId;
+use osmvec_model::Device;
+use serde::Serialize;
+
+use super::checkpoint::Model;
+use super::inputs::{Inputs, encode_batch};
+use super::tags::TagVectors;
+
+#[derive(Debug, Clone)]
+pub struct EmbedArgs {
+    pub store: PathBuf,
+    pub checkpoint: PathBuf,
+    pub all: bool,
+    pub batch_size: usize,
+    pub model_dir: PathBuf,
+    pub device: Device,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EmbedReport {
+    pub model_version: String,
+    pub sequence: Option<u64>,
+    pub tiles: usize,
+    pub embedded: usize,
+    pub removed: usize,
+    pub marks_cleared: usize,
+    pub seconds: f64,
+    pub tiles_per_second: f64,
+    /// Seconds building graphs and tag vectors (store reads, geometry).
+    pub input_seconds: f64,
+    /// Seconds in the graph encoder.
+    pub encode_seconds: f64,
+    pub tag_texts_encoded: u64,
+}
+
+/// Embeds `tiles` (fine tiles) with `model` and writes the results; clears
+/// the marks in `seen` whose generation is unchanged. The building block of
+/// `osmvec embed` and of the daemon.
+pub fn embed_tiles(
+    store: &Store,
+    model: &Model,
+    inputs: &mut Inputs,
+    tiles: &[TileId],
+    seen: &[(TileId, DirtyMark)],
+    report: &mut EmbedReport,
+) -> Result<()> {
+    let (seq, _) = store.replication_state()?;
+    let now = chrono::Utc::now().timestamp();
+    let mut updates = Vec::with_capacity(tiles.len());
+    if !tiles.is_empty() {
+        let t0 = Instant::now();
+        let batch = inputs.batch(store, model, tiles)?;
+        let t1 = Instant::now();
+        let g = encode_batch(model, &batch)?;
+        let rows: Vec<Vec<f32>> = g.vectors.to_vec2()?;
+        report.input_seconds += (t1 - t0).as_secs_f64();
+        report.encode_seconds += t1.elapsed().as_secs_f64();
+        for ((tile, present), row) in tiles.iter().zip(&g.present).zip(rows) {
+            if *present {
+                report.embedded += 1;
+                updates.push((
+                    *tile,
+                    Some(TileEmbedding {
+                        model_version: model.meta.model_version.clone(),
+                        sequence: seq.unwrap_or(0),
+                        computed_at: now,
+                        vector: row,
+                    }),
+                ));
+            } else {
+                report.removed += 1;
+                updates.push((*tile, None));
+            }
+        }
+    }
+    report.tiles += tiles.len();
+    report.marks_cleared += store.write_embeddings(&updates, seen)?;
+    Ok(())
+}
+
+pub fn embed(a: &EmbedArgs) -> Result<EmbedReport> {
+    let store = Store::open(&a.store)?;
+    store.ensure_consistent()?;
+    let model = Model::load(&a.checkpoint, &a.device)?;
+    let fine = store.tile_config().fine_zoom;
+    let marks = store.dirty_marks()?;
+    let (tiles, seen): (Vec<TileId>, Vec<(TileId, DirtyMark)>) = if a.all {
+        let mut set: BTreeSet<TileId> =
+            store.tiles()?.into_keys().filter(|t| t.z == fine).collect();
+        // Tiles that lost their last feature: their embedding goes.
+        set.extend(store.tile_embeddings()?.into_iter().map(|(t, _)| t));
+        set.extend(marks.iter().filter(|(t, _)| t.z == fine).map(|(t, _)| *t));
+        (set.into_iter().collect(), marks)
+    } else {
+        let mut m = marks;
+        m.sort_by_key(|(t, mk)| (mk.since_sequence, *t));
+        (
+            m.iter()
+                .filter(|(t, _)| t.z == fine)
+                .map(|(t, _)| *t)
+                .collect(),
+            m,
+        )
+    };
+    let mut report = EmbedReport {
+        model_version: model.meta.model_version.clone(),
+        sequence: store.replication_state()?.0,
+        ..Default::default()
+    };
+    let mut inputs = Inputs::new(
+        TagVectors::new(a.model_dir.clone(), a.device.clone()),
+        false,
+    );
+    let bar = bar(tiles.len() as u64);
+    let t0 = Instant::now();
+    let bs = a.batch_size.max(1);
+    // Marks are cleared with the batch that handled their tile; coarse marks
+    // (no work) with the first batch.
+    let mut coarse: Vec<(TileId, DirtyMark)> =
+        seen.iter().filter(|(t, _)| t.z != fine).copied().collect();
+    let by_tile: std::collections::HashMap<TileId, DirtyMark> = seen.iter().copied().collect();
+    for chunk in tiles.chunks(bs) {
+        let mut marks: Vec<(TileId, DirtyMark)> = chunk
+            .iter()
+            .filter_map(|t| by_tile.get(t).map(|m| (*t, *m)))
+            .collect();
+        marks.append(&mut coarse);
+        embed_tiles(&store, &model, &mut inputs, chunk, &marks, &mut report)?;
+        bar.inc(chunk.len() as u64);
+    }
+    if !coarse.is_empty() {
+        embed_tiles(&store, &model, &mut inputs, &[], &coarse, &mut report)?;
+    }
+    bar.finish_and_clear();
+    report.seconds = t0.elapsed().as_secs_f64();
+    report.tiles_per_second = report.tiles as f64 / report.seconds.max(1e-9);
+    report.tag_texts_encoded = inputs.vectors.encoded;
+    Ok(report)
+}
+
+fn bar(n: u64) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    let b = if std::io::stderr().is_terminal() && n > 0 {
+        indicatif::ProgressBar::new(n)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    b.set_style(
+        indicatif::ProgressStyle::with_template(
+            "embedding {bar:30} {pos}/{len} tiles {per_sec} eta {eta}",
+        )
+        .expect("valid template"),
+    );
+    b
+}

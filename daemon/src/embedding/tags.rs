@@ -1,0 +1,304 @@
+//! From OSM tags to a feature's text vector.
+//!
+//! Every tag becomes a short text, `key=value` (the notation the pretrained
+//! model has seen on the OSM wiki and taginfo), embedded once by
+//! all-MiniLM-L6-v2 and cached in the store. A feature's vector is the mean of
+//! its tags' vectors weighted by `ln(1 + global key count)`, as in GeoLink and
+//! OSMGraphCLIP: common keys (`building`, `highway`) say more about a place
+//! than rare ones.
+//!
+//! Two kinds of keys are treated differently ([`TagPolicy`]):
+//!
+//! * **dropped** keys carry no meaning about the place (`source`,
+//!   `created_by`, `note`, `fixme`, ...);
+//! * **key-only** keys have (nearly) unique values: names, addresses, phone
+//!   numbers, URLs. Their value would only add a text vector per object
+//!   (hundreds of thousands for a country), so they are embedded as the key
+//!   alone: "has a name", "has a house number" is what they tell a model.
+//!
+//! Both lists are configurable and saved in the checkpoint, so a model always
+//! sees tags the way it was trained.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use osmvec_graphstore::Store;
+use osmvec_graphstore::element::Tags;
+use osmvec_model::Device;
+use osmvec_model::text::{TEXT_DIM, TagEncoder, TextVector, weighted_mean};
+use serde::{Deserialize, Serialize};
+
+/// Identity of the text model in the store's vector cache.
+pub const TEXT_MODEL: &str = "all-MiniLM-L6-v2";
+
+/// Which tags are dropped or embedded by key only. A pattern ending in `*`
+/// matches every key with that prefix.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TagPolicy {
+    pub drop_keys: Vec<String>,
+    pub key_only_keys: Vec<String>,
+}
+
+impl Default for TagPolicy {
+    fn default() -> Self {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect();
+        TagPolicy {
+            drop_keys: s(&[
+                "source*",
+                "created_by",
+                "note*",
+                "fixme*",
+                "FIXME*",
+                "attribution",
+                "check_date*",
+                "import*",
+                "mapillary*",
+                "survey*",
+                "tiger:*",
+                "gnis:*",
+            ]),
+            key_only_keys: s(&[
+                "name*",
+                "alt_name*",
+                "old_name*",
+                "official_name*",
+                "short_name*",
+                "loc_name*",
+                "int_name*",
+                "nat_name*",
+                "reg_name*",
+                "addr:*",
+                "contact:*",
+                "phone",
+                "fax",
+                "email",
+                "website*",
+                "url",
+                "wikidata",
+                "wikipedia*",
+                "wikimedia_commons",
+                "image",
+                "ref*",
+                "description*",
+                "inscription*",
+                "opening_hours*",
+                "operator*",
+                "brand*",
+                "network*",
+                "start_date",
+                "height",
+                "ele",
+                "level",
+                "building:levels",
+                "capacity",
+                "maxspeed",
+                "postal_code",
+                "population*",
+                "colour",
+                "roof:*",
+                "width",
+                "lanes*",
+                "layer",
+                "collection_times",
+                "service_times",
+                "osmc:symbol",
+                "route_ref",
+            ]),
+        }
+    }
+}
+
+fn matches(patterns: &[String], key: &str) -> bool {
+    patterns.iter().any(|p| match p.strip_suffix('*') {
+        Some(prefix) => key.starts_with(prefix),
+        None => p == key,
+    })
+}
+
+impl TagPolicy {
+    /// The texts to embed for `tags`, with the key each came from; sorted and
+    /// without repeats, so equal tag sets give equal vectors.
+    pub fn texts(&self, tags: &Tags) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = tags
+            .iter()
+            .filter(|(k, _)| !matches(&self.drop_keys, k))
+            .map(|(k, v)| {
+                let text = if matches(&self.key_only_keys, k) {
+                    k.clone()
+                } else {
+                    osmvec_model::text::tag_text(k, v)
+                };
+                (text, k.clone())
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+}
+
+/// `ln(1 + count)` of every key, from counts taken over the store when the
+/// model was trained (kept in the checkpoint, so an embedding does not change
+/// when other tiles are edited).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct KeyWeights {
+    pub counts: BTreeMap<String, u64>,
+}
+
+impl KeyWeights {
+    pub fn weight(&self, key: &str) -> f32 {
+        let n = self.counts.get(key).copied().unwrap_or(1).max(1);
+        (1.0 + n as f64).ln() as f32
+    }
+}
+
+/// Tag texts → vectors: an in-memory map in front of the store's cache in
+/// front of the text model, which is loaded only when a text is missing from
+/// both (a warm store never loads it).
+pub struct TagVectors {
+    memory: HashMap<String, Arc<TextVector>>,
+    encoder: Option<TagEncoder>,
+    model_dir: std::path::PathBuf,
+    device: Device,
+    /// Texts encoded by the model in this process.
+    pub encoded: u64,
+}
+
+impl TagVectors {
+    pub fn new(model_dir: std::path::PathBuf, device: Device) -> Self {
+        TagVectors {
+            memory: HashMap::new(),
+            encoder: None,
+            model_dir,
+            device,
+            encoded: 0,
+        }
+    }
+
+    /// Makes every text in `texts` available, encoding what the store does
+    /// not hold yet (in batches, with a progress bar when there are many).
+    pub fn ensure(&mut self, store: &Store, texts: &HashSet<String>) -> Result<()> {
+        let missing: Vec<&str> = texts
+            .iter()
+            .filter(|t| !self.memory.contains_key(t.as_str()))
+            .map(|t| t.as_str())
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let mut to_encode = Vec::new();
+        for chunk in missing.chunks(4096) {
+            let got = store.tag_vectors(TEXT_MODEL, chunk)?;
+            for (text, v) in chunk.iter().zip(got) {
+                match v {
+                    Some(v) if v.len() == TEXT_DIM => {
+                        let mut a = [0f32; TEXT_DIM];
+                        a.copy_from_slice(&v);
+                        self.memory.insert(text.to_string(), Arc::new(a));
+                    }
+                    _ => to_encode.push(text.to_string()),
+                }
+            }
+        }
+        if to_encode.is_empty() {
+            return Ok(());
+        }
+        to_encode.sort();
+        if self.encoder.is_none() {
+            let enc = TagEncoder::load(&self.model_dir, &self.device)
+                .context("loading the tag text model")?;
+            self.encoder = Some(enc);
+        }
+        let enc = self.encoder.as_ref().expect("just loaded");
+        let bar = (to_encode.len() >= 512).then(|| {
+            let b = indicatif::ProgressBar::new(to_encode.len() as u64);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "encoding tag texts {bar:30} {pos}/{len} {per_sec} eta {eta}",
+                )
+                .expect("valid template"),
+            );
+            b
+        });
+        tracing::info!(
+            texts = to_encode.len(),
+            "encoding new tag texts with {TEXT_MODEL}"
+        );
+        for chunk in to_encode.chunks(64) {
+            let refs: Vec<&str> = chunk.iter().map(|s| s.as_str()).collect();
+            let vecs = enc.encode(&refs)?;
+            let items: Vec<(String, Vec<f32>)> = chunk
+                .iter()
+                .zip(&vecs)
+                .map(|(t, v)| (t.clone(), v.to_vec()))
+                .collect();
+            store.put_tag_vectors(TEXT_MODEL, &items)?;
+            for (t, v) in chunk.iter().zip(vecs) {
+                self.memory.insert(t.clone(), Arc::new(v));
+            }
+            self.encoded += chunk.len() as u64;
+            if let Some(b) = &bar {
+                b.inc(chunk.len() as u64);
+            }
+        }
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        Ok(())
+    }
+
+    /// The feature vector of `tags` (zeros when no tag is left after the
+    /// policy). Every text must have been [`TagVectors::ensure`]d.
+    pub fn feature_vector(
+        &self,
+        policy: &TagPolicy,
+        weights: &KeyWeights,
+        tags: &Tags,
+    ) -> TextVector {
+        let texts = policy.texts(tags);
+        let mut vecs = Vec::with_capacity(texts.len());
+        let mut ws = Vec::with_capacity(texts.len());
+        for (text, key) in &texts {
+            if let Some(v) = self.memory.get(text) {
+                vecs.push(**v);
+                ws.push(weights.weight(key));
+            }
+        }
+        weighted_mean(&vecs, &ws).unwrap_or([0f32; TEXT_DIM])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tags(kv: &[(&str, &str)]) -> Tags {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn policy_drops_and_shortens() {
+        let p = TagPolicy::default();
+        let t = p.texts(&tags(&[
+            ("amenity", "cafe"),
+            ("name", "Café Central"),
+            ("name:de", "Kaffeehaus"),
+            ("source", "survey"),
+            ("addr:street", "Main Street"),
+        ]));
+        let texts: Vec<&str> = t.iter().map(|x| x.0.as_str()).collect();
+        assert_eq!(texts, ["addr:street", "amenity=cafe", "name", "name:de"]);
+        assert!(p.texts(&tags(&[("created_by", "JOSM")])).is_empty());
+    }
+
+    #[test]
+    fn weights_are_log_counts() {
+        let mut w = KeyWeights::default();
+        w.counts.insert("building".into(), 99);
+        assert!((w.weight("building") - (100f64).ln() as f32).abs() < 1e-6);
+        assert!((w.weight("unseen") - (2f64).ln() as f32).abs() < 1e-6);
+    }
+}

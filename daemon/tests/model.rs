@@ -1,0 +1,241 @@
+//! The model pipeline end to end on a real extract (Liechtenstein 2013):
+//! store graphs → model graphs, training determinism and exact resumption,
+//! checkpoints that reload to bit-identical embeddings, and an evaluation
+//! that runs on held-out blocks. Uses the real all-MiniLM-L6-v2 weights
+//! (`ops/fetch-model.sh`; `ops/test.sh` fetches them).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use osmvec::embedding::checkpoint::Model;
+use osmvec::embedding::embed::{EmbedArgs, embed};
+use osmvec::embedding::eval::{EvalArgs, eval};
+use osmvec::embedding::graphs::to_model_graph;
+use osmvec::embedding::tags::TagVectors;
+use osmvec::embedding::train::{TrainArgs, default_model_dir, scan_tags, train};
+use osmvec_graphstore::Store;
+use osmvec_graphstore::graph::{EdgeKind, build_tile_graph};
+use osmvec_graphstore::import::import;
+use osmvec_graphstore::{TileConfig, feature::FeatureKind};
+use osmvec_model::{Device, NodeType};
+
+fn extract() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/data/extracts/liechtenstein-2013-08-03.osm.pbf")
+}
+
+fn import_store(dir: &Path) {
+    import(dir, &[extract()], TileConfig::default(), &|_| {}).expect("import");
+}
+
+fn train_args(store: &Path, out: &Path, steps: u64) -> TrainArgs {
+    TrainArgs {
+        store: store.to_path_buf(),
+        out: out.to_path_buf(),
+        steps,
+        batch_size: 16,
+        learning_rate: 1e-3,
+        warmup_steps: 1,
+        seed: 11,
+        degree: 10,
+        major_version: 1,
+        save_every: 0,
+        model_dir: default_model_dir(),
+        device: Device::Cpu,
+    }
+}
+
+fn weights(dir: &Path) -> Vec<u8> {
+    let meta = Model::read_meta(dir).unwrap();
+    std::fs::read(dir.join(meta.weights_file)).unwrap()
+}
+
+fn no_stop() -> Arc<AtomicBool> {
+    Arc::new(AtomicBool::new(false))
+}
+
+#[test]
+fn train_resume_embed_reload_eval_on_liechtenstein() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store_dir = tmp.path().join("store");
+    import_store(&store_dir);
+
+    // Two runs with one seed: identical weights. A run stopped after 2 steps
+    // and resumed to 3: identical to the straight run.
+    let (a, b, c) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("c"),
+    );
+    let ra = train(&train_args(&store_dir, &a, 3), no_stop()).unwrap();
+    assert_eq!(ra.steps, 3);
+    assert!(ra.last_loss.unwrap().is_finite());
+    assert!(ra.train_tiles > ra.batch_size, "{ra:?}");
+    assert!(ra.heldout_tiles > 0, "{ra:?}");
+    train(&train_args(&store_dir, &b, 3), no_stop()).unwrap();
+    assert_eq!(weights(&a), weights(&b), "same seed, different weights");
+    train(&train_args(&store_dir, &c, 2), no_stop()).unwrap();
+    let rc = train(&train_args(&store_dir, &c, 3), no_stop()).unwrap();
+    assert_eq!(rc.steps_this_run, 1);
+    assert_eq!(
+        weights(&a),
+        weights(&c),
+        "resumed run differs from a straight one"
+    );
+    // Training changed the weights.
+    let init = tmp.path().join("init");
+    train(&train_args(&store_dir, &init, 1), no_stop()).unwrap();
+    assert_ne!(weights(&a), weights(&init));
+    // Asking for no more steps than done is an error that says so.
+    let e = train(&train_args(&store_dir, &a, 3), no_stop()).unwrap_err();
+    assert!(
+        format!("{e:#}").contains("already trained 3 steps"),
+        "{e:#}"
+    );
+
+    // Embed every tile; every mark is cleared; reloading the checkpoint and
+    // embedding again gives the same bits.
+    let store = Store::open(&store_dir).unwrap();
+    let tiles_with_features = store.tiles().unwrap().keys().filter(|t| t.z == 15).count();
+    drop(store);
+    let args = EmbedArgs {
+        store: store_dir.clone(),
+        checkpoint: a.clone(),
+        all: true,
+        batch_size: 32,
+        model_dir: default_model_dir(),
+        device: Device::Cpu,
+    };
+    let r1 = embed(&args).unwrap();
+    assert_eq!(r1.tiles, tiles_with_features);
+    assert!(
+        r1.embedded > 0 && r1.embedded + r1.removed == r1.tiles,
+        "{r1:?}"
+    );
+    assert_eq!(r1.model_version, "1.0");
+    let first = Store::open(&store_dir).unwrap().tile_embeddings().unwrap();
+    assert_eq!(first.len(), r1.embedded);
+    for (t, e) in &first {
+        assert_eq!(e.vector.len(), 256);
+        let norm: f32 = e.vector.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "tile {t}: norm {norm}");
+    }
+    assert!(
+        Store::open(&store_dir)
+            .unwrap()
+            .dirty_marks()
+            .unwrap()
+            .is_empty()
+    );
+    let r2 = embed(&args).unwrap();
+    assert_eq!(r2.embedded, r1.embedded);
+    let second = Store::open(&store_dir).unwrap().tile_embeddings().unwrap();
+    assert_eq!(first.len(), second.len());
+    for ((t1, e1), (t2, e2)) in first.iter().zip(&second) {
+        assert_eq!(t1, t2);
+        let bits1: Vec<u32> = e1.vector.iter().map(|x| x.to_bits()).collect();
+        let bits2: Vec<u32> = e2.vector.iter().map(|x| x.to_bits()).collect();
+        assert_eq!(
+            bits1, bits2,
+            "tile {t1}: reloaded checkpoint embeds differently"
+        );
+    }
+    // Nothing dirty: --dirty has nothing to do.
+    let r3 = embed(&EmbedArgs {
+        all: false,
+        ..args.clone()
+    })
+    .unwrap();
+    assert_eq!(r3.tiles, 0);
+
+    // Evaluation runs on held-out blocks and reports all three models.
+    let rep = eval(&EvalArgs {
+        store: store_dir.clone(),
+        checkpoint: a.clone(),
+        retrieval_tiles: 200,
+        probe_seeds: 2,
+        seed: 3,
+        save: true,
+        model_dir: default_model_dir(),
+        device: Device::Cpu,
+    })
+    .unwrap();
+    let r = rep.trained.retrieval.as_ref().unwrap();
+    assert!(r.queries > 0 && (0.0..=1.0).contains(&r.top1) && r.top10 >= r.top1);
+    assert!(rep.spherical_harmonics.retrieval.is_none());
+    let saved = Model::read_meta(&a).unwrap();
+    assert!(saved.eval.is_some());
+    // The checkpoint still loads after the report was written into it.
+    Model::load(&a, &Device::Cpu).unwrap();
+}
+
+/// Store graph → model graph on real tiles: every node kept with its type,
+/// every edge mapped to a relation the model has weights for, and each
+/// `within` edge doubled by a `contains` edge back.
+#[test]
+fn model_graphs_match_store_graphs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store_dir = tmp.path().join("store");
+    import_store(&store_dir);
+    let store = Store::open(&store_dir).unwrap();
+    let model = Model::new(
+        osmvec::embedding::checkpoint::ModelConfig::new(1, 10),
+        Default::default(),
+        "test".into(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let cfg = model.meta.config.graphs;
+    // The five busiest fine tiles.
+    let mut tiles: Vec<_> = store
+        .tiles()
+        .unwrap()
+        .into_iter()
+        .filter(|(t, _)| t.z == 15)
+        .collect();
+    tiles.sort_by_key(|(t, n)| (std::cmp::Reverse(*n), *t));
+    let (_, texts) = scan_tags(&store, &model.meta.config.tags).unwrap();
+    let mut vectors = TagVectors::new(default_model_dir(), Device::Cpu);
+    vectors.ensure(&store, &texts).unwrap();
+    for (tile, _) in tiles.iter().take(5) {
+        let g = build_tile_graph(&store, *tile, &cfg).unwrap();
+        let (mg, dropped) = to_model_graph(
+            &g,
+            &vectors,
+            &model.meta.config.tags,
+            &model.meta.key_weights,
+            &model.relations(),
+        );
+        assert_eq!(dropped.edges, 0, "tile {tile}");
+        let counts = g.node_counts();
+        assert_eq!(
+            mg.num_nodes(NodeType::Point),
+            counts.get(FeatureKind::Point)
+        );
+        assert_eq!(
+            mg.num_nodes(NodeType::Polyline),
+            counts.get(FeatureKind::Polyline)
+        );
+        assert_eq!(
+            mg.num_nodes(NodeType::Polygon),
+            counts.get(FeatureKind::Polygon)
+        );
+        let ec = g.edge_counts();
+        let model_edges: usize = mg.edges().values().map(|e| e.len()).sum();
+        assert_eq!(
+            model_edges,
+            ec.total() + ec.get(EdgeKind::Within),
+            "tile {tile}"
+        );
+        assert!(ec.get(EdgeKind::Near) > 0, "tile {tile} has no near edges");
+        // Feature rows: a unit (or zero) text vector and the scaled geometry.
+        for t in NodeType::ALL {
+            for row in mg.features(t).chunks(osmvec::embedding::graphs::IN_DIM) {
+                let n: f32 = row[..384].iter().map(|x| x * x).sum::<f32>().sqrt();
+                assert!(n < 1e-6 || (n - 1.0).abs() < 1e-4, "text norm {n}");
+                assert!(row.iter().all(|x| x.is_finite()));
+            }
+        }
+    }
+}
