@@ -44,3 +44,69 @@ fn missing_store_is_a_clear_error() {
     );
     assert!(!dir.exists(), "stats created a store");
 }
+
+/// Training, embedding and evaluation refuse clearly when what they need is
+/// missing, and leave nothing half-written behind.
+#[test]
+fn model_commands_name_what_is_missing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    let extract = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/data/extracts/liechtenstein-2013-08-03.osm.pbf"
+    );
+    let s = store.to_str().unwrap();
+    assert!(osmvec(&["import", "--store", s, extract]).status.success());
+
+    // No text model where we point: the error says how to install it.
+    let ckpt = tmp.path().join("ckpt");
+    let out = osmvec(&[
+        "train",
+        "--store",
+        s,
+        "--out",
+        ckpt.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--text-model-dir",
+        tmp.path().join("nowhere").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("all-MiniLM-L6-v2") && err.contains("ops/fetch-model.sh"),
+        "{err}"
+    );
+    assert!(!ckpt.join("checkpoint.json").exists());
+
+    // No checkpoint: embed names the directory and the command that makes one.
+    let out = osmvec(&[
+        "embed",
+        "--store",
+        s,
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no checkpoint in") && err.contains("osmvec train"),
+        "{err}"
+    );
+
+    // A CUDA device in a CPU build is refused with the way to get one.
+    let out = osmvec(&[
+        "eval",
+        "--store",
+        s,
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--device",
+        "cuda",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    if !cfg!(feature = "cuda") {
+        assert!(err.contains("--features cuda"), "{err}");
+    }
+}

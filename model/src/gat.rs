@@ -221,10 +221,20 @@ impl EdgeIndex {
 pub type NodeTensors = [Option<Tensor>; NodeType::COUNT];
 
 /// One relation's edges on the device.
+///
+/// Besides the edge list, it keeps the distinct source nodes (`src_nodes`)
+/// and each edge's source as a position in that list (`src_local`): a
+/// relation's source transform then runs on the nodes that send messages
+/// only, not on every node of the source type. In a tile graph most
+/// relations are sparse (a few `crosses`, `overlaps`, `connects` edges),
+/// so this saves most of the first layer's matrix products.
 #[derive(Debug, Clone)]
 pub struct RelationEdges {
     relation: Relation,
-    src: Tensor,
+    /// `None` when every node of the source type sends (no gather needed);
+    /// then `src_local` indexes the source nodes directly.
+    src_nodes: Option<Tensor>,
+    src_local: Tensor,
     dst: Segments,
 }
 
@@ -260,9 +270,31 @@ impl RelationEdges {
                 relation.dst.name()
             )));
         }
+        let mut position = vec![u32::MAX; num_src];
+        let mut nodes = Vec::new();
+        for &s in &edges.src {
+            if position[s as usize] == u32::MAX {
+                position[s as usize] = 0;
+                nodes.push(s);
+            }
+        }
+        let (src_nodes, src_local) = if nodes.len() == num_src {
+            (None, index_tensor(&edges.src, device)?)
+        } else {
+            nodes.sort_unstable();
+            for (i, &n) in nodes.iter().enumerate() {
+                position[n as usize] = i as u32;
+            }
+            let local: Vec<u32> = edges.src.iter().map(|&s| position[s as usize]).collect();
+            (
+                Some(index_tensor(&nodes, device)?),
+                index_tensor(&local, device)?,
+            )
+        };
         Ok(Self {
             relation,
-            src: index_tensor(&edges.src, device)?,
+            src_nodes,
+            src_local,
             dst: Segments::new(&edges.dst, num_dst, device)?,
         })
     }
@@ -414,8 +446,12 @@ impl GatConv {
         x_dst: &Tensor,
         edges: &RelationEdges,
     ) -> Result<(Tensor, Tensor)> {
-        let h_src = self.lin_src.forward(x_src)?; // [n_src, d]
-        let a_src = h_src.matmul(&self.att_src.unsqueeze(1)?)?.squeeze(1)?; // [n_src]
+        let x_src = match &edges.src_nodes {
+            Some(nodes) => x_src.index_select(nodes, 0)?, // [n_senders, in]
+            None => x_src.clone(),
+        };
+        let h_src = self.lin_src.forward(&x_src)?; // [n_senders, d]
+        let a_src = h_src.matmul(&self.att_src.unsqueeze(1)?)?.squeeze(1)?; // [n_senders]
         let v_dst = self
             .lin_dst
             .weight()
@@ -423,12 +459,12 @@ impl GatConv {
             .matmul(&self.att_dst.unsqueeze(1)?)?; // [in_dst, 1]
         let a_dst = x_dst.matmul(&v_dst)?.squeeze(1)?; // [n_dst]
         let logits = a_src
-            .index_select(&edges.src, 0)?
+            .index_select(&edges.src_local, 0)?
             .add(&a_dst.index_select(edges.dst.ids(), 0)?)?;
         let logits = candle_nn::ops::leaky_relu(&logits, self.negative_slope)?;
         let alpha = edges.dst.softmax(&logits)?; // [E]
         let msg = h_src
-            .index_select(&edges.src, 0)?
+            .index_select(&edges.src_local, 0)?
             .broadcast_mul(&alpha.unsqueeze(1)?)?;
         Ok((edges.dst.sum(&msg)?, alpha))
     }
