@@ -120,6 +120,7 @@ fn train_resume_embed_reload_eval_on_liechtenstein() {
         assert_eq!(e.vector.len(), 256);
         let norm: f32 = e.vector.iter().map(|x| x * x).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-4, "tile {t}: norm {norm}");
+        assert_eq!(e.drift, None, "tile {t}: first embedding has no drift");
     }
     assert!(
         Store::open(&store_dir)

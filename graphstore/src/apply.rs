@@ -582,14 +582,23 @@ impl<'s> DiffApplier<'s> {
         if sequence.is_some() || timestamp.is_some() {
             store.put_replication_state(&mut b, sequence.or(cur_seq), timestamp);
         }
+        report
+            .events
+            .sort_by(|a, b| (a.osm_type, a.id).cmp(&(b.osm_type, b.id)));
+        if store.outbox_enabled()? {
+            let seq = sequence.or(cur_seq);
+            let records: Vec<crate::outbox::ChangeRecord> = report
+                .events
+                .iter()
+                .map(|e| crate::outbox::ChangeRecord::from_event(e, seq, timestamp))
+                .collect();
+            store.outbox_put_changes(&mut b, &records, seq.unwrap_or(u64::MAX))?;
+        }
         phases.push(("batch", t0.elapsed()));
         store.write(b, sync)?;
         phases.push(("write", t0.elapsed()));
         tracing::debug!(diff = %self.name, ?phases, "commit phases (cumulative)");
         report.dirty_tiles = dirty.into_iter().collect();
-        report
-            .events
-            .sort_by(|a, b| (a.osm_type, a.id).cmp(&(b.osm_type, b.id)));
         Ok(report)
     }
 }

@@ -66,6 +66,9 @@ pub struct TileEmbedding {
     pub computed_at: i64,
     /// The L2-normalised vector.
     pub vector: Vec<f32>,
+    /// Cosine distance to the tile's previous embedding by the same model
+    /// version (`None` for a first embedding or a new version).
+    pub drift: Option<f32>,
 }
 
 impl TileEmbedding {
@@ -79,6 +82,9 @@ impl TileEmbedding {
         for x in &self.vector {
             v.extend_from_slice(&x.to_le_bytes());
         }
+        if let Some(d) = self.drift {
+            v.extend_from_slice(&d.to_le_bytes());
+        }
         v
     }
 
@@ -89,11 +95,17 @@ impl TileEmbedding {
         let computed_at = r.svarint()?;
         let n = r.uvarint()? as usize;
         let raw = r.bytes(n * 4)?;
+        let drift = if r.is_empty() {
+            None
+        } else {
+            Some(f32::from_le_bytes(r.bytes(4)?.try_into().expect("4 bytes")))
+        };
         Ok(TileEmbedding {
             model_version,
             sequence,
             computed_at,
             vector: f32s_from_le(raw),
+            drift,
         })
     }
 }
@@ -201,7 +213,9 @@ impl Store {
     /// Writes embedding results in one batch: `Some` stores a tile's new
     /// embedding, `None` deletes it (the tile has no feature left). Then
     /// clears each mark in `seen` whose generation is unchanged; returns how
-    /// many marks were cleared.
+    /// many marks were cleared. With the outbox on, every stored embedding
+    /// and every deleted one that existed is queued for publishing in the
+    /// same batch.
     ///
     /// The check of a mark and the batch are not atomic against a diff
     /// committed by another thread in between: callers run this and diff
@@ -214,11 +228,24 @@ impl Store {
     ) -> Result<usize> {
         let mut b = WriteBatch::default();
         let cfe = self.cf(cf::TILE_EMBEDDINGS);
+        let outbox = self.outbox_enabled()?;
+        let mut queued = Vec::new();
         for (tile, e) in updates {
             match e {
-                Some(e) => b.put_cf(cfe, tile.to_key(), e.encode()),
-                None => b.delete_cf(cfe, tile.to_key()),
+                Some(e) => {
+                    b.put_cf(cfe, tile.to_key(), e.encode());
+                    queued.push(*tile);
+                }
+                None => {
+                    if outbox && self.get_cf(cf::TILE_EMBEDDINGS, &tile.to_key())?.is_some() {
+                        queued.push(*tile);
+                    }
+                    b.delete_cf(cfe, tile.to_key())
+                }
             }
+        }
+        if outbox {
+            self.outbox_put_tiles(&mut b, &queued)?;
         }
         let cfd = self.cf(cf::DIRTY_TILES);
         let keys: Vec<[u8; 9]> = seen.iter().map(|(t, _)| t.to_key()).collect();
@@ -275,7 +302,10 @@ mod tests {
             sequence: 42,
             computed_at: -5,
             vector: vec![0.5, -0.25, 1e-9],
+            drift: Some(0.25),
         };
+        assert_eq!(TileEmbedding::decode(&e.encode()).unwrap(), e);
+        let e = TileEmbedding { drift: None, ..e };
         assert_eq!(TileEmbedding::decode(&e.encode()).unwrap(), e);
         let m = DirtyMark {
             since_sequence: 7,
@@ -323,6 +353,7 @@ mod tests {
             sequence: 1,
             computed_at: 0,
             vector: vec![1.0],
+            drift: None,
         };
         let cleared = store
             .write_embeddings(&[(a, Some(e.clone())), (c, None)], &seen)

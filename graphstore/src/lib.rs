@@ -15,6 +15,7 @@ pub mod graph;
 pub mod import;
 pub mod landuse;
 pub mod opl;
+pub mod outbox;
 pub mod read;
 pub mod store;
 pub mod tiles;

@@ -40,6 +40,8 @@ pub mod cf {
     pub const TAG_VECTORS: &str = "tag_vectors";
     /// Latest embedding of every tile (see `embeddings`).
     pub const TILE_EMBEDDINGS: &str = "tile_embeddings";
+    /// Messages still to publish (see `outbox`).
+    pub const OUTBOX: &str = "outbox";
     pub const ALL: &[&str] = &[
         NODES,
         WAYS,
@@ -53,6 +55,7 @@ pub mod cf {
         META,
         TAG_VECTORS,
         TILE_EMBEDDINGS,
+        OUTBOX,
     ];
 }
 
@@ -67,6 +70,10 @@ pub mod meta {
     pub const IMPORT_IN_PROGRESS: &[u8] = b"import_in_progress";
     /// u64 LE: generation of the last commit that marked tiles dirty.
     pub const DIRTY_GENERATION: &[u8] = b"dirty_generation";
+    /// `1` while a publisher drains the outbox.
+    pub const OUTBOX_ENABLED: &[u8] = b"outbox_enabled";
+    /// u64 LE: next outbox entry id.
+    pub const OUTBOX_NEXT_ID: &[u8] = b"outbox_next_id";
 }
 
 /// Object and feature counts, kept exact in every write batch so that

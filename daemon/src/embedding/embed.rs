@@ -75,6 +75,12 @@ pub fn embed_tiles(
         for ((tile, present), row) in tiles.iter().zip(&g.present).zip(rows) {
             if *present {
                 report.embedded += 1;
+                let drift = match store.tile_embedding(*tile)? {
+                    Some(prev) if prev.model_version == model.meta.model_version => {
+                        Some(cosine_distance(&prev.vector, &row))
+                    }
+                    _ => None,
+                };
                 updates.push((
                     *tile,
                     Some(TileEmbedding {
@@ -82,6 +88,7 @@ pub fn embed_tiles(
                         sequence: seq.unwrap_or(0),
                         computed_at: now,
                         vector: row,
+                        drift,
                     }),
                 ));
             } else {
@@ -93,6 +100,20 @@ pub fn embed_tiles(
     report.tiles += tiles.len();
     report.marks_cleared += store.write_embeddings(&updates, seen)?;
     Ok(())
+}
+
+/// `1 − cos(a, b)`, in [0, 2]; 0 for identical directions.
+pub fn cosine_distance(a: &[f32], b: &[f32]) -> f32 {
+    let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        dot += *x as f64 * *y as f64;
+        na += *x as f64 * *x as f64;
+        nb += *y as f64 * *y as f64;
+    }
+    if na == 0.0 || nb == 0.0 {
+        return 1.0;
+    }
+    (1.0 - dot / (na.sqrt() * nb.sqrt())) as f32
 }
 
 pub fn embed(a: &EmbedArgs) -> Result<EmbedReport> {
