@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 bash ops/install.sh --deps-only
+# The Kafka-protocol broker the daemon tests start (cargo install, once).
+bash ops/broker.sh install
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e

@@ -1,8 +1,9 @@
 //! Shared helpers of the end-to-end tests: they drive the real `osmvec`
 //! binary over real data and compare with osmium-tool, the reference.
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 
 /// The workspace root (this crate lives in `tests/`).
 pub fn root() -> PathBuf {
@@ -153,5 +154,121 @@ pub fn copy_dir(from: &Path, to: &Path) {
         } else {
             std::fs::copy(e.path(), &dst).expect("copy");
         }
+    }
+}
+
+/// The stdlib HTTP server of tests/fixtures serving a replication directory.
+pub struct HttpSource {
+    child: Child,
+    pub url: String,
+}
+
+impl HttpSource {
+    pub fn start(dir: &Path, extra: &[&str]) -> HttpSource {
+        let script = root().join("tests/fixtures/http_source.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .arg("--dir")
+            .arg(dir)
+            .arg("--port")
+            .arg("0")
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("python3 runs");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("server prints its port");
+        let port: u16 = line
+            .trim()
+            .strip_prefix("PORT ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line from the server: {line:?}"));
+        HttpSource {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for HttpSource {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A tansu Kafka-protocol broker on a free loopback port, memory storage,
+/// stopped (SIGTERM) on drop. `tansu` comes from PATH or ~/.cargo/bin
+/// (`ops/broker.sh install`, run by ops/test.sh).
+pub struct Broker {
+    child: Child,
+    pub addr: String,
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        let tansu = std::env::var_os("PATH")
+            .and_then(|p| {
+                std::env::split_paths(&p)
+                    .map(|d| d.join("tansu"))
+                    .find(|f| f.is_file())
+            })
+            .or_else(|| {
+                let f = PathBuf::from(std::env::var_os("HOME")?).join(".cargo/bin/tansu");
+                f.is_file().then_some(f)
+            })
+            .expect("tansu not found: run `bash ops/broker.sh install` (ops/test.sh does)");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(tansu)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args([
+                "--storage-engine",
+                "memory://tansu/",
+                "--cluster-id",
+                "osmvec-test",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tansu starts");
+        let addr = format!("127.0.0.1:{port}");
+        // From here on, Drop stops the broker whatever happens.
+        let broker = Broker { child, addr };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(&broker.addr).is_ok() {
+                return broker;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("tansu did not listen on {} within 10 s", broker.addr);
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..50 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -58,49 +58,6 @@ fn replicate_ok(store: &Path, source: &str, extra: &[&str]) {
     );
 }
 
-/// The stdlib HTTP server of tests/fixtures serving a replication directory.
-struct HttpSource {
-    child: Child,
-    url: String,
-}
-
-impl HttpSource {
-    fn start(dir: &Path, extra: &[&str]) -> HttpSource {
-        let script = root().join("tests/fixtures/http_source.py");
-        let mut child = Command::new("python3")
-            .arg(script)
-            .arg("--dir")
-            .arg(dir)
-            .arg("--port")
-            .arg("0")
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("python3 runs");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .expect("server prints its port");
-        let port: u16 = line
-            .trim()
-            .strip_prefix("PORT ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line from the server: {line:?}"));
-        HttpSource {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        }
-    }
-}
-
-impl Drop for HttpSource {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn maldives_feed_from_directory_and_http_matches_osmium() {
     let reference = maldives_reference();

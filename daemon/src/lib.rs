@@ -4,4 +4,6 @@
 pub mod cli;
 pub mod embedding;
 pub mod follow;
+pub mod publish;
 pub mod replication;
+pub mod run;

@@ -168,6 +168,57 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The daemon: follow the replication source, embed dirty tiles, publish
+    /// changes and embeddings to Kafka through the store's outbox.
+    Run {
+        #[arg(long, env = "OSMVEC_STORE")]
+        store: PathBuf,
+        /// Base URL (https://…/replication/minute) or local directory.
+        #[arg(long, env = "OSMVEC_SOURCE")]
+        source: String,
+        #[arg(long, env = "OSMVEC_CHECKPOINT")]
+        checkpoint: PathBuf,
+        /// Kafka bootstrap servers.
+        #[arg(long, env = "OSMVEC_BROKERS", default_value = "127.0.0.1:9092")]
+        brokers: String,
+        #[arg(
+            long,
+            env = "OSMVEC_TOPIC_EMBEDDINGS",
+            default_value = "osmvec.tile-embeddings"
+        )]
+        topic_embeddings: String,
+        #[arg(long, env = "OSMVEC_TOPIC_CHANGES", default_value = "osmvec.changes")]
+        topic_changes: String,
+        #[arg(long, env = "OSMVEC_TOPIC_MODELS", default_value = "osmvec.models")]
+        topic_models: String,
+        /// Partitions of the topics the daemon creates.
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+        #[arg(long, default_value_t = 1)]
+        replication_factor: i32,
+        /// Exit 0 once everything published is applied, embedded and delivered.
+        #[arg(long)]
+        until_caught_up: bool,
+        /// Seconds between polls of the source once caught up.
+        #[arg(long, default_value_t = 30.0)]
+        poll_interval: f64,
+        /// Tiles per encoder batch.
+        #[arg(long, default_value_t = 128)]
+        embed_batch: usize,
+        /// Most dirty tiles embedded between two diffs (bounds the latency a
+        /// backlog adds to a fresh diff).
+        #[arg(long, default_value_t = 512)]
+        max_tiles_per_cycle: usize,
+        /// Seconds librdkafka retries a message before it counts as failed
+        /// (it is then sent again from the outbox).
+        #[arg(long, default_value_t = 30)]
+        message_timeout: u64,
+        #[command(flatten)]
+        model: ModelArgs,
+        /// One JSON line per cycle on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Evaluate a checkpoint on held-out blocks (retrieval, land-use probe)
     /// next to an untrained model and raw spherical harmonics.
     Eval {
@@ -352,6 +403,64 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 device,
             })?;
             print_report(&report, json)
+        }
+        Command::Run {
+            store,
+            source,
+            checkpoint,
+            brokers,
+            topic_embeddings,
+            topic_changes,
+            topic_models,
+            partitions,
+            replication_factor,
+            until_caught_up,
+            poll_interval,
+            embed_batch,
+            max_tiles_per_cycle,
+            message_timeout,
+            model,
+            json,
+        } => {
+            let (device, model_dir) = model.resolve()?;
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+                signal_hook::flag::register(sig, stop.clone())?;
+            }
+            osmvec::run::run(
+                &osmvec::run::RunOptions {
+                    store,
+                    source,
+                    checkpoint,
+                    kafka: osmvec::publish::kafka::KafkaConfig {
+                        brokers,
+                        topics: osmvec::publish::kafka::Topics {
+                            embeddings: topic_embeddings,
+                            changes: topic_changes,
+                            models: topic_models,
+                        },
+                        partitions,
+                        replication_factor,
+                        message_timeout_ms: message_timeout * 1000,
+                    },
+                    until_caught_up,
+                    poll_interval: std::time::Duration::from_secs_f64(poll_interval),
+                    embed_batch,
+                    max_tiles_per_cycle,
+                    max_outbox_per_drain: 10_000,
+                    shutdown_flush: std::time::Duration::from_secs(10),
+                    backoff: osmvec::replication::Backoff {
+                        initial: std::time::Duration::from_secs(1),
+                        max: std::time::Duration::from_secs(300),
+                        max_attempts: None,
+                    },
+                    osc: osmvec_graphstore::read::OscOptions::default(),
+                    model_dir,
+                    device,
+                    json,
+                },
+                stop,
+            )
         }
         Command::Eval {
             store,

@@ -158,6 +158,71 @@ impl Store {
         Ok(out)
     }
 
+    /// Turns every dirty mark of a coarse (context) tile into marks of its
+    /// fine child tiles that hold features, and removes the coarse mark, in
+    /// one synced batch. A fine tile's embedding depends on its coarse
+    /// context, so an edit anywhere in the context makes the children dirty
+    /// even where their own features did not change; expanding the mark
+    /// durably lets an embedder work through the children in bounded steps
+    /// and survive a crash halfway. A child keeps the older of its own and its
+    /// parent's first-dirty sequence. Returns the number of child marks
+    /// written.
+    pub fn expand_coarse_marks(&self) -> Result<usize> {
+        let cfg = self.tile_config();
+        if cfg.fine_zoom <= cfg.coarse_zoom {
+            return Ok(0);
+        }
+        let marks = self.dirty_marks()?;
+        let current: std::collections::HashMap<TileId, DirtyMark> = marks.iter().copied().collect();
+        let f = 1u32 << (cfg.fine_zoom - cfg.coarse_zoom);
+        let c = self.cf(cf::DIRTY_TILES);
+        let mut b = WriteBatch::default();
+        let mut written = 0;
+        for (t, m) in marks.iter().filter(|(t, _)| t.z == cfg.coarse_zoom) {
+            let children: Vec<TileId> = (0..f)
+                .flat_map(|dx| {
+                    (0..f).map(move |dy| TileId {
+                        z: cfg.fine_zoom,
+                        x: t.x * f + dx,
+                        y: t.y * f + dy,
+                    })
+                })
+                .collect();
+            for child in self.tiles_with_features(&children)? {
+                let mark = match current.get(&child) {
+                    Some(own) => DirtyMark {
+                        since_sequence: own.since_sequence.min(m.since_sequence),
+                        generation: own.generation.max(m.generation),
+                    },
+                    None => *m,
+                };
+                b.put_cf(c, child.to_key(), mark.encode());
+                written += 1;
+            }
+            b.delete_cf(c, t.to_key());
+        }
+        if written > 0 || marks.iter().any(|(t, _)| t.z == cfg.coarse_zoom) {
+            self.write(b, true)?;
+        }
+        Ok(written)
+    }
+
+    /// Of `tiles`, those that hold features (one multi-get on `tiles`).
+    pub fn tiles_with_features(&self, tiles: &[TileId]) -> Result<Vec<TileId>> {
+        let c = self.cf(cf::TILES);
+        let keys: Vec<[u8; 9]> = tiles.iter().map(|t| t.to_key()).collect();
+        let mut out = Vec::new();
+        for (t, r) in tiles.iter().zip(
+            self.db()
+                .multi_get_cf(keys.iter().map(|k| (c, k.as_slice()))),
+        ) {
+            if r.map_err(|e| self.db_err(e))?.is_some() {
+                out.push(*t);
+            }
+        }
+        Ok(out)
+    }
+
     /// Cached vectors of `texts` under `text_model`, `None` where not cached.
     pub fn tag_vectors(&self, text_model: &str, texts: &[&str]) -> Result<Vec<Option<Vec<f32>>>> {
         let cf = self.cf(cf::TAG_VECTORS);

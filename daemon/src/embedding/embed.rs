@@ -1,12 +1,11 @@
 //! `osmvec embed`: tile embeddings into the store.
 //!
-//! `--dirty` embeds the fine tiles marked dirty, oldest mark first, and
-//! clears the marks it has handled (a mark renewed meanwhile stays, see
-//! graphstore's `embeddings` module); `--all` embeds every tile with
-//! features and removes embeddings of tiles that have none left. A tile whose
-//! graph is empty gets no embedding (its old one is deleted). Dirty marks of
-//! coarse (context) tiles are cleared without work: a context is re-encoded
-//! whenever one of its fine tiles is.
+//! `--dirty` embeds the fine tiles marked dirty and the fine tiles (with
+//! features) under dirty coarse tiles — their context changed — oldest mark
+//! first, and clears the marks it has handled (a mark renewed meanwhile
+//! stays, see graphstore's `embeddings` module); `--all` embeds every tile
+//! with features and removes embeddings of tiles that have none left. A tile
+//! whose graph is empty gets no embedding (its old one is deleted).
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -102,6 +101,25 @@ pub fn embed_tiles(
     Ok(())
 }
 
+/// Dirty marks with their tiles.
+pub type Marks = Vec<(TileId, DirtyMark)>;
+
+/// The fine tiles to embed, oldest mark first. Marks of coarse (context)
+/// tiles are first expanded into marks of their fine children
+/// (`Store::expand_coarse_marks`): a fine tile's embedding depends on its
+/// context. Returns the tiles and the fine marks read.
+pub fn tiles_to_embed(store: &Store) -> Result<(Vec<TileId>, Marks)> {
+    store.expand_coarse_marks()?;
+    let fine = store.tile_config().fine_zoom;
+    let mut marks: Vec<(TileId, DirtyMark)> = store
+        .dirty_marks()?
+        .into_iter()
+        .filter(|(t, _)| t.z == fine)
+        .collect();
+    marks.sort_by_key(|(t, m)| (m.since_sequence, *t));
+    Ok((marks.iter().map(|(t, _)| *t).collect(), marks))
+}
+
 /// `1 − cos(a, b)`, in [0, 2]; 0 for identical directions.
 pub fn cosine_distance(a: &[f32], b: &[f32]) -> f32 {
     let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
@@ -121,8 +139,8 @@ pub fn embed(a: &EmbedArgs) -> Result<EmbedReport> {
     store.ensure_consistent()?;
     let model = Model::load(&a.checkpoint, &a.device)?;
     let fine = store.tile_config().fine_zoom;
-    let marks = store.dirty_marks()?;
     let (tiles, seen): (Vec<TileId>, Vec<(TileId, DirtyMark)>) = if a.all {
+        let marks = store.dirty_marks()?;
         let mut set: BTreeSet<TileId> =
             store.tiles()?.into_keys().filter(|t| t.z == fine).collect();
         // Tiles that lost their last feature: their embedding goes.
@@ -130,15 +148,7 @@ pub fn embed(a: &EmbedArgs) -> Result<EmbedReport> {
         set.extend(marks.iter().filter(|(t, _)| t.z == fine).map(|(t, _)| *t));
         (set.into_iter().collect(), marks)
     } else {
-        let mut m = marks;
-        m.sort_by_key(|(t, mk)| (mk.since_sequence, *t));
-        (
-            m.iter()
-                .filter(|(t, _)| t.z == fine)
-                .map(|(t, _)| *t)
-                .collect(),
-            m,
-        )
+        tiles_to_embed(&store)?
     };
     let mut report = EmbedReport {
         model_version: model.meta.model_version.clone(),
@@ -152,17 +162,17 @@ pub fn embed(a: &EmbedArgs) -> Result<EmbedReport> {
     let bar = bar(tiles.len() as u64);
     let t0 = Instant::now();
     let bs = a.batch_size.max(1);
-    // Marks are cleared with the batch that handled their tile; coarse marks
-    // (no work) with the first batch.
-    let mut coarse: Vec<(TileId, DirtyMark)> =
+    // Fine marks are cleared with the batch that handled their tile; coarse
+    // marks once every child tile is done (a crash before that leaves them,
+    // and the children are embedded again).
+    let coarse: Vec<(TileId, DirtyMark)> =
         seen.iter().filter(|(t, _)| t.z != fine).copied().collect();
     let by_tile: std::collections::HashMap<TileId, DirtyMark> = seen.iter().copied().collect();
     for chunk in tiles.chunks(bs) {
-        let mut marks: Vec<(TileId, DirtyMark)> = chunk
+        let marks: Vec<(TileId, DirtyMark)> = chunk
             .iter()
             .filter_map(|t| by_tile.get(t).map(|m| (*t, *m)))
             .collect();
-        marks.append(&mut coarse);
         embed_tiles(&store, &model, &mut inputs, chunk, &marks, &mut report)?;
         bar.inc(chunk.len() as u64);
     }

@@ -1,0 +1,4 @@
+//! Publishing to Kafka: message schemas and the outbox publisher.
+
+pub mod kafka;
+pub mod messages;
