@@ -2,6 +2,7 @@
 //! over these modules, and the end-to-end tests drive the binary.
 
 pub mod cli;
+pub mod config;
 pub mod embedding;
 pub mod follow;
 pub mod publish;

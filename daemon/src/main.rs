@@ -171,50 +171,58 @@ enum Command {
     /// The daemon: follow the replication source, embed dirty tiles, publish
     /// changes and embeddings to Kafka through the store's outbox.
     Run {
+        /// TOML configuration (ops/osmvec.toml documents every key); flags
+        /// and OSMVEC_* variables override it.
+        #[arg(long, env = "OSMVEC_CONFIG")]
+        config: Option<PathBuf>,
         #[arg(long, env = "OSMVEC_STORE")]
-        store: PathBuf,
+        store: Option<PathBuf>,
         /// Base URL (https://…/replication/minute) or local directory.
         #[arg(long, env = "OSMVEC_SOURCE")]
-        source: String,
+        source: Option<String>,
         #[arg(long, env = "OSMVEC_CHECKPOINT")]
-        checkpoint: PathBuf,
-        /// Kafka bootstrap servers.
-        #[arg(long, env = "OSMVEC_BROKERS", default_value = "127.0.0.1:9092")]
-        brokers: String,
-        #[arg(
-            long,
-            env = "OSMVEC_TOPIC_EMBEDDINGS",
-            default_value = "osmvec.tile-embeddings"
-        )]
-        topic_embeddings: String,
-        #[arg(long, env = "OSMVEC_TOPIC_CHANGES", default_value = "osmvec.changes")]
-        topic_changes: String,
-        #[arg(long, env = "OSMVEC_TOPIC_MODELS", default_value = "osmvec.models")]
-        topic_models: String,
-        /// Partitions of the topics the daemon creates.
-        #[arg(long, default_value_t = 4)]
-        partitions: i32,
-        #[arg(long, default_value_t = 1)]
-        replication_factor: i32,
+        checkpoint: Option<PathBuf>,
+        /// Kafka bootstrap servers [default: 127.0.0.1:9092].
+        #[arg(long, env = "OSMVEC_BROKERS")]
+        brokers: Option<String>,
+        /// [default: osmvec.tile-embeddings]
+        #[arg(long, env = "OSMVEC_TOPIC_EMBEDDINGS")]
+        topic_embeddings: Option<String>,
+        /// [default: osmvec.changes]
+        #[arg(long, env = "OSMVEC_TOPIC_CHANGES")]
+        topic_changes: Option<String>,
+        /// [default: osmvec.models]
+        #[arg(long, env = "OSMVEC_TOPIC_MODELS")]
+        topic_models: Option<String>,
+        /// Partitions of the topics the daemon creates [default: 4].
+        #[arg(long)]
+        partitions: Option<i32>,
+        /// [default: 1]
+        #[arg(long)]
+        replication_factor: Option<i32>,
         /// Exit 0 once everything published is applied, embedded and delivered.
         #[arg(long)]
         until_caught_up: bool,
-        /// Seconds between polls of the source once caught up.
-        #[arg(long, default_value_t = 30.0)]
-        poll_interval: f64,
-        /// Tiles per encoder batch.
-        #[arg(long, default_value_t = 128)]
-        embed_batch: usize,
+        /// Seconds between polls of the source once caught up [default: 30].
+        #[arg(long)]
+        poll_interval: Option<f64>,
+        /// Tiles per encoder batch [default: 128].
+        #[arg(long)]
+        embed_batch: Option<usize>,
         /// Most dirty tiles embedded between two diffs (bounds the latency a
-        /// backlog adds to a fresh diff).
-        #[arg(long, default_value_t = 512)]
-        max_tiles_per_cycle: usize,
+        /// backlog adds to a fresh diff) [default: 512].
+        #[arg(long)]
+        max_tiles_per_cycle: Option<usize>,
         /// Seconds librdkafka retries a message before it counts as failed
-        /// (it is then sent again from the outbox).
-        #[arg(long, default_value_t = 30)]
-        message_timeout: u64,
-        #[command(flatten)]
-        model: ModelArgs,
+        /// (it is then sent again from the outbox) [default: 30].
+        #[arg(long)]
+        message_timeout: Option<u64>,
+        /// cpu, cuda or cuda:N [default: cpu].
+        #[arg(long, env = "OSMVEC_DEVICE")]
+        device: Option<String>,
+        /// Directory of all-MiniLM-L6-v2.
+        #[arg(long)]
+        text_model_dir: Option<PathBuf>,
         /// One JSON line per cycle on stdout.
         #[arg(long)]
         json: bool,
@@ -405,6 +413,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print_report(&report, json)
         }
         Command::Run {
+            config,
             store,
             source,
             checkpoint,
@@ -419,34 +428,53 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             embed_batch,
             max_tiles_per_cycle,
             message_timeout,
-            model,
+            device,
+            text_model_dir,
             json,
         } => {
-            let (device, model_dir) = model.resolve()?;
+            let file = match &config {
+                Some(p) => osmvec::config::FileConfig::load(p)?,
+                None => Default::default(),
+            };
+            let s = osmvec::config::merge(
+                osmvec::config::RunOverrides {
+                    store,
+                    source,
+                    checkpoint,
+                    device,
+                    text_model_dir,
+                    brokers,
+                    topic_embeddings,
+                    topic_changes,
+                    topic_models,
+                    partitions,
+                    replication_factor,
+                    poll_interval,
+                    embed_batch,
+                    max_tiles_per_cycle,
+                    message_timeout,
+                },
+                file,
+            )?;
+            let (device, model_dir) = ModelArgs {
+                device: s.device.clone(),
+                text_model_dir: s.text_model_dir.clone(),
+            }
+            .resolve()?;
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
                 signal_hook::flag::register(sig, stop.clone())?;
             }
             osmvec::run::run(
                 &osmvec::run::RunOptions {
-                    store,
-                    source,
-                    checkpoint,
-                    kafka: osmvec::publish::kafka::KafkaConfig {
-                        brokers,
-                        topics: osmvec::publish::kafka::Topics {
-                            embeddings: topic_embeddings,
-                            changes: topic_changes,
-                            models: topic_models,
-                        },
-                        partitions,
-                        replication_factor,
-                        message_timeout_ms: message_timeout * 1000,
-                    },
+                    store: s.store,
+                    source: s.source,
+                    checkpoint: s.checkpoint,
+                    kafka: s.kafka,
                     until_caught_up,
-                    poll_interval: std::time::Duration::from_secs_f64(poll_interval),
-                    embed_batch,
-                    max_tiles_per_cycle,
+                    poll_interval: std::time::Duration::from_secs_f64(s.poll_interval_seconds),
+                    embed_batch: s.embed_batch,
+                    max_tiles_per_cycle: s.max_tiles_per_cycle,
                     max_outbox_per_drain: 10_000,
                     shutdown_flush: std::time::Duration::from_secs(10),
                     backoff: osmvec::replication::Backoff {
