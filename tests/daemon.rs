@@ -117,7 +117,9 @@ fn replay_and_check(kill_after: Option<usize>) {
     // the diffs changed.
     let twin = dir.path().join("twin");
     osmvec_ok(&["import", "--store", path_str(&twin), path_str(&base)]);
-    let server = HttpSource::start(&data("replication/andorra/day"), &[]);
+    let feed = dir.path().join("feed");
+    copy_dir(&data("replication/andorra/day"), &feed);
+    let server = HttpSource::start(&feed, &[]);
     let lines = osmvec_ok(&[
         "replicate",
         "--store",
@@ -273,12 +275,81 @@ fn replay_and_check(kill_after: Option<usize>) {
     assert_eq!(first["schema_version"], 1);
     assert!(["created", "modified", "deleted"].contains(&first["action"].as_str().unwrap()));
 
+    if kill_after.is_none() {
+        tombstone_for_a_tile_that_loses_its_last_feature(
+            &store,
+            &feed,
+            &server.url,
+            &ckpt,
+            &broker.addr,
+        );
+    }
+
     // Models: the loaded event.
     let models = consume(&broker.addr, "osmvec.models", Duration::from_secs(2));
-    assert_eq!(
-        models.len(),
-        1 + kill_after.is_some() as usize,
-        "one event per start"
-    );
+    // Two starts either way: killed + restarted, or the replay + the run
+    // that applies the constructed diff 36.
+    assert_eq!(models.len(), 2, "one event per start");
     assert!(models.iter().all(|(k, _)| k == "1.0"));
+}
+
+/// Appends diff 36 to the feed: it deletes the only feature of a tile (a
+/// tagged node that no way or relation uses, taken from the real store), the
+/// daemon applies it, and the tile's last record is a tombstone.
+fn tombstone_for_a_tile_that_loses_its_last_feature(
+    store: &Path,
+    feed: &Path,
+    url: &str,
+    ckpt: &Path,
+    broker: &str,
+) {
+    use osmvec_graphstore::element::ElementType;
+    let st = Store::open(store).unwrap();
+    let (tile, node) = st
+        .tiles()
+        .unwrap()
+        .into_iter()
+        .filter(|(t, n)| t.z == 15 && *n == 1)
+        .find_map(|(t, _)| {
+            let f = st.features_in_tile(t).unwrap();
+            let (ElementType::Node, id) = f[0] else {
+                return None;
+            };
+            let free = st.ways_of_node(id).unwrap().is_empty()
+                && st.relations_of(ElementType::Node, id).unwrap().is_empty();
+            free.then(|| (t, st.get_node(id).unwrap().unwrap()))
+        })
+        .expect("a tile whose only feature is a free-standing node");
+    drop(st);
+    let osc = format!(
+        "<?xml version='1.0' encoding='UTF-8'?>\n<osmChange version=\"0.6\" generator=\"osmvec-test\">\n<delete>\n  <node id=\"{}\" version=\"{}\" timestamp=\"2017-02-19T00:01:00Z\" uid=\"1\" user=\"test\" changeset=\"1\" lat=\"{}\" lon=\"{}\"/>\n</delete>\n</osmChange>\n",
+        node.id,
+        node.meta.version + 1,
+        node.lat_deg(),
+        node.lon_deg()
+    );
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, osc.as_bytes()).unwrap();
+    let d = feed.join("000/000");
+    std::fs::write(d.join("036.osc.gz"), gz.finish().unwrap()).unwrap();
+    let state = "sequenceNumber=36\ntimestamp=2017-02-19T00\\:01\\:00Z\n";
+    std::fs::write(d.join("036.state.txt"), state).unwrap();
+    std::fs::write(feed.join("state.txt"), state).unwrap();
+    let out = osmvec(&run_args(store, url, ckpt, broker));
+    assert!(
+        out.status.success(),
+        "osmvec run (diff 36) failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stats(store)["sequence"], 36);
+    let records = consume(broker, "osmvec.tile-embeddings", Duration::from_secs(4));
+    let last = records
+        .iter()
+        .rev()
+        .find(|(k, _)| *k == tile.to_string())
+        .unwrap_or_else(|| panic!("no record for tile {tile}"));
+    assert!(
+        last.1.is_none(),
+        "tile {tile} lost its last feature but got no tombstone"
+    );
 }
