@@ -13,7 +13,7 @@
 //! stopped.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -309,9 +309,4 @@ fn progress(total: u64, start: u64) -> indicatif::ProgressBar {
 /// cache of `ops/fetch-model.sh`).
 pub fn default_model_dir() -> PathBuf {
     osmvec_model::text::TagEncoder::default_dir()
-}
-
-/// Whether `p` looks like a checkpoint directory (for error messages).
-pub fn is_checkpoint(p: &Path) -> bool {
-    Model::exists(p)
 }
