@@ -275,6 +275,16 @@ impl ModelArgs {
     }
 }
 
+/// A flag that SIGTERM and SIGINT set: long commands finish the step in
+/// progress, save or flush, and exit 0.
+fn stop_on_signals() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).context("cannot install signal handlers")?;
+    }
+    Ok(stop)
+}
+
 fn print_report<T: serde::Serialize>(report: &T, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string(report)?);
@@ -369,10 +379,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         } => {
             let (device, model_dir) = model.resolve()?;
-            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-                signal_hook::flag::register(sig, stop.clone())?;
-            }
+            let stop = stop_on_signals()?;
             let report = osmvec::embedding::train::train(
                 &osmvec::embedding::train::TrainArgs {
                     store,
@@ -461,10 +468,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 text_model_dir: s.text_model_dir.clone(),
             }
             .resolve()?;
-            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-                signal_hook::flag::register(sig, stop.clone())?;
-            }
+            let stop = stop_on_signals()?;
             osmvec::run::run(
                 &osmvec::run::RunOptions {
                     store: s.store,

@@ -47,6 +47,13 @@ impl ElementType {
 /// Ordered `key=value` pairs, in the order the source file gave them.
 pub type Tags = Vec<(String, String)>;
 
+/// Tags from string pairs (tests and examples).
+pub fn tags_of(kv: &[(&str, &str)]) -> Tags {
+    kv.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 /// Metadata common to every object. Only the version matters for
 /// correctness (it decides which copy of an object wins); the timestamp is
 /// kept for change events and is 0 when the source has none.

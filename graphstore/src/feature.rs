@@ -564,11 +564,7 @@ mod tests {
     use crate::element::ElementType;
     use crate::element::{Member, Meta};
 
-    fn tags(kv: &[(&str, &str)]) -> Tags {
-        kv.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::element::tags_of as tags;
 
     #[test]
     fn area_rules() {

@@ -216,11 +216,7 @@ pub fn tile_land_use(
 mod tests {
     use super::*;
 
-    fn tags(kv: &[(&str, &str)]) -> Tags {
-        kv.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::element::tags_of as tags;
 
     #[test]
     fn classes_from_tags() {

@@ -159,7 +159,10 @@ pub fn embed(a: &EmbedArgs) -> Result<EmbedReport> {
         TagVectors::new(a.model_dir.clone(), a.device.clone()),
         false,
     );
-    let bar = bar(tiles.len() as u64);
+    let bar = super::progress_bar(
+        tiles.len() as u64,
+        "embedding {bar:30} {pos}/{len} tiles {per_sec} eta {eta}",
+    );
     let t0 = Instant::now();
     let bs = a.batch_size.max(1);
     // Fine marks are cleared with the batch that handled their tile; coarse
@@ -184,20 +187,4 @@ pub fn embed(a: &EmbedArgs) -> Result<EmbedReport> {
     report.tiles_per_second = report.tiles as f64 / report.seconds.max(1e-9);
     report.tag_texts_encoded = inputs.vectors.encoded;
     Ok(report)
-}
-
-fn bar(n: u64) -> indicatif::ProgressBar {
-    use std::io::IsTerminal;
-    let b = if std::io::stderr().is_terminal() && n > 0 {
-        indicatif::ProgressBar::new(n)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    b.set_style(
-        indicatif::ProgressStyle::with_template(
-            "embedding {bar:30} {pos}/{len} tiles {per_sec} eta {eta}",
-        )
-        .expect("valid template"),
-    );
-    b
 }

@@ -212,14 +212,10 @@ impl TagVectors {
         }
         let enc = self.encoder.as_ref().expect("just loaded");
         let bar = (to_encode.len() >= 512).then(|| {
-            let b = indicatif::ProgressBar::new(to_encode.len() as u64);
-            b.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "encoding tag texts {bar:30} {pos}/{len} {per_sec} eta {eta}",
-                )
-                .expect("valid template"),
-            );
-            b
+            super::progress_bar(
+                to_encode.len() as u64,
+                "encoding tag texts {bar:30} {pos}/{len} {per_sec} eta {eta}",
+            )
         });
         tracing::info!(
             texts = to_encode.len(),
@@ -273,11 +269,7 @@ impl TagVectors {
 mod tests {
     use super::*;
 
-    fn tags(kv: &[(&str, &str)]) -> Tags {
-        kv.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use osmvec_graphstore::element::tags_of as tags;
 
     #[test]
     fn policy_drops_and_shortens() {

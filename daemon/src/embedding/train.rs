@@ -197,7 +197,11 @@ pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>) -> Result<TrainReport> {
     model.meta.training.optimizer = Some(opt_cfg);
 
     let start_step = model.meta.training.steps;
-    let bar = progress(a.steps, start_step);
+    let bar = super::progress_bar(
+        a.steps,
+        "training {bar:30} {pos}/{len} steps {per_sec} eta {eta} {msg}",
+    );
+    bar.set_position(start_step);
     let t0 = Instant::now();
     let mut first_loss = None;
     let mut last_loss = None;
@@ -286,23 +290,6 @@ pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>) -> Result<TrainReport> {
         tag_texts_encoded: inputs.vectors.encoded,
         interrupted,
     })
-}
-
-fn progress(total: u64, start: u64) -> indicatif::ProgressBar {
-    use std::io::IsTerminal;
-    let bar = if std::io::stderr().is_terminal() {
-        indicatif::ProgressBar::new(total)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "training {bar:30} {pos}/{len} steps {per_sec} eta {eta} {msg}",
-        )
-        .expect("valid template"),
-    );
-    bar.set_position(start);
-    bar
 }
 
 /// The default directory of the text model (`$OSMVEC_MODEL_DIR`, else the
