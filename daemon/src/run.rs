@@ -69,6 +69,7 @@ pub struct CycleReport {
     pub published: usize,
     pub publish_failed: usize,
     pub outbox: u64,
+    /// Drift of the tiles re-embedded in this cycle (same model version).
     pub drift_mean: Option<f64>,
     pub drift_max: Option<f64>,
     /// From the start of the cycle to the end of its drain.
@@ -167,16 +168,9 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         let dr = publisher.drain(&store, o.max_outbox_per_drain, wait)?;
         cycle.published = dr.delivered;
         cycle.publish_failed = dr.failed;
-        let drifts: Vec<f64> = dr
-            .tiles
-            .iter()
-            .filter_map(|t| TileId::parse(t))
-            .filter_map(|t| store.tile_embedding(t).ok().flatten())
-            .filter_map(|e| e.drift.map(f64::from))
-            .collect();
-        if !drifts.is_empty() {
-            cycle.drift_mean = Some(drifts.iter().sum::<f64>() / drifts.len() as f64);
-            cycle.drift_max = drifts.iter().copied().reduce(f64::max);
+        if er.drifted > 0 {
+            cycle.drift_mean = Some(er.drift_sum / er.drifted as f64);
+            cycle.drift_max = er.drift_max;
         }
         cycle.seconds = t0.elapsed().as_secs_f64();
         let busy = cycle.diffs_applied > 0 || er.tiles > 0 || dr.sent > 0 || dr.delivered > 0;
@@ -217,7 +211,7 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
             && er.tiles == 0
             && dr.sent == 0
             && publisher.in_flight() == 0
-            && store.outbox_len()? == 0;
+            && store.outbox_is_empty()?;
         if caught_up && nothing_left && o.until_caught_up {
             tracing::info!("caught up: nothing left to apply, embed or publish");
             break;

@@ -68,6 +68,17 @@ pub enum FeatureAction {
     Deleted,
 }
 
+impl FeatureAction {
+    /// The lower-case name, as serialised.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FeatureAction::Created => "created",
+            FeatureAction::Modified => "modified",
+            FeatureAction::Deleted => "deleted",
+        }
+    }
+}
+
 /// One changed map feature (an object that is or was a feature).
 #[derive(Debug, Clone, Serialize)]
 pub struct FeatureEvent {

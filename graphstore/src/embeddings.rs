@@ -127,21 +127,7 @@ fn tag_vector_key(text_model: &str, text: &str) -> Vec<u8> {
 impl Store {
     /// Reserves the next dirty-mark generation in `b` (written with it).
     pub(crate) fn next_dirty_generation(&self, b: &mut WriteBatch) -> Result<u64> {
-        let cur = match self.get_meta(meta::DIRTY_GENERATION)? {
-            Some(v) => u64::from_le_bytes(
-                v.as_slice()
-                    .try_into()
-                    .map_err(|_| StoreError::corrupt("dirty generation"))?,
-            ),
-            None => 0,
-        };
-        let next = cur + 1;
-        b.put_cf(
-            self.cf(cf::META),
-            meta::DIRTY_GENERATION,
-            next.to_le_bytes(),
-        );
-        Ok(next)
+        self.reserve_counter(b, meta::DIRTY_GENERATION, 1)
     }
 
     /// Every dirty mark, in tile key order.

@@ -54,10 +54,7 @@ impl ChangeRecord {
             osm_type: e.osm_type.to_string(),
             id: e.id,
             version: e.version,
-            action: serde_json::to_value(e.action)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default(),
+            action: e.action.as_str().to_string(),
             tiles: e.tiles.clone(),
             tags_before: e.tags_before.clone(),
             tags_after: e.tags_after.clone(),
@@ -114,20 +111,7 @@ impl Store {
 
     /// Reserves `n` entry ids in `b`; returns the first.
     fn reserve_outbox_ids(&self, b: &mut WriteBatch, n: u64) -> Result<u64> {
-        let next = match self.get_meta(meta::OUTBOX_NEXT_ID)? {
-            Some(v) => u64::from_le_bytes(
-                v.as_slice()
-                    .try_into()
-                    .map_err(|_| StoreError::corrupt("outbox id counter"))?,
-            ),
-            None => 1,
-        };
-        b.put_cf(
-            self.cf(cf::META),
-            meta::OUTBOX_NEXT_ID,
-            (next + n).to_le_bytes(),
-        );
-        Ok(next)
+        self.reserve_counter(b, meta::OUTBOX_LAST_ID, n)
     }
 
     /// Adds change records of one diff to `b` (called by diff application
@@ -225,6 +209,15 @@ impl Store {
         }
         self.write(b, false)?;
         Ok(n)
+    }
+
+    /// Whether nothing waits (one seek, unlike [`Store::outbox_len`]).
+    pub fn outbox_is_empty(&self) -> Result<bool> {
+        let mut it = self.db().raw_iterator_cf(self.cf(cf::OUTBOX));
+        it.seek_to_first();
+        let empty = !it.valid();
+        it.status().map_err(|e| self.db_err(e))?;
+        Ok(empty)
     }
 
     /// Entries waiting (a scan; the outbox is bounded by tiles + unsent

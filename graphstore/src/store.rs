@@ -72,8 +72,8 @@ pub mod meta {
     pub const DIRTY_GENERATION: &[u8] = b"dirty_generation";
     /// `1` while a publisher drains the outbox.
     pub const OUTBOX_ENABLED: &[u8] = b"outbox_enabled";
-    /// u64 LE: next outbox entry id.
-    pub const OUTBOX_NEXT_ID: &[u8] = b"outbox_next_id";
+    /// u64 LE: the last outbox entry id issued.
+    pub const OUTBOX_LAST_ID: &[u8] = b"outbox_last_id";
 }
 
 /// Object and feature counts, kept exact in every write batch so that
@@ -268,6 +268,21 @@ impl Store {
             .map_err(|e| self.db_err(e))
     }
 
+    /// Reserves `n` values of the u64 counter at `key` in `meta` (its stored
+    /// value is the last one issued, 0 when absent) by writing the new last
+    /// value into `b`; returns the first reserved value. Callers are the one
+    /// writer thread, so read-then-write needs no lock.
+    pub(crate) fn reserve_counter(&self, b: &mut WriteBatch, key: &[u8], n: u64) -> Result<u64> {
+        let last = match self.get_meta(key)? {
+            Some(v) => u64::from_le_bytes(v.as_slice().try_into().map_err(|_| {
+                StoreError::Corrupt(format!("meta counter {}", String::from_utf8_lossy(key)))
+            })?),
+            None => 0,
+        };
+        b.put_cf(self.cf(cf::META), key, (last + n).to_le_bytes());
+        Ok(last + 1)
+    }
+
     pub fn get_meta(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         self.get_cf(cf::META, key)
     }
@@ -419,17 +434,11 @@ impl Store {
 
     /// Dirty tiles with the sequence at which each became dirty, in key order.
     pub fn dirty_tiles(&self) -> Result<Vec<(TileId, u64)>> {
-        let mut out = Vec::new();
-        for kv in self
-            .db
-            .iterator_cf(self.cf(cf::DIRTY_TILES), IteratorMode::Start)
-        {
-            let (k, v) = kv.map_err(|e| self.db_err(e))?;
-            let t = TileId::from_key(&k).ok_or_else(|| StoreError::corrupt("dirty tile key"))?;
-            let seq = codec::Reader::new(&v).uvarint()?;
-            out.push((t, seq));
-        }
-        Ok(out)
+        Ok(self
+            .dirty_marks()?
+            .into_iter()
+            .map(|(t, m)| (t, m.since_sequence))
+            .collect())
     }
 
     /// Tiles holding features, with their feature count.

@@ -47,6 +47,10 @@ pub struct EmbedReport {
     /// Seconds in the graph encoder.
     pub encode_seconds: f64,
     pub tag_texts_encoded: u64,
+    /// Re-embedded tiles that have a drift (same model version as before).
+    pub drifted: usize,
+    pub drift_sum: f64,
+    pub drift_max: Option<f64>,
 }
 
 /// Embeds `tiles` (fine tiles) with `model` and writes the results; clears
@@ -80,6 +84,11 @@ pub fn embed_tiles(
                     }
                     _ => None,
                 };
+                if let Some(d) = drift {
+                    report.drifted += 1;
+                    report.drift_sum += d as f64;
+                    report.drift_max = Some(report.drift_max.map_or(d as f64, |m| m.max(d as f64)));
+                }
                 updates.push((
                     *tile,
                     Some(TileEmbedding {

@@ -119,8 +119,6 @@ pub struct DrainReport {
     pub delivered: usize,
     pub failed: usize,
     pub in_flight: usize,
-    /// Tiles acknowledged in this drain (for the per-batch log line).
-    pub tiles: Vec<String>,
 }
 
 pub struct Publisher {
@@ -311,14 +309,7 @@ impl Publisher {
         for d in deliveries {
             self.in_flight.remove(&(d.key.clone(), d.id));
             match d.error {
-                None => {
-                    if d.key.first() == Some(&b't')
-                        && let Some(t) = osmvec_graphstore::tiles::TileId::from_key(&d.key[1..])
-                    {
-                        report.tiles.push(t.to_string());
-                    }
-                    acked.push((d.key, d.id));
-                }
+                None => acked.push((d.key, d.id)),
                 Some(e) => {
                     report.failed += 1;
                     self.stats.failed += 1;
