@@ -9,6 +9,15 @@ start=$(date +%s)
 bash ops/install.sh --deps-only
 # The Kafka-protocol broker the daemon tests start (cargo install, once).
 bash ops/broker.sh install
+# Prometheus (scrapes the daemon in tests/observability.rs; promtool checks
+# ops/prometheus) and Chromium (loads the drift page headless).
+bash ops/check-observability.sh --install
+if ! command -v chromium >/dev/null 2>&1; then
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  apt-cache show chromium >/dev/null 2>&1 || $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e

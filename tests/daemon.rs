@@ -1,25 +1,37 @@
 //! The daemon end to end: a real tansu broker, the bundled Andorra feed (35
 //! daily diffs) served over HTTP on loopback, the real text model, a trained
-//! checkpoint. `osmvec run --until-caught-up` must publish every tile's
-//! embedding (the import backlog and every tile a diff touched), one change
-//! record per changed feature, and a model event; the compacted view of the
-//! embeddings topic must equal `osmvec embed --all` on the final store.
+//! checkpoint. For every applied sequence, the tiles published with that
+//! sequence must be exactly the tiles whose content the diff changed —
+//! computed here independently, by fingerprinting every tile of a twin store
+//! before and after each diff; the compacted view of the embeddings topic
+//! must equal `osmvec embed --all` on the final store; every changed feature
+//! gets one change record. Then the same under SIGKILL (CBOR encoding) and
+//! with the broker stopped for part of the replay.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{Hash, Hasher};
+use std::io::BufRead;
 use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use osmvec_graphstore::Store;
+use osmvec_graphstore::element::ElementType;
+use osmvec_graphstore::tiles::TileId;
 use osmvec_tests::*;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
-/// Every record of `topic` from the beginning, as (key, value); stops after
-/// `idle` without a new record (tansu's high watermark is unreliable on
-/// memory storage, so the end is found by quiet).
-fn consume(brokers: &str, topic: &str, idle: Duration) -> Vec<(String, Option<Vec<u8>>)> {
+/// One record: key, value decoded to JSON (the vector as an array, whatever
+/// the encoding), or None for a tombstone.
+type Record = (String, Option<serde_json::Value>);
+
+/// Every record of `topic` from the beginning; stops after `idle` without a
+/// new record (tansu's high watermark is unreliable on memory storage, so the
+/// end is found by quiet). Values are decoded by their content-type header.
+fn consume(brokers: &str, topic: &str, idle: Duration) -> Vec<Record> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("osmvec-test-{topic}"))
@@ -44,14 +56,57 @@ fn consume(brokers: &str, topic: &str, idle: Duration) -> Vec<(String, Option<Ve
     while quiet.elapsed() < idle {
         if let Some(m) = consumer.poll(Duration::from_millis(200)) {
             let m = m.expect("message");
+            let content_type = m
+                .headers()
+                .and_then(|h| h.iter().find(|h| h.key == "content-type"))
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).to_string());
+            let value = m.payload().map(|p| decode(p, content_type.as_deref()));
             out.push((
                 String::from_utf8_lossy(m.key().unwrap_or_default()).to_string(),
-                m.payload().map(|p| p.to_vec()),
+                value,
             ));
             quiet = Instant::now();
         }
     }
     out
+}
+
+/// JSON as is; CBOR into the same JSON shape (a byte-string vector is
+/// unpacked from little-endian f32).
+fn decode(payload: &[u8], content_type: Option<&str>) -> serde_json::Value {
+    match content_type {
+        Some("application/cbor") => {
+            let v: ciborium::Value = ciborium::from_reader(payload).expect("valid CBOR");
+            cbor_to_json(v)
+        }
+        Some("application/json") => serde_json::from_slice(payload).expect("valid JSON"),
+        other => panic!("record without a known content-type header: {other:?}"),
+    }
+}
+
+fn cbor_to_json(v: ciborium::Value) -> serde_json::Value {
+    use ciborium::Value as C;
+    use serde_json::Value as J;
+    match v {
+        C::Null => J::Null,
+        C::Bool(b) => J::Bool(b),
+        C::Integer(i) => J::from(i128::from(i) as i64),
+        C::Float(f) => serde_json::Number::from_f64(f).map_or(J::Null, J::Number),
+        C::Text(t) => J::String(t),
+        C::Bytes(b) => J::Array(
+            b.chunks_exact(4)
+                .map(|c| J::from(f32::from_le_bytes(c.try_into().unwrap()) as f64))
+                .collect(),
+        ),
+        C::Array(a) => J::Array(a.into_iter().map(cbor_to_json).collect()),
+        C::Map(m) => J::Object(
+            m.into_iter()
+                .map(|(k, v)| (k.into_text().expect("text keys"), cbor_to_json(v)))
+                .collect(),
+        ),
+        other => panic!("unexpected CBOR value {other:?}"),
+    }
 }
 
 fn vectors_of_store(store: &Path) -> BTreeMap<String, Vec<f32>> {
@@ -64,39 +119,88 @@ fn vectors_of_store(store: &Path) -> BTreeMap<String, Vec<f32>> {
         .collect()
 }
 
-#[test]
-fn daemon_publishes_every_change_and_embedding_of_the_andorra_feed() {
-    replay_and_check(None);
+fn vector_of(v: &serde_json::Value) -> Vec<f32> {
+    v["vector"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
-/// SIGKILL the daemon after a few cycles (mid-backlog, records in flight),
-/// restart it: the final view is the same, nothing is lost, and the only
-/// repeats are records that were in flight.
-#[test]
-fn daemon_killed_mid_run_resumes_without_loss() {
-    replay_and_check(Some(4));
+/// A content fingerprint of every tile (both zooms) of a store: for each
+/// feature in the tile, its element's id, version and tags and the derived
+/// feature (geometry summary and tiles). A tile's embedding input depends on
+/// exactly these, so a diff must re-embed a fine tile when its own
+/// fingerprint or its coarse parent's changed.
+fn tile_fingerprints(store: &Path) -> BTreeMap<TileId, u64> {
+    let st = Store::open(store).unwrap();
+    let mut out = BTreeMap::new();
+    for (tile, _) in st.tiles().unwrap() {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for (t, id) in st.features_in_tile(tile).unwrap() {
+            let (version, tags) = match t {
+                ElementType::Node => st.get_node(id).unwrap().map(|e| (e.meta.version, e.tags)),
+                ElementType::Way => st.get_way(id).unwrap().map(|e| (e.meta.version, e.tags)),
+                ElementType::Relation => st
+                    .get_relation(id)
+                    .unwrap()
+                    .map(|e| (e.meta.version, e.tags)),
+            }
+            .unwrap_or_else(|| panic!("feature {t:?} {id} without its element"));
+            (t as u8, id, version, format!("{tags:?}")).hash(&mut h);
+            format!("{:?}", st.get_feature(t, id).unwrap()).hash(&mut h);
+        }
+        out.insert(tile, h.finish());
+    }
+    out
 }
 
-fn run_args<'a>(store: &'a Path, url: &'a str, ckpt: &'a Path, broker: &'a str) -> Vec<&'a str> {
-    vec![
-        "run",
-        "--store",
-        path_str(store),
-        "--source",
-        url,
-        "--checkpoint",
-        path_str(ckpt),
-        "--brokers",
-        broker,
-        "--until-caught-up",
-        "--json",
-        "--max-tiles-per-cycle",
-        "256",
-    ]
+/// What diff k must publish, from the fingerprints before and after it:
+/// (fine tiles with features after k = an embedding with sequence k, fine
+/// tiles left without features = a tombstone).
+fn expected_tiles(
+    before: &BTreeMap<TileId, u64>,
+    after: &BTreeMap<TileId, u64>,
+    fine: u8,
+    coarse: u8,
+) -> (BTreeSet<String>, BTreeSet<String>) {
+    let changed: BTreeSet<TileId> = before
+        .keys()
+        .chain(after.keys())
+        .filter(|t| before.get(t) != after.get(t))
+        .copied()
+        .collect();
+    let mut live = BTreeSet::new();
+    let mut dead = BTreeSet::new();
+    for t in changed.iter().filter(|t| t.z == fine) {
+        if after.contains_key(t) {
+            live.insert(t.to_string());
+        } else {
+            dead.insert(t.to_string());
+        }
+    }
+    for t in after.keys().filter(|t| t.z == fine) {
+        if changed.contains(&t.parent_at(coarse)) {
+            live.insert(t.to_string());
+        }
+    }
+    (live, dead)
 }
 
-fn replay_and_check(kill_after: Option<usize>) {
-    let broker = Broker::start();
+struct Replay {
+    broker: Broker,
+    dir: tempfile::TempDir,
+    store: std::path::PathBuf,
+    ckpt: std::path::PathBuf,
+    feed: std::path::PathBuf,
+    /// Feature events of the whole feed, counted by a twin store.
+    feature_events: u64,
+}
+
+/// Imports the Andorra base, trains a 1-step model, counts what the feed
+/// changes on a twin store (calling `each_diff(k, twin)` after diff k).
+fn prepare(broker: Broker, mut each_diff: impl FnMut(u64, &Path)) -> Replay {
     let dir = tempdir();
     let store = dir.path().join("store");
     let ckpt = dir.path().join("ckpt");
@@ -113,95 +217,98 @@ fn replay_and_check(kill_after: Option<usize>) {
         "--batch-size",
         "16",
     ]);
-    // A twin store follows the same feed without the daemon, to count what
-    // the diffs changed.
-    let twin = dir.path().join("twin");
-    osmvec_ok(&["import", "--store", path_str(&twin), path_str(&base)]);
     let feed = dir.path().join("feed");
     copy_dir(&data("replication/andorra/day"), &feed);
-    let server = HttpSource::start(&feed, &[]);
-    let lines = osmvec_ok(&[
-        "replicate",
+    let twin = dir.path().join("twin");
+    osmvec_ok(&["import", "--store", path_str(&twin), path_str(&base)]);
+    each_diff(0, &twin);
+    let mut feature_events = 0;
+    for k in 1..=35 {
+        let line = osmvec_ok(&[
+            "replicate",
+            "--store",
+            path_str(&twin),
+            "--source",
+            path_str(&feed),
+            "--until-caught-up",
+            "--max-diffs",
+            "1",
+            "--json",
+        ]);
+        let report: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+        assert_eq!(report["sequence"], k, "twin store at the wrong diff");
+        feature_events += report["feature_events"].as_u64().unwrap();
+        each_diff(k, &twin);
+    }
+    assert!(feature_events > 0);
+    Replay {
+        broker,
+        dir,
+        store,
+        ckpt,
+        feed,
+        feature_events,
+    }
+}
+
+fn run_args<'a>(r: &'a Replay, url: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "run",
         "--store",
-        path_str(&twin),
+        path_str(&r.store),
         "--source",
-        &server.url,
+        url,
+        "--checkpoint",
+        path_str(&r.ckpt),
+        "--brokers",
+        &r.broker.addr,
         "--until-caught-up",
         "--json",
-    ]);
-    let feature_events: u64 = lines
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["feature_events"]
-                .as_u64()
-                .unwrap()
-        })
-        .sum();
-    assert!(feature_events > 0);
+        "--http-listen",
+        "off",
+    ];
+    v.extend_from_slice(extra);
+    v
+}
 
-    let t0 = Instant::now();
-    let args = run_args(&store, &server.url, &ckpt, &broker.addr);
-    if let Some(n) = kill_after {
-        use std::io::BufRead;
-        let mut child = std::process::Command::new(bin())
-            .args(&args)
-            .env("OSMVEC_LOG", "warn")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("osmvec run starts");
-        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        for _ in 0..n {
-            lines.next().expect("a cycle line").unwrap();
-        }
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        let seq = stats(&store)["sequence"].as_u64().unwrap_or(0);
-        assert!(
-            seq < 35,
-            "killed too late to test anything (sequence {seq})"
-        );
-        eprintln!("killed after {n} cycles at sequence {seq}");
-    }
-    let out = osmvec(&args);
+fn run_ok(args: &[&str]) -> Vec<serde_json::Value> {
+    let out = osmvec(args);
     assert!(
         out.status.success(),
         "osmvec run failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    eprintln!("daemon replay: {:.1} s", t0.elapsed().as_secs_f64());
-    let st = stats(&store);
-    assert_eq!(st["sequence"], 35);
-    let cycles: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+    String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(cycles.last().unwrap()["outbox"], 0, "outbox not drained");
-    let applied: u64 = cycles
-        .iter()
-        .map(|c| c["diffs_applied"].as_u64().unwrap())
-        .sum();
-    if kill_after.is_none() {
-        assert_eq!(applied, 35);
-    }
+        .collect()
+}
 
-    // Embeddings: the compacted view equals a fresh embed --all of the
-    // final store, tile for tile. Not bit for bit: a tile's vector depends in
-    // its last bits on which other tiles share its encoder batch (matrix
-    // products sum in a different order), so the check is |Δ| < 1e-5 per
-    // component — while a stale embedding (a missed dirty mark) differs by
-    // orders of magnitude more.
+fn spawn(args: &[&str]) -> Child {
+    Command::new(bin())
+        .args(args)
+        .env("OSMVEC_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("osmvec run starts")
+}
+
+/// The compacted view of the embeddings topic equals `embed --all` on a
+/// copy of the final store, tile for tile. Not bit for bit: a tile's vector
+/// depends in its last bits on which other tiles share its encoder batch
+/// (matrix products sum in a different order), so the check is |Δ| < 1e-5
+/// per component — a stale embedding (a missed dirty mark) differs by
+/// orders of magnitude more. Returns the records.
+fn check_compacted_view(r: &Replay) -> Vec<Record> {
     let records = consume(
-        &broker.addr,
+        &r.broker.addr,
         "osmvec.tile-embeddings",
         Duration::from_secs(4),
     );
     let mut view: BTreeMap<String, Option<serde_json::Value>> = BTreeMap::new();
     for (k, v) in &records {
-        view.insert(
-            k.clone(),
-            v.as_ref().map(|p| serde_json::from_slice(p).unwrap()),
-        );
+        view.insert(k.clone(), v.clone());
     }
     let published: BTreeMap<String, Vec<f32>> = view
         .iter()
@@ -209,23 +316,19 @@ fn replay_and_check(kill_after: Option<usize>) {
             let v = v.as_ref()?;
             assert_eq!(v["schema_version"], 1);
             assert_eq!(v["model_version"], "1.0");
-            let vec: Vec<f32> = v["vector"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect();
-            Some((k.clone(), vec))
+            assert_eq!(v["tile"], k.as_str());
+            Some((k.clone(), vector_of(v)))
         })
         .collect();
-    let fresh = dir.path().join("fresh");
-    copy_dir(&store, &fresh);
+    let fresh = r.dir.path().join("fresh");
+    let _ = std::fs::remove_dir_all(&fresh);
+    copy_dir(&r.store, &fresh);
     osmvec_ok(&[
         "embed",
         "--store",
         path_str(&fresh),
         "--checkpoint",
-        path_str(&ckpt),
+        path_str(&r.ckpt),
         "--all",
     ]);
     let expected = vectors_of_store(&fresh);
@@ -245,14 +348,17 @@ fn replay_and_check(kill_after: Option<usize>) {
             "tile {k}: published vector differs from embed --all by {worst}"
         );
     }
-    assert!(records.len() >= published.len());
+    records
+}
 
-    // Changes: one record per changed feature, in order per key.
-    let changes = consume(&broker.addr, "osmvec.changes", Duration::from_secs(3));
-    let distinct: std::collections::BTreeSet<(String, String)> = changes
+/// One change record per changed feature (repeats allowed only when
+/// `repeats_allowed`).
+fn check_changes(r: &Replay, repeats_allowed: bool) {
+    let changes = consume(&r.broker.addr, "osmvec.changes", Duration::from_secs(3));
+    let distinct: BTreeSet<(String, String)> = changes
         .iter()
         .map(|(k, v)| {
-            let v: serde_json::Value = serde_json::from_slice(v.as_ref().unwrap()).unwrap();
+            let v = v.as_ref().expect("change records have values");
             (
                 k.clone(),
                 format!("{}|{}|{}", v["sequence"], v["version"], v["action"]),
@@ -261,49 +367,222 @@ fn replay_and_check(kill_after: Option<usize>) {
         .collect();
     assert_eq!(
         distinct.len() as u64,
-        feature_events,
+        r.feature_events,
         "change records lost or invented"
     );
-    if kill_after.is_none() {
+    if !repeats_allowed {
         assert_eq!(
             changes.len() as u64,
-            feature_events,
+            r.feature_events,
             "repeats without a crash"
         );
     }
-    let first: serde_json::Value = serde_json::from_slice(changes[0].1.as_ref().unwrap()).unwrap();
+    let first = changes[0].1.as_ref().unwrap();
     assert_eq!(first["schema_version"], 1);
     assert!(["created", "modified", "deleted"].contains(&first["action"].as_str().unwrap()));
+}
 
-    if kill_after.is_none() {
-        tombstone_for_a_tile_that_loses_its_last_feature(
-            &store,
-            &feed,
-            &server.url,
-            &ckpt,
-            &broker.addr,
-        );
+#[test]
+fn each_diff_publishes_exactly_the_tiles_it_changed() {
+    let mut prints: Vec<BTreeMap<TileId, u64>> = Vec::new();
+    let r = prepare(Broker::start(), |_, twin| {
+        prints.push(tile_fingerprints(twin))
+    });
+    let tc = Store::open(&r.store).unwrap().tile_config();
+    // First the import backlog alone (the source shows sequence 0 only),
+    // then the 35 diffs, one cycle each (no debounce, no cycle limit).
+    let server = HttpSource::start(&r.feed, &["--hide-after", "0"]);
+    let first = run_ok(&run_args(&r, &server.url, &[]));
+    assert!(first.iter().all(|c| c["diffs_applied"] == 0));
+    let backlog = consume(
+        &r.broker.addr,
+        "osmvec.tile-embeddings",
+        Duration::from_secs(3),
+    );
+    assert_eq!(
+        backlog.len(),
+        Store::open(&r.store)
+            .unwrap()
+            .tile_embeddings()
+            .unwrap()
+            .len(),
+        "the import backlog: one record per tile"
+    );
+    ureq::post(format!("{}/_control/publish?seq=35", server.url))
+        .send_empty()
+        .unwrap();
+    let cycles = run_ok(&run_args(
+        &r,
+        &server.url,
+        &["--debounce", "0", "--max-tiles-per-cycle", "1000000"],
+    ));
+    let applied: u64 = cycles
+        .iter()
+        .map(|c| c["diffs_applied"].as_u64().unwrap())
+        .sum();
+    assert_eq!(applied, 35);
+    assert_eq!(cycles.last().unwrap()["outbox"], 0, "outbox not drained");
+
+    let records = check_compacted_view(&r);
+    let mut by_sequence: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
+    let mut tombstones = BTreeSet::new();
+    // The backlog's records have sequence 0 (records of the 4 partitions
+    // interleave, so position says nothing).
+    for (k, v) in &records {
+        match v {
+            Some(v) if v["sequence"] == 0 => {}
+            Some(v) => {
+                let seq = v["sequence"].as_u64().unwrap();
+                assert!(
+                    by_sequence.entry(seq).or_default().insert(k.clone()),
+                    "tile {k} published twice for sequence {seq}"
+                );
+            }
+            None => {
+                tombstones.insert(k.clone());
+            }
+        }
     }
+    let mut all_dead = BTreeSet::new();
+    let mut checked = 0;
+    for k in 1..=35u64 {
+        let (live, dead) = expected_tiles(
+            &prints[k as usize - 1],
+            &prints[k as usize],
+            tc.fine_zoom,
+            tc.coarse_zoom,
+        );
+        let got = by_sequence.remove(&k).unwrap_or_default();
+        assert_eq!(
+            got,
+            live,
+            "sequence {k}: published tiles (left) differ from the tiles the diff changed (right); only published: {:?}, only changed: {:?}",
+            got.difference(&live).collect::<Vec<_>>(),
+            live.difference(&got).collect::<Vec<_>>()
+        );
+        checked += live.len();
+        all_dead.extend(dead);
+    }
+    assert!(
+        by_sequence.is_empty(),
+        "records of unknown sequences: {by_sequence:?}"
+    );
+    assert_eq!(
+        tombstones, all_dead,
+        "tombstones differ from the tiles emptied"
+    );
+    eprintln!(
+        "{checked} tile updates over 35 diffs match, {} tombstones",
+        tombstones.len()
+    );
+    check_changes(&r, false);
 
-    // Models: the loaded event.
-    let models = consume(&broker.addr, "osmvec.models", Duration::from_secs(2));
-    // Two starts either way: killed + restarted, or the replay + the run
-    // that applies the constructed diff 36.
-    assert_eq!(models.len(), 2, "one event per start");
+    let url = server.url.clone();
+    tombstone_for_a_tile_that_loses_its_last_feature(&r, &url);
+
+    // Models: one loaded event per start (backlog run, replay, diff 36).
+    let models = consume(&r.broker.addr, "osmvec.models", Duration::from_secs(2));
+    assert_eq!(models.len(), 3, "one event per start");
     assert!(models.iter().all(|(k, _)| k == "1.0"));
+}
+
+/// SIGKILL the daemon after a few cycles (mid-backlog, records in flight),
+/// restart it: the final view is the same, nothing is lost, and the only
+/// repeats are records that were in flight. In CBOR, to cover that encoding
+/// end to end.
+#[test]
+fn daemon_killed_mid_run_resumes_without_loss() {
+    let r = prepare(Broker::start(), |_, _| {});
+    let server = HttpSource::start(&r.feed, &[]);
+    let args = run_args(
+        &r,
+        &server.url,
+        &["--max-tiles-per-cycle", "256", "--encoding", "cbor"],
+    );
+    let mut child = spawn(&args);
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    for _ in 0..4 {
+        lines.next().expect("a cycle line").unwrap();
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let seq = stats(&r.store)["sequence"].as_u64().unwrap_or(0);
+    assert!(
+        seq < 35,
+        "killed too late to test anything (sequence {seq})"
+    );
+    let cycles = run_ok(&args);
+    assert_eq!(stats(&r.store)["sequence"], 35);
+    assert_eq!(cycles.last().unwrap()["outbox"], 0, "outbox not drained");
+    check_compacted_view(&r);
+    check_changes(&r, true);
+    let models = consume(&r.broker.addr, "osmvec.models", Duration::from_secs(2));
+    assert_eq!(models.len(), 2, "one event per start");
+}
+
+/// The broker (SQLite storage, so its topics survive) is stopped after the
+/// first delivery and restarted once the daemon has applied the whole feed
+/// without it: the daemon keeps applying and embedding, says the broker is
+/// unreachable, and delivers everything when it returns.
+#[test]
+fn broker_outage_loses_nothing() {
+    let dir = tempdir();
+    let broker = Broker::start_sqlite(dir.path());
+    let mut r = prepare(broker, |_, _| {});
+    let server = HttpSource::start(&r.feed, &[]);
+    let args = run_args(
+        &r,
+        &server.url,
+        &["--max-tiles-per-cycle", "64", "--message-timeout", "5"],
+    );
+    let mut child = spawn(&args);
+    let stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::BufReader::new(stderr), &mut text).unwrap();
+        text
+    });
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = || -> serde_json::Value {
+        serde_json::from_str(&lines.next().expect("a cycle line").unwrap()).unwrap()
+    };
+    while next()["published"].as_u64().unwrap() == 0 {}
+    r.broker.stop();
+    let mut applied_while_down = 0;
+    let mut outbox_max = 0;
+    loop {
+        let c = next();
+        applied_while_down += c["diffs_applied"].as_u64().unwrap();
+        outbox_max = outbox_max.max(c["outbox"].as_u64().unwrap());
+        if c["sequence"] == 35 && c["dirty_left"] == 0 {
+            break;
+        }
+    }
+    assert!(
+        applied_while_down > 0,
+        "no diff applied while the broker was down"
+    );
+    r.broker.restart();
+    let status = child.wait().unwrap();
+    let log = log.join().unwrap();
+    assert!(status.success(), "osmvec run failed:\n{log}");
+    assert!(
+        log.contains("broker unreachable"),
+        "no log line about the outage:\n{log}"
+    );
+    eprintln!(
+        "{applied_while_down} diffs applied while the broker was down, outbox up to {outbox_max}"
+    );
+    assert_eq!(stats(&r.store)["sequence"], 35);
+    check_compacted_view(&r);
+    check_changes(&r, true);
 }
 
 /// Appends diff 36 to the feed: it deletes the only feature of a tile (a
 /// tagged node that no way or relation uses, taken from the real store), the
 /// daemon applies it, and the tile's last record is a tombstone.
-fn tombstone_for_a_tile_that_loses_its_last_feature(
-    store: &Path,
-    feed: &Path,
-    url: &str,
-    ckpt: &Path,
-    broker: &str,
-) {
-    use osmvec_graphstore::element::ElementType;
+fn tombstone_for_a_tile_that_loses_its_last_feature(r: &Replay, url: &str) {
+    let (store, feed) = (&r.store, &r.feed);
     let st = Store::open(store).unwrap();
     let (tile, node) = st
         .tiles()
@@ -335,14 +614,16 @@ fn tombstone_for_a_tile_that_loses_its_last_feature(
     let state = "sequenceNumber=36\ntimestamp=2017-02-19T00\\:01\\:00Z\n";
     std::fs::write(d.join("036.state.txt"), state).unwrap();
     std::fs::write(feed.join("state.txt"), state).unwrap();
-    let out = osmvec(&run_args(store, url, ckpt, broker));
-    assert!(
-        out.status.success(),
-        "osmvec run (diff 36) failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ureq::post(format!("{url}/_control/publish?seq=36"))
+        .send_empty()
+        .unwrap();
+    run_ok(&run_args(r, url, &[]));
     assert_eq!(stats(store)["sequence"], 36);
-    let records = consume(broker, "osmvec.tile-embeddings", Duration::from_secs(4));
+    let records = consume(
+        &r.broker.addr,
+        "osmvec.tile-embeddings",
+        Duration::from_secs(4),
+    );
     let last = records
         .iter()
         .rev()

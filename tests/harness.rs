@@ -200,16 +200,32 @@ impl Drop for HttpSource {
     }
 }
 
-/// A tansu Kafka-protocol broker on a free loopback port, memory storage,
-/// stopped (SIGTERM) on drop. `tansu` comes from PATH or ~/.cargo/bin
-/// (`ops/broker.sh install`, run by ops/test.sh).
+/// A tansu Kafka-protocol broker on a free loopback port, stopped (SIGTERM)
+/// on drop. `tansu` comes from PATH or ~/.cargo/bin (`ops/broker.sh
+/// install`, run by ops/test.sh).
 pub struct Broker {
-    child: Child,
+    child: Option<Child>,
+    tansu: PathBuf,
+    storage: String,
+    /// Working directory (tansu resolves sqlite paths against it).
+    cwd: PathBuf,
+    port: u16,
     pub addr: String,
 }
 
 impl Broker {
+    /// Memory storage: fast, but topics do not survive a restart.
     pub fn start() -> Broker {
+        Broker::start_with("memory://tansu/".into(), std::env::temp_dir())
+    }
+
+    /// SQLite storage in `dir`/broker.db: survives [`Broker::stop`] +
+    /// [`Broker::restart`].
+    pub fn start_sqlite(dir: &Path) -> Broker {
+        Broker::start_with("sqlite://broker.db".into(), dir.to_path_buf())
+    }
+
+    fn start_with(storage: String, cwd: PathBuf) -> Broker {
         let tansu = std::env::var_os("PATH")
             .and_then(|p| {
                 std::env::split_paths(&p)
@@ -225,8 +241,24 @@ impl Broker {
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(tansu)
+        let mut broker = Broker {
+            child: None,
+            tansu,
+            storage,
+            cwd,
+            port,
+            addr: format!("127.0.0.1:{port}"),
+        };
+        broker.restart();
+        broker
+    }
+
+    /// Starts the broker again on the same port and storage.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "broker already running");
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let child = Command::new(&self.tansu)
+            .current_dir(&self.cwd)
             .args([
                 "broker",
                 "--listener-url",
@@ -236,7 +268,7 @@ impl Broker {
             ])
             .args([
                 "--storage-engine",
-                "memory://tansu/",
+                &self.storage,
                 "--cluster-id",
                 "osmvec-test",
             ])
@@ -244,31 +276,38 @@ impl Broker {
             .stderr(Stdio::null())
             .spawn()
             .expect("tansu starts");
-        let addr = format!("127.0.0.1:{port}");
         // From here on, Drop stops the broker whatever happens.
-        let broker = Broker { child, addr };
+        self.child = Some(child);
         for _ in 0..100 {
-            if std::net::TcpStream::connect(&broker.addr).is_ok() {
-                return broker;
+            if std::net::TcpStream::connect(&self.addr).is_ok() {
+                return;
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        panic!("tansu did not listen on {} within 10 s", broker.addr);
+        panic!("tansu did not listen on {} within 10 s", self.addr);
+    }
+
+    /// SIGTERM, then SIGKILL after 5 s.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        for _ in 0..50 {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        for _ in 0..50 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }

@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
 use crate::publish::kafka::{KafkaConfig, Topics};
+use crate::publish::messages::Encoding;
 
 /// The file's contents; every key optional.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -19,10 +20,15 @@ pub struct FileConfig {
     pub device: Option<String>,
     pub text_model_dir: Option<PathBuf>,
     pub poll_interval_seconds: Option<f64>,
+    pub debounce_seconds: Option<f64>,
     pub embed_batch: Option<usize>,
     pub max_tiles_per_cycle: Option<usize>,
     #[serde(default)]
     pub kafka: FileKafka,
+    #[serde(default)]
+    pub http: FileHttp,
+    #[serde(default)]
+    pub drift: FileDrift,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -32,6 +38,7 @@ pub struct FileKafka {
     pub partitions: Option<i32>,
     pub replication_factor: Option<i32>,
     pub message_timeout_seconds: Option<u64>,
+    pub encoding: Option<Encoding>,
     #[serde(default)]
     pub topics: FileTopics,
 }
@@ -44,6 +51,20 @@ pub struct FileTopics {
     pub models: Option<String>,
 }
 
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileHttp {
+    pub listen: Option<String>,
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDrift {
+    pub threshold: Option<f64>,
+    pub window_seconds: Option<f64>,
+}
+
 impl FileConfig {
     /// Reads and parses a config file; errors name the file and the line.
     pub fn load(path: &Path) -> Result<FileConfig> {
@@ -53,24 +74,78 @@ impl FileConfig {
     }
 }
 
-/// Flags and environment, as parsed by clap (`None` = not given).
-#[derive(Debug, Clone, Default)]
+/// Flags and environment, as parsed by clap (`None` = not given). Defaults
+/// are applied by [`merge`], after the config file.
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct RunOverrides {
+    #[arg(long, env = "OSMVEC_STORE")]
     pub store: Option<PathBuf>,
+    /// Base URL (https://…/replication/minute) or local directory.
+    #[arg(long, env = "OSMVEC_SOURCE")]
     pub source: Option<String>,
+    #[arg(long, env = "OSMVEC_CHECKPOINT")]
     pub checkpoint: Option<PathBuf>,
+    /// cpu, cuda or cuda:N [default: cpu].
+    #[arg(long, env = "OSMVEC_DEVICE")]
     pub device: Option<String>,
+    /// Directory of all-MiniLM-L6-v2.
+    #[arg(long, env = "OSMVEC_TEXT_MODEL_DIR")]
     pub text_model_dir: Option<PathBuf>,
+    /// Kafka bootstrap servers [default: 127.0.0.1:9092].
+    #[arg(long, env = "OSMVEC_BROKERS")]
     pub brokers: Option<String>,
+    /// [default: osmvec.tile-embeddings]
+    #[arg(long, env = "OSMVEC_TOPIC_EMBEDDINGS")]
     pub topic_embeddings: Option<String>,
+    /// [default: osmvec.changes]
+    #[arg(long, env = "OSMVEC_TOPIC_CHANGES")]
     pub topic_changes: Option<String>,
+    /// [default: osmvec.models]
+    #[arg(long, env = "OSMVEC_TOPIC_MODELS")]
     pub topic_models: Option<String>,
+    /// Partitions of the topics the daemon creates [default: 4].
+    #[arg(long, env = "OSMVEC_PARTITIONS")]
     pub partitions: Option<i32>,
+    /// [default: 1]
+    #[arg(long, env = "OSMVEC_REPLICATION_FACTOR")]
     pub replication_factor: Option<i32>,
+    /// Message values: json or cbor (docs/messages.md) [default: json].
+    #[arg(long, env = "OSMVEC_ENCODING")]
+    pub encoding: Option<Encoding>,
+    /// Seconds between polls of the source once caught up [default: 30].
+    #[arg(long, env = "OSMVEC_POLL_INTERVAL")]
     pub poll_interval: Option<f64>,
+    /// While behind, keep applying queued diffs for up to this many seconds
+    /// before embedding, so a tile several of them touch is embedded once;
+    /// 0 embeds after every diff. No effect once caught up [default: 2].
+    #[arg(long, env = "OSMVEC_DEBOUNCE")]
+    pub debounce: Option<f64>,
+    /// Tiles per encoder batch [default: 128].
+    #[arg(long, env = "OSMVEC_EMBED_BATCH")]
     pub embed_batch: Option<usize>,
+    /// Most dirty tiles embedded between two diffs (bounds the latency a
+    /// backlog adds to a fresh diff) [default: 512].
+    #[arg(long, env = "OSMVEC_MAX_TILES_PER_CYCLE")]
     pub max_tiles_per_cycle: Option<usize>,
+    /// Seconds librdkafka retries a message before it counts as failed
+    /// (it is then sent again from the outbox) [default: 30].
+    #[arg(long, env = "OSMVEC_MESSAGE_TIMEOUT")]
     pub message_timeout: Option<u64>,
+    /// Address of /metrics, the API and the drift page; "off" serves
+    /// nothing [default: 127.0.0.1:9187].
+    #[arg(long, env = "OSMVEC_HTTP_LISTEN")]
+    pub http_listen: Option<String>,
+    /// Bearer token for the API's state-changing endpoints (none: they
+    /// answer 403).
+    #[arg(long, env = "OSMVEC_HTTP_TOKEN", hide_env_values = true)]
+    pub http_token: Option<String>,
+    /// Cosine distance above which a tile update counts as drifted
+    /// [default: 0.05].
+    #[arg(long, env = "OSMVEC_DRIFT_THRESHOLD")]
+    pub drift_threshold: Option<f64>,
+    /// Window of the drifted-share gauge, seconds [default: 3600].
+    #[arg(long, env = "OSMVEC_DRIFT_WINDOW")]
+    pub drift_window: Option<f64>,
 }
 
 /// The merged settings.
@@ -83,8 +158,14 @@ pub struct RunSettings {
     pub text_model_dir: Option<PathBuf>,
     pub kafka: KafkaConfig,
     pub poll_interval_seconds: f64,
+    pub debounce_seconds: f64,
     pub embed_batch: usize,
     pub max_tiles_per_cycle: usize,
+    /// None: no HTTP listener.
+    pub http_listen: Option<String>,
+    pub http_token: Option<String>,
+    pub drift_threshold: f64,
+    pub drift_window_seconds: f64,
 }
 
 /// Merges flags/environment over the file over the defaults; `store`,
@@ -133,22 +214,42 @@ pub fn merge(o: RunOverrides, f: FileConfig) -> Result<RunSettings> {
                 .or(f.kafka.message_timeout_seconds)
                 .map(|s| s * 1000)
                 .unwrap_or(d.message_timeout_ms),
+            encoding: o.encoding.or(f.kafka.encoding).unwrap_or(d.encoding),
         },
         poll_interval_seconds: o.poll_interval.or(f.poll_interval_seconds).unwrap_or(30.0),
+        debounce_seconds: o.debounce.or(f.debounce_seconds).unwrap_or(2.0),
         embed_batch: o.embed_batch.or(f.embed_batch).unwrap_or(128),
         max_tiles_per_cycle: o
             .max_tiles_per_cycle
             .or(f.max_tiles_per_cycle)
             .unwrap_or(512),
+        http_listen: match o
+            .http_listen
+            .or(f.http.listen)
+            .unwrap_or_else(|| "127.0.0.1:9187".into())
+        {
+            off if off == "off" => None,
+            addr => Some(addr),
+        },
+        http_token: o.http_token.or(f.http.token).filter(|t| !t.is_empty()),
+        drift_threshold: o.drift_threshold.or(f.drift.threshold).unwrap_or(0.05),
+        drift_window_seconds: o.drift_window.or(f.drift.window_seconds).unwrap_or(3600.0),
     };
     if s.embed_batch == 0 || s.max_tiles_per_cycle == 0 {
         bail!("embed_batch and max_tiles_per_cycle must be at least 1");
     }
-    if !(s.poll_interval_seconds.is_finite() && s.poll_interval_seconds > 0.0) {
-        bail!(
-            "poll_interval_seconds must be positive, not {}",
-            s.poll_interval_seconds
-        );
+    for (name, v, zero_ok) in [
+        ("poll_interval_seconds", s.poll_interval_seconds, false),
+        ("debounce_seconds", s.debounce_seconds, true),
+        ("drift.threshold", s.drift_threshold, true),
+        ("drift.window_seconds", s.drift_window_seconds, false),
+    ] {
+        if !(v.is_finite() && (v > 0.0 || (zero_ok && v == 0.0))) {
+            bail!(
+                "{name} must be {}, not {v}",
+                if zero_ok { "≥ 0" } else { "positive" }
+            );
+        }
     }
     if s.kafka.partitions < 1 || s.kafka.replication_factor < 1 {
         bail!("kafka.partitions and kafka.replication_factor must be at least 1");

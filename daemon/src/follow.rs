@@ -38,6 +38,9 @@ pub struct FollowOptions {
 pub struct FollowOutcome {
     pub applied: u64,
     pub sequence: Option<u64>,
+    /// The source has sequences after `sequence` (the loop stopped at
+    /// `max_diffs` or on a stop request).
+    pub behind: bool,
 }
 
 /// Attempts at parsing a downloaded diff: a parse error can be a download
@@ -90,6 +93,7 @@ pub fn follow(
                 return Ok(FollowOutcome {
                     applied,
                     sequence: Some(current),
+                    behind: true,
                 });
             }
             let next = current + 1;
@@ -99,16 +103,20 @@ pub fn follow(
             current = next;
         }
         if opts.until_caught_up {
-            tracing::info!(sequence = current, "caught up");
+            if applied > 0 {
+                tracing::info!(sequence = current, "caught up");
+            }
             return Ok(FollowOutcome {
                 applied,
                 sequence: Some(current),
+                behind: false,
             });
         }
         if stopping(opts) {
             return Ok(FollowOutcome {
                 applied,
                 sequence: Some(current),
+                behind: false,
             });
         }
         // Sleep in short steps so that a stop request is seen promptly.

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod embedding;
 pub mod follow;
+pub mod observe;
 pub mod publish;
 pub mod replication;
 pub mod run;

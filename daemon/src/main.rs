@@ -175,54 +175,11 @@ enum Command {
         /// and OSMVEC_* variables override it.
         #[arg(long, env = "OSMVEC_CONFIG")]
         config: Option<PathBuf>,
-        #[arg(long, env = "OSMVEC_STORE")]
-        store: Option<PathBuf>,
-        /// Base URL (https://…/replication/minute) or local directory.
-        #[arg(long, env = "OSMVEC_SOURCE")]
-        source: Option<String>,
-        #[arg(long, env = "OSMVEC_CHECKPOINT")]
-        checkpoint: Option<PathBuf>,
-        /// Kafka bootstrap servers [default: 127.0.0.1:9092].
-        #[arg(long, env = "OSMVEC_BROKERS")]
-        brokers: Option<String>,
-        /// [default: osmvec.tile-embeddings]
-        #[arg(long, env = "OSMVEC_TOPIC_EMBEDDINGS")]
-        topic_embeddings: Option<String>,
-        /// [default: osmvec.changes]
-        #[arg(long, env = "OSMVEC_TOPIC_CHANGES")]
-        topic_changes: Option<String>,
-        /// [default: osmvec.models]
-        #[arg(long, env = "OSMVEC_TOPIC_MODELS")]
-        topic_models: Option<String>,
-        /// Partitions of the topics the daemon creates [default: 4].
-        #[arg(long)]
-        partitions: Option<i32>,
-        /// [default: 1]
-        #[arg(long)]
-        replication_factor: Option<i32>,
+        #[command(flatten)]
+        overrides: Box<osmvec::config::RunOverrides>,
         /// Exit 0 once everything published is applied, embedded and delivered.
         #[arg(long)]
         until_caught_up: bool,
-        /// Seconds between polls of the source once caught up [default: 30].
-        #[arg(long)]
-        poll_interval: Option<f64>,
-        /// Tiles per encoder batch [default: 128].
-        #[arg(long)]
-        embed_batch: Option<usize>,
-        /// Most dirty tiles embedded between two diffs (bounds the latency a
-        /// backlog adds to a fresh diff) [default: 512].
-        #[arg(long)]
-        max_tiles_per_cycle: Option<usize>,
-        /// Seconds librdkafka retries a message before it counts as failed
-        /// (it is then sent again from the outbox) [default: 30].
-        #[arg(long)]
-        message_timeout: Option<u64>,
-        /// cpu, cuda or cuda:N [default: cpu].
-        #[arg(long, env = "OSMVEC_DEVICE")]
-        device: Option<String>,
-        /// Directory of all-MiniLM-L6-v2.
-        #[arg(long)]
-        text_model_dir: Option<PathBuf>,
         /// One JSON line per cycle on stdout.
         #[arg(long)]
         json: bool,
@@ -421,78 +378,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run {
             config,
-            store,
-            source,
-            checkpoint,
-            brokers,
-            topic_embeddings,
-            topic_changes,
-            topic_models,
-            partitions,
-            replication_factor,
+            overrides,
             until_caught_up,
-            poll_interval,
-            embed_batch,
-            max_tiles_per_cycle,
-            message_timeout,
-            device,
-            text_model_dir,
             json,
         } => {
             let file = match &config {
                 Some(p) => osmvec::config::FileConfig::load(p)?,
                 None => Default::default(),
             };
-            let s = osmvec::config::merge(
-                osmvec::config::RunOverrides {
-                    store,
-                    source,
-                    checkpoint,
-                    device,
-                    text_model_dir,
-                    brokers,
-                    topic_embeddings,
-                    topic_changes,
-                    topic_models,
-                    partitions,
-                    replication_factor,
-                    poll_interval,
-                    embed_batch,
-                    max_tiles_per_cycle,
-                    message_timeout,
-                },
-                file,
-            )?;
+            let s = osmvec::config::merge(*overrides, file)?;
             let (device, model_dir) = ModelArgs {
                 device: s.device.clone(),
                 text_model_dir: s.text_model_dir.clone(),
             }
             .resolve()?;
             let stop = stop_on_signals()?;
-            osmvec::run::run(
-                &osmvec::run::RunOptions {
-                    store: s.store,
-                    source: s.source,
-                    checkpoint: s.checkpoint,
-                    kafka: s.kafka,
-                    until_caught_up,
-                    poll_interval: std::time::Duration::from_secs_f64(s.poll_interval_seconds),
-                    embed_batch: s.embed_batch,
-                    max_tiles_per_cycle: s.max_tiles_per_cycle,
-                    max_outbox_per_drain: 10_000,
-                    shutdown_flush: std::time::Duration::from_secs(10),
-                    backoff: osmvec::replication::Backoff {
-                        initial: std::time::Duration::from_secs(1),
-                        max: std::time::Duration::from_secs(300),
-                        max_attempts: None,
-                    },
-                    osc: osmvec_graphstore::read::OscOptions::default(),
-                    model_dir,
-                    device,
-                    json,
-                },
-                stop,
-            )
+            let mut o = osmvec::run::RunOptions::new(s, device, model_dir);
+            o.until_caught_up = until_caught_up;
+            o.json = json;
+            osmvec::run::run(&o, stop)
         }
         Command::Eval {
             store,

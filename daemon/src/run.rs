@@ -5,35 +5,46 @@
 //!    diff's own write batch);
 //! 2. embed up to `max_tiles_per_cycle` dirty tiles, oldest mark first, in
 //!    encoder batches; each batch's embeddings, cleared marks and outbox
-//!    entries are one write batch;
+//!    entries are one write batch. Debounce: while more diffs are queued at
+//!    the source, embedding waits until `debounce` has passed since the first
+//!    unembedded diff (or the queue of dirty tiles fills a cycle), so a tile
+//!    that several queued diffs touch is embedded once; once caught up, a
+//!    diff's tiles are embedded in the same cycle;
 //! 3. drain the outbox to Kafka (acknowledged entries leave the outbox).
 //!
 //! When there is nothing to apply, embed or send, it sleeps `poll_interval`
-//! (or exits with `--until-caught-up`). Broker down: deliveries fail or wait,
-//! the outbox grows (at most one entry per tile plus unsent change records)
-//! while steps 1 and 2 go on; a warning says so, and the outbox drains when
-//! the broker returns. SIGTERM/SIGINT: the current step finishes, the
+//! (or exits with `--until-caught-up`). Broker down — at start or later:
+//! deliveries fail or wait, the outbox grows (at most one entry per tile
+//! plus unsent change records) while steps 1 and 2 go on; a warning says so,
+//! and the outbox drains when the broker returns. SIGTERM/SIGINT: the current step finishes, the
 //! publisher flushes for up to `shutdown_flush`, exit 0. A crash anywhere
 //! resumes from the store: its sequence, its dirty marks, its outbox.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use osmvec_graphstore::Store;
+use osmvec_graphstore::apply::ApplyReport;
 use osmvec_graphstore::embeddings::DirtyMark;
 use osmvec_graphstore::read::OscOptions;
 use osmvec_graphstore::tiles::TileId;
 use osmvec_model::Device;
 use serde::Serialize;
 
+use crate::config::RunSettings;
 use crate::embedding::checkpoint::Model;
+use crate::embedding::checkpoint::git_revision;
 use crate::embedding::embed::{EmbedReport, embed_tiles, tiles_to_embed};
+use crate::embedding::eval::location_rows;
 use crate::embedding::inputs::Inputs;
 use crate::embedding::tags::TagVectors;
 use crate::follow::{FollowOptions, follow};
+use crate::observe::api::{Shared, TileState, serve};
+use crate::observe::drift::{DriftWindow, compare_versions, probe_grid};
+use crate::observe::metrics::Metrics;
 use crate::publish::kafka::{KafkaConfig, Publisher};
 use crate::publish::messages::{ModelMessage, rfc3339};
 use crate::replication::{Backoff, SourceOptions, open_source};
@@ -46,6 +57,7 @@ pub struct RunOptions {
     pub kafka: KafkaConfig,
     pub until_caught_up: bool,
     pub poll_interval: Duration,
+    pub debounce: Duration,
     pub embed_batch: usize,
     pub max_tiles_per_cycle: usize,
     pub max_outbox_per_drain: usize,
@@ -56,6 +68,43 @@ pub struct RunOptions {
     pub device: Device,
     /// Print one JSON line per cycle that did something on stdout.
     pub json: bool,
+    /// Where to serve /metrics, the API and the drift page (None: nowhere).
+    pub http_listen: Option<String>,
+    pub http_token: Option<String>,
+    pub drift_threshold: f64,
+    pub drift_window_seconds: f64,
+}
+
+impl RunOptions {
+    /// The daemon's options from merged settings and the resolved device.
+    pub fn new(s: RunSettings, device: Device, model_dir: PathBuf) -> RunOptions {
+        RunOptions {
+            store: s.store,
+            source: s.source,
+            checkpoint: s.checkpoint,
+            kafka: s.kafka,
+            until_caught_up: false,
+            poll_interval: Duration::from_secs_f64(s.poll_interval_seconds),
+            debounce: Duration::from_secs_f64(s.debounce_seconds),
+            embed_batch: s.embed_batch,
+            max_tiles_per_cycle: s.max_tiles_per_cycle,
+            max_outbox_per_drain: 10_000,
+            shutdown_flush: Duration::from_secs(10),
+            backoff: Backoff {
+                initial: Duration::from_secs(1),
+                max: Duration::from_secs(300),
+                max_attempts: None,
+            },
+            osc: OscOptions::default(),
+            model_dir,
+            device,
+            json: false,
+            http_listen: s.http_listen,
+            http_token: s.http_token,
+            drift_threshold: s.drift_threshold,
+            drift_window_seconds: s.drift_window_seconds,
+        }
+    }
 }
 
 /// One line per cycle that did something.
@@ -72,36 +121,60 @@ pub struct CycleReport {
     /// Drift of the tiles re-embedded in this cycle (same model version).
     pub drift_mean: Option<f64>,
     pub drift_max: Option<f64>,
+    /// Re-embedded tiles with a drift (same model version as before).
+    pub drifted: usize,
     /// From the start of the cycle to the end of its drain.
     pub seconds: f64,
 }
 
 pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
-    let store = Store::open(&o.store)?;
+    let store = Arc::new(Store::open(&o.store)?);
     store.ensure_consistent()?;
     store.set_outbox_enabled(true)?;
-    let model = Model::load(&o.checkpoint, &o.device)?;
+    let model = Arc::new(Model::load(&o.checkpoint, &o.device)?);
     let source = open_source(&o.source, &SourceOptions::default())
         .with_context(|| format!("cannot open replication source {}", o.source))?;
+    let shared = Arc::new(Shared {
+        metrics: Metrics::new(&o.kafka.topics, git_revision())?,
+        store: store.clone(),
+        model: RwLock::new(model.clone()),
+        drift: Mutex::new(DriftWindow::new(o.drift_threshold, o.drift_window_seconds)),
+        model_drift: Mutex::new(None),
+        tiles: RwLock::new(Default::default()),
+        paused: AtomicBool::new(false),
+        token: o.http_token.clone(),
+    });
+    let m = &shared.metrics;
+    m.model_info
+        .with_label_values(&[&model.meta.model_version])
+        .set(1);
+    m.drift_threshold.set(o.drift_threshold);
+    let (seq, ts) = store.replication_state()?;
+    if let Some(seq) = seq {
+        m.replication_sequence.set(seq as i64);
+    }
+    if let Some(ts) = ts {
+        m.replication_timestamp_seconds.set(ts as f64);
+    }
+    m.outbox_entries.set(store.outbox_len()? as i64);
+    shared.load_tiles()?;
+    compare_with_served_model(&shared, &o.checkpoint, &o.device)?;
+    if let Some(addr) = &o.http_listen {
+        serve(addr, shared.clone())?;
+    }
     let mut publisher = Publisher::new(&o.kafka)?;
-    publisher
-        .ensure_topics(Duration::from_secs(10))
-        .with_context(|| format!("is the broker at {} up?", o.kafka.brokers))?;
     let now = chrono::Utc::now().timestamp();
-    publisher.publish_model(
-        &ModelMessage {
-            schema_version: crate::publish::messages::SCHEMA_VERSION,
-            event: "loaded".into(),
-            model_version: model.meta.model_version.clone(),
-            checkpoint: o.checkpoint.display().to_string(),
-            created_at: model.meta.created_at.clone(),
-            git_revision: model.meta.git_revision.clone(),
-            training_steps: model.meta.training.steps,
-            eval: model.meta.eval.clone(),
-            at: rfc3339(now),
-        },
-        Duration::from_secs(10),
-    )?;
+    publisher.announce_model(&ModelMessage {
+        schema_version: crate::publish::messages::SCHEMA_VERSION,
+        event: "loaded".into(),
+        model_version: model.meta.model_version.clone(),
+        checkpoint: o.checkpoint.display().to_string(),
+        created_at: model.meta.created_at.clone(),
+        git_revision: model.meta.git_revision.clone(),
+        training_steps: model.meta.training.steps,
+        eval: model.meta.eval.clone(),
+        at: rfc3339(now),
+    })?;
     tracing::info!(
         model_version = %model.meta.model_version,
         brokers = %o.kafka.brokers,
@@ -115,16 +188,19 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
     let mut caught_up = false;
     let mut last_poll: Option<Instant> = None;
     let mut broker_warned = false;
+    // When the oldest diff whose tiles are not embedded yet was applied.
+    let mut pending_since: Option<Instant> = None;
     loop {
         if stop.load(Ordering::Relaxed) {
             break;
         }
         let t0 = Instant::now();
         let mut cycle = CycleReport::default();
+        let paused = shared.paused.load(Ordering::Relaxed);
         // 1. At most one diff (once caught up, ask the source again every
         // poll interval).
         let poll_due = !caught_up || last_poll.is_none_or(|t| t.elapsed() >= o.poll_interval);
-        if poll_due {
+        if poll_due && !paused {
             last_poll = Some(Instant::now());
             let fo = FollowOptions {
                 until_caught_up: true,
@@ -134,23 +210,40 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
                 osc: o.osc.clone(),
                 stop: stop.clone(),
             };
-            let out = follow(&store, source.as_ref(), &fo, &mut |_| {})?;
+            let out = follow(&store, source.as_ref(), &fo, &mut |r| record_diff(m, r))?;
+            if out.applied > 0 {
+                m.diff_apply_duration_seconds
+                    .observe(last_poll.map_or(0.0, |t| t.elapsed().as_secs_f64()));
+            }
             cycle.diffs_applied = out.applied;
             cycle.sequence = out.sequence;
-            caught_up = out.applied == 0;
+            caught_up = !out.behind;
+            if out.applied > 0 && pending_since.is_none() {
+                pending_since = Some(Instant::now());
+            }
         }
         // 2. Dirty tiles (coarse marks expanded into their children first),
         // oldest first, bounded.
         let (work, marks) = tiles_to_embed(&store)?;
         let by_tile: std::collections::HashMap<TileId, DirtyMark> = marks.into_iter().collect();
-        let take = work.len().min(o.max_tiles_per_cycle);
+        let wait_for_more = !caught_up
+            && work.len() < o.max_tiles_per_cycle
+            && pending_since.is_some_and(|t| t.elapsed() < o.debounce);
+        let take = if wait_for_more || paused {
+            0
+        } else {
+            work.len().min(o.max_tiles_per_cycle)
+        };
         let mut er = EmbedReport::default();
         for chunk in work[..take].chunks(o.embed_batch.max(1)) {
             let seen: Vec<(TileId, DirtyMark)> = chunk
                 .iter()
                 .filter_map(|t| by_tile.get(t).map(|m| (*t, *m)))
                 .collect();
+            let tb = Instant::now();
             embed_tiles(&store, &model, &mut inputs, chunk, &seen, &mut er)?;
+            m.embed_batch_duration_seconds
+                .observe(tb.elapsed().as_secs_f64());
             if stop.load(Ordering::Relaxed) {
                 break;
             }
@@ -159,6 +252,9 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         cycle.tiles_embedded = er.embedded;
         cycle.tiles_removed = er.removed;
         cycle.dirty_left = work.len() - er.tiles.min(work.len());
+        if take > 0 && cycle.dirty_left == 0 {
+            pending_since = None;
+        }
         // 3. Publish.
         let wait = if cycle.diffs_applied > 0 || er.tiles > 0 {
             Duration::from_millis(500)
@@ -172,10 +268,23 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
             cycle.drift_mean = Some(er.drift_sum / er.drifted as f64);
             cycle.drift_max = er.drift_max;
         }
+        cycle.drifted = er.drifted;
+        m.dirty_tiles.set(cycle.dirty_left as i64);
+        m.observe_publisher(&publisher.stats);
+        if cycle.diffs_applied > 0 || er.tiles > 0 {
+            record_embeddings(&shared, &er, &cycle)?;
+        }
         cycle.seconds = t0.elapsed().as_secs_f64();
-        let busy = cycle.diffs_applied > 0 || er.tiles > 0 || dr.sent > 0 || dr.delivered > 0;
+        // Deliveries failing without any acknowledgement: the broker is
+        // down or refusing; back off instead of spinning.
+        let stalled = dr.failed > 0 && dr.delivered == 0;
+        let busy = cycle.diffs_applied > 0
+            || er.tiles > 0
+            || dr.delivered > 0
+            || (dr.sent > 0 && !stalled);
         if busy {
             cycle.outbox = store.outbox_len()?;
+            m.outbox_entries.set(cycle.outbox as i64);
             cycle.sequence = store.replication_state()?.0;
             tracing::info!(
                 sequence = ?cycle.sequence,
@@ -194,7 +303,7 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
                 println!("{}", serde_json::to_string(&cycle)?);
             }
         }
-        if !publisher.stats.broker_reachable && publisher.in_flight() > 0 {
+        if !publisher.stats.broker_reachable {
             if !broker_warned {
                 tracing::warn!(
                     brokers = %o.kafka.brokers,
@@ -211,6 +320,7 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
             && er.tiles == 0
             && dr.sent == 0
             && publisher.in_flight() == 0
+            && !publisher.model_event_pending()
             && store.outbox_is_empty()?;
         if caught_up && nothing_left && o.until_caught_up {
             tracing::info!("caught up: nothing left to apply, embed or publish");
@@ -218,13 +328,14 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         }
         if !busy {
             // Waiting for the source or the broker: do not spin.
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(if stalled { 1000 } else { 100 }));
         }
     }
     let deadline = Instant::now() + o.shutdown_flush;
     while publisher.in_flight() > 0 && Instant::now() < deadline {
         publisher.drain(&store, 0, Duration::from_millis(200))?;
     }
+    m.observe_publisher(&publisher.stats);
     tracing::info!(
         delivered = publisher.stats.delivered,
         failed = publisher.stats.failed,
@@ -233,4 +344,165 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         "daemon stopped"
     );
     Ok(())
+}
+
+fn now_unix() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Metrics of one applied diff.
+fn record_diff(m: &Metrics, r: &ApplyReport) {
+    if r.already_applied {
+        return;
+    }
+    m.diffs_applied_total.inc();
+    m.last_diff_applied_timestamp_seconds.set(now_unix());
+    if let Some(seq) = r.sequence {
+        m.replication_sequence.set(seq as i64);
+    }
+    if let Some(ts) = r.timestamp {
+        m.replication_timestamp_seconds.set(ts as f64);
+        m.refresh_lag(now_unix());
+    }
+    for (t, c) in [
+        ("node", r.changes.node),
+        ("way", r.changes.way),
+        ("relation", r.changes.relation),
+    ] {
+        for (a, n) in [
+            ("create", c.create),
+            ("modify", c.modify),
+            ("delete", c.delete),
+        ] {
+            m.objects_changed_total.with_label_values(&[t, a]).inc_by(n);
+        }
+    }
+}
+
+/// Metrics, the tile layer and the drift window after a cycle's embeddings.
+fn record_embeddings(shared: &Shared, er: &EmbedReport, cycle: &CycleReport) -> Result<()> {
+    let m = &shared.metrics;
+    m.tiles_embedded_total.inc_by(er.embedded as u64);
+    m.tiles_removed_total.inc_by(er.removed as u64);
+    let mut drifts = Vec::new();
+    {
+        let mut tiles = shared.tiles.write().unwrap_or_else(|e| e.into_inner());
+        for (t, r) in &er.results {
+            match r {
+                Some((sequence, drift)) => {
+                    if let Some(d) = drift {
+                        m.tile_drift_cosine_distance.observe(f64::from(*d));
+                        drifts.push(*d);
+                    }
+                    tiles.insert(
+                        *t,
+                        TileState {
+                            drift: *drift,
+                            sequence: *sequence,
+                        },
+                    );
+                }
+                None => {
+                    tiles.remove(t);
+                }
+            }
+        }
+    }
+    let now = now_unix();
+    let ts = m.replication_timestamp_seconds.get();
+    let lag = (ts > 0.0).then(|| (now - ts).max(0.0));
+    let mut w = shared.drift.lock().unwrap_or_else(|e| e.into_inner());
+    w.record_cycle(now, &drifts, er.tiles, cycle.sequence, lag);
+    m.drifted_tiles_ratio
+        .set(w.summary(now).drifted_share.unwrap_or(0.0));
+    Ok(())
+}
+
+/// The model the daemon served last time, as recorded in the store.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+struct ServedModel {
+    model_version: String,
+    created_at: String,
+    checkpoint: PathBuf,
+}
+
+/// Points per side of the probe grid (64² = 4,096 points).
+const PROBE_GRID: usize = 64;
+
+/// When this start serves a different model than the last one (another
+/// version, or the same version number retrained) and the old checkpoint
+/// still loads, compares their location encoders on the probe grid over
+/// the stored area: metrics, `/v1/drift` and a log line.
+fn compare_with_served_model(shared: &Shared, checkpoint: &Path, device: &Device) -> Result<()> {
+    let model = shared
+        .model
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let current = ServedModel {
+        model_version: model.meta.model_version.clone(),
+        created_at: model.meta.created_at.clone(),
+        checkpoint: std::fs::canonicalize(checkpoint).unwrap_or_else(|_| checkpoint.into()),
+    };
+    let previous: Option<ServedModel> = shared
+        .store
+        .served_model()?
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    if let Some(prev) = previous.filter(|p| *p != current) {
+        match Model::load(&prev.checkpoint, device) {
+            Ok(old) if old.meta.created_at == prev.created_at => {
+                let bbox = stored_bbox(&shared.store)?;
+                if let Some(bbox) = bbox {
+                    let t0 = Instant::now();
+                    let grid = probe_grid(bbox, PROBE_GRID);
+                    let (a, dim) = location_rows(&old, &grid, false)?;
+                    let (b, _) = location_rows(&model, &grid, false)?;
+                    let d =
+                        compare_versions(&a, &b, dim, &prev.model_version, &current.model_version);
+                    let m = &shared.metrics;
+                    m.model_drift_mean_cosine_distance
+                        .set(d.mean_cosine_distance);
+                    m.model_drift_mean_embedding_distance
+                        .set(d.mean_embedding_distance);
+                    m.model_drift_mmd2.set(d.mmd2);
+                    tracing::info!(
+                        from = %d.from,
+                        to = %d.to,
+                        points = d.points,
+                        mean_cosine_distance = d.mean_cosine_distance,
+                        mean_embedding_distance = d.mean_embedding_distance,
+                        mmd2 = d.mmd2,
+                        seconds = t0.elapsed().as_secs_f64(),
+                        "model drift on the probe grid"
+                    );
+                    *shared.model_drift.lock().unwrap_or_else(|e| e.into_inner()) = Some(d);
+                }
+            }
+            _ => tracing::info!(
+                previous = %prev.checkpoint.display(),
+                "the previously served checkpoint is gone or changed: no version drift to compute"
+            ),
+        }
+    }
+    shared
+        .store
+        .set_served_model(&serde_json::to_vec(&current)?)?;
+    Ok(())
+}
+
+/// The bounding box [w, s, e, n] of the fine tiles that hold features.
+fn stored_bbox(store: &Store) -> Result<Option<[f64; 4]>> {
+    let fine = store.tile_config().fine_zoom;
+    let mut bb: Option<[f64; 4]> = None;
+    for (t, _) in store.tiles()?.into_iter().filter(|(t, _)| t.z == fine) {
+        let [w, s, e, n] = t.bounds();
+        bb = Some(match bb {
+            None => [w, s, e, n],
+            Some(b) => [b[0].min(w), b[1].min(s), b[2].max(e), b[3].max(n)],
+        });
+    }
+    Ok(bb)
 }

@@ -125,6 +125,17 @@ fn tag_vector_key(text_model: &str, text: &str) -> Vec<u8> {
 }
 
 impl Store {
+    /// What the daemon recorded as the model it last served (opaque bytes).
+    pub fn served_model(&self) -> Result<Option<Vec<u8>>> {
+        self.get_meta(meta::SERVED_MODEL)
+    }
+
+    pub fn set_served_model(&self, value: &[u8]) -> Result<()> {
+        let mut b = WriteBatch::default();
+        b.put_cf(self.cf(cf::META), meta::SERVED_MODEL, value);
+        self.write(b, true)
+    }
+
     /// Reserves the next dirty-mark generation in `b` (written with it).
     pub(crate) fn next_dirty_generation(&self, b: &mut WriteBatch) -> Result<u64> {
         self.reserve_counter(b, meta::DIRTY_GENERATION, 1)

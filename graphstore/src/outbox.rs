@@ -69,6 +69,13 @@ pub enum OutboxItem {
     Tile(TileId),
 }
 
+impl OutboxItem {
+    /// Whether an outbox key (as in [`OutboxEntry::key`]) holds a tile entry.
+    pub fn is_tile_key(key: &[u8]) -> bool {
+        key.first() == Some(&TILE)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutboxEntry {
     pub key: Vec<u8>,

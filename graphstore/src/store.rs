@@ -74,6 +74,9 @@ pub mod meta {
     pub const OUTBOX_ENABLED: &[u8] = b"outbox_enabled";
     /// u64 LE: the last outbox entry id issued.
     pub const OUTBOX_LAST_ID: &[u8] = b"outbox_last_id";
+    /// JSON chosen by the daemon: the model version (and checkpoint) it
+    /// last served, to compare a newly loaded version against.
+    pub const SERVED_MODEL: &[u8] = b"served_model";
 }
 
 /// Object and feature counts, kept exact in every write batch so that

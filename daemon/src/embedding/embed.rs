@@ -51,7 +51,14 @@ pub struct EmbedReport {
     pub drifted: usize,
     pub drift_sum: f64,
     pub drift_max: Option<f64>,
+    /// Each tile written, for the daemon's metrics and tile layer.
+    #[serde(skip)]
+    pub results: Vec<(TileId, TileResult)>,
 }
+
+/// What happened to one tile: embedded at a sequence (with its drift, when
+/// it had an embedding of the same model version before), or removed.
+pub type TileResult = Option<(u64, Option<f32>)>;
 
 /// Embeds `tiles` (fine tiles) with `model` and writes the results; clears
 /// the marks in `seen` whose generation is unchanged. The building block of
@@ -84,6 +91,9 @@ pub fn embed_tiles(
                     }
                     _ => None,
                 };
+                report
+                    .results
+                    .push((*tile, Some((seq.unwrap_or(0), drift))));
                 if let Some(d) = drift {
                     report.drifted += 1;
                     report.drift_sum += d as f64;
@@ -101,6 +111,7 @@ pub fn embed_tiles(
                 ));
             } else {
                 report.removed += 1;
+                report.results.push((*tile, None));
                 updates.push((*tile, None));
             }
         }

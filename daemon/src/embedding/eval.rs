@@ -141,7 +141,7 @@ pub fn bootstrap_probe(
 }
 
 /// Location embeddings (or raw harmonics) of many points, row-major.
-fn location_rows(
+pub(crate) fn location_rows(
     model: &Model,
     coords: &[(f64, f64)],
     raw_harmonics: bool,

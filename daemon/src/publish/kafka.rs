@@ -24,7 +24,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use serde::{Deserialize, Serialize};
 
-use super::messages::{ChangeMessage, ModelMessage, TileEmbeddingMessage};
+use super::messages::{ChangeMessage, Encoding, ModelMessage, TileEmbeddingMessage};
 
 /// Topic names.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,6 +58,8 @@ pub struct KafkaConfig {
     /// How long librdkafka keeps retrying one message before reporting it
     /// failed (it is then sent again by a later drain).
     pub message_timeout_ms: u64,
+    /// Encoding of message values.
+    pub encoding: Encoding,
 }
 
 impl Default for KafkaConfig {
@@ -68,6 +70,7 @@ impl Default for KafkaConfig {
             partitions: 4,
             replication_factor: 1,
             message_timeout_ms: 30_000,
+            encoding: Encoding::Json,
         }
     }
 }
@@ -77,7 +80,7 @@ type Opaque = Box<(Vec<u8>, u64)>;
 struct Delivery {
     key: Vec<u8>,
     id: u64,
-    error: Option<String>,
+    error: Option<KafkaError>,
 }
 
 #[derive(Default)]
@@ -85,13 +88,23 @@ struct Ctx {
     deliveries: Mutex<Vec<Delivery>>,
 }
 
-impl ClientContext for Ctx {}
+impl ClientContext for Ctx {
+    /// librdkafka reports "all brokers down" on every reconnect attempt; the
+    /// daemon says it once (run.rs), so those go to debug.
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            tracing::debug!(%error, reason, "librdkafka");
+        } else {
+            tracing::warn!(%error, reason, "librdkafka");
+        }
+    }
+}
 
 impl ProducerContext for Ctx {
     type DeliveryOpaque = Opaque;
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: Opaque) {
         let (key, id) = *opaque;
-        let error = result.as_ref().err().map(|(e, _)| e.to_string());
+        let error = result.as_ref().err().map(|(e, _)| e.clone());
         self.deliveries
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -104,6 +117,12 @@ impl ProducerContext for Ctx {
 pub struct PublishStats {
     pub delivered: u64,
     pub failed: u64,
+    /// Of `delivered` / `failed`: records of the embeddings topic (the rest
+    /// are change records).
+    pub delivered_tiles: u64,
+    pub failed_tiles: u64,
+    /// Model events acknowledged (not counted in `delivered`).
+    pub models_delivered: u64,
     pub tombstones: u64,
     pub changes: u64,
     pub tiles: u64,
@@ -118,32 +137,69 @@ pub struct DrainReport {
     pub sent: usize,
     pub delivered: usize,
     pub failed: usize,
+    /// Of `failed`: answered with an error by the broker (not timed out).
+    pub rejected: usize,
     pub in_flight: usize,
 }
+
+/// The opaque key of the model event (outbox keys start with `c` or `t`).
+const MODEL_KEY: &[u8] = b"m";
+const TOPIC_RETRY: Duration = Duration::from_secs(10);
+/// In-flight records without any acknowledgement for this long mark the
+/// broker unreachable.
+const UNANSWERED: Duration = Duration::from_secs(5);
 
 pub struct Publisher {
     producer: BaseProducer<Ctx>,
     config: KafkaConfig,
     in_flight: HashSet<(Vec<u8>, u64)>,
+    /// The model event to (re)send: version (key), payload, in flight.
+    model_event: Option<(String, Vec<u8>, bool)>,
+    topics_ready: bool,
+    next_topic_try: Option<Instant>,
+    waiting_since: Option<Instant>,
     pub stats: PublishStats,
 }
 
 impl Publisher {
     pub fn new(config: &KafkaConfig) -> Result<Self> {
-        let producer: BaseProducer<Ctx> = ClientConfig::new()
+        Ok(Publisher {
+            producer: Self::producer(config)?,
+            config: config.clone(),
+            in_flight: HashSet::new(),
+            model_event: None,
+            topics_ready: false,
+            next_topic_try: None,
+            waiting_since: None,
+            stats: PublishStats::default(),
+        })
+    }
+
+    fn producer(config: &KafkaConfig) -> Result<BaseProducer<Ctx>> {
+        ClientConfig::new()
             .set("bootstrap.servers", &config.brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
             .set("message.timeout.ms", config.message_timeout_ms.to_string())
             .create_with_context(Ctx::default())
-            .with_context(|| format!("creating a Kafka producer for {}", config.brokers))?;
-        Ok(Publisher {
-            producer,
-            config: config.clone(),
-            in_flight: HashSet::new(),
-            stats: PublishStats::default(),
-        })
+            .with_context(|| format!("creating a Kafka producer for {}", config.brokers))
+    }
+
+    /// A producer whose idempotence state the broker rejects (a broker that
+    /// restarted and lost it answers every produce with an error) never
+    /// recovers: replace it. Unacknowledged entries stay in the outbox and
+    /// are sent again by the new one.
+    fn replace_producer(&mut self, why: &str) -> Result<()> {
+        tracing::warn!(reason = why, "replacing the Kafka producer");
+        let old = std::mem::replace(&mut self.producer, Self::producer(&self.config)?);
+        old.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+        drop(old);
+        self.in_flight.clear();
+        if let Some(m) = &mut self.model_event {
+            m.2 = false;
+        }
+        Ok(())
     }
 
     /// Creates the three topics if they do not exist (the embeddings topic
@@ -161,7 +217,9 @@ impl Publisher {
             NewTopic::new(&t.changes, self.config.partitions, repl()),
             NewTopic::new(&t.models, 1, repl()).set("cleanup.policy", "compact"),
         ];
-        let opts = AdminOptions::new().operation_timeout(Some(timeout));
+        let opts = AdminOptions::new()
+            .operation_timeout(Some(timeout))
+            .request_timeout(Some(timeout));
         let results = futures_executor::block_on(admin.create_topics(topics.iter(), &opts))
             .with_context(|| format!("creating topics on {}", self.config.brokers))?;
         for r in results {
@@ -176,26 +234,68 @@ impl Publisher {
         Ok(())
     }
 
-    /// Sends one models-topic event and waits for its acknowledgement.
-    pub fn publish_model(&mut self, msg: &ModelMessage, timeout: Duration) -> Result<()> {
-        let payload = serde_json::to_vec(msg)?;
-        let record: BaseRecord<'_, str, [u8], Opaque> =
-            BaseRecord::with_opaque_to(&self.config.topics.models, Box::new((Vec::new(), 0)))
-                .key(msg.model_version.as_str())
-                .payload(&payload);
-        self.producer
-            .send(record)
-            .map_err(|(e, _)| e)
-            .context("queueing the model event")?;
-        self.producer.flush(timeout).with_context(|| {
-            format!(
-                "no acknowledgement from {} within {timeout:?}",
-                self.config.brokers
-            )
-        })?;
-        let deliveries = self.take_deliveries();
-        if let Some(e) = deliveries.iter().find_map(|d| d.error.clone()) {
-            bail!("model event not delivered: {e}");
+    /// Queues a models-topic event; drains send it (once the topics exist)
+    /// and again after a failed delivery, until the broker acknowledges it.
+    pub fn announce_model(&mut self, msg: &ModelMessage) -> Result<()> {
+        let payload = self.config.encoding.encode(msg)?;
+        self.model_event = Some((msg.model_version.clone(), payload, false));
+        Ok(())
+    }
+
+    /// Whether a model event is waiting for its acknowledgement.
+    pub fn model_event_pending(&self) -> bool {
+        self.model_event.is_some()
+    }
+
+    /// Topics are created on the first drain, and retried every
+    /// [`TOPIC_RETRY`] while the broker does not answer: the daemon starts,
+    /// applies and embeds without a broker.
+    fn topics_ready(&mut self) -> bool {
+        if self.topics_ready {
+            return true;
+        }
+        if self.next_topic_try.is_some_and(|t| Instant::now() < t) {
+            return false;
+        }
+        match self.ensure_topics(Duration::from_secs(5)) {
+            Ok(()) => {
+                self.topics_ready = true;
+                self.stats.broker_reachable = true;
+            }
+            Err(e) => {
+                self.stats.broker_reachable = false;
+                self.next_topic_try = Some(Instant::now() + TOPIC_RETRY);
+                tracing::warn!(
+                    brokers = %self.config.brokers,
+                    error = format!("{e:#}"),
+                    "cannot create the topics (broker down?); the outbox keeps every update, retrying in {TOPIC_RETRY:?}"
+                );
+            }
+        }
+        self.topics_ready
+    }
+
+    fn send_model_event(&mut self) -> Result<()> {
+        let Some((version, payload, in_flight)) = &mut self.model_event else {
+            return Ok(());
+        };
+        if *in_flight {
+            return Ok(());
+        }
+        let record: BaseRecord<'_, str, [u8], Opaque> = BaseRecord::with_opaque_to(
+            &self.config.topics.models,
+            Box::new((MODEL_KEY.to_vec(), 0)),
+        )
+        .key(version.as_str())
+        .headers(OwnedHeaders::new().insert(Header {
+            key: "content-type",
+            value: Some(self.config.encoding.content_type()),
+        }))
+        .payload(payload.as_slice());
+        match self.producer.send(record) {
+            Ok(()) => *in_flight = true,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {}
+            Err((e, _)) => return Err(e).context("queueing the model event"),
         }
         Ok(())
     }
@@ -216,7 +316,13 @@ impl Publisher {
     /// flight), and deletes acknowledged entries from the outbox.
     pub fn drain(&mut self, store: &Store, max: usize, wait: Duration) -> Result<DrainReport> {
         let mut report = DrainReport::default();
+        if !self.topics_ready() {
+            report.in_flight = self.in_flight();
+            return Ok(report);
+        }
+        self.send_model_event()?;
         let topics = self.config.topics.clone();
+        let enc = self.config.encoding;
         let entries = store.outbox_entries(None, max + self.in_flight.len())?;
         for e in entries {
             if report.sent >= max {
@@ -231,7 +337,7 @@ impl Publisher {
                     let m = ChangeMessage::new(c);
                     let idk = format!("{}|{}|{}", m.key(), c.version, c.sequence.unwrap_or(0));
                     self.stats.changes += 1;
-                    (&topics.changes, m.key(), Some(serde_json::to_vec(&m)?), idk)
+                    (&topics.changes, m.key(), Some(enc.encode(&m)?), idk)
                 }
                 OutboxItem::Tile(t) => {
                     self.stats.tiles += 1;
@@ -242,7 +348,7 @@ impl Publisher {
                             (
                                 &topics.embeddings,
                                 t.to_string(),
-                                Some(serde_json::to_vec(&m)?),
+                                Some(enc.encode_tile(&m)?),
                                 idk,
                             )
                         }
@@ -258,10 +364,15 @@ impl Publisher {
                     }
                 }
             };
-            let headers = OwnedHeaders::new().insert(Header {
-                key: "osmvec-idempotency-key",
-                value: Some(id_header.as_str()),
-            });
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "osmvec-idempotency-key",
+                    value: Some(id_header.as_str()),
+                })
+                .insert(Header {
+                    key: "content-type",
+                    value: Some(enc.content_type()),
+                });
             let mut record: BaseRecord<'_, str, [u8], Opaque> =
                 BaseRecord::with_opaque_to(topic, Box::new(token.clone()))
                     .key(key.as_str())
@@ -287,15 +398,31 @@ impl Publisher {
         loop {
             self.producer.poll(Duration::from_millis(10));
             self.collect(store, &mut report)?;
-            if self.in_flight.is_empty() || Instant::now() >= deadline {
+            if self.in_flight() == 0 || Instant::now() >= deadline {
                 break;
             }
         }
-        report.in_flight = self.in_flight.len();
-        if report.delivered > 0 {
-            self.stats.broker_reachable = true;
-        } else if report.failed > 0 || (report.in_flight > 0 && wait > Duration::ZERO) {
+        report.in_flight = self.in_flight();
+        // Reachable: something was acknowledged; unreachable: deliveries
+        // failed, or records have waited UNANSWERED without any ack.
+        if report.delivered > 0 || report.in_flight == 0 {
+            self.waiting_since = None;
+            if report.delivered > 0 {
+                self.stats.broker_reachable = true;
+            }
+        } else {
+            let since = *self.waiting_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= UNANSWERED {
+                self.stats.broker_reachable = false;
+            }
+        }
+        if report.failed > 0 {
             self.stats.broker_reachable = false;
+        }
+        if let Some((_, reason)) = self.producer.client().fatal_error() {
+            self.replace_producer(&format!("fatal error: {reason}"))?;
+        } else if report.delivered == 0 && report.rejected > 0 {
+            self.replace_producer("the broker rejected every record of a drain")?;
         }
         Ok(report)
     }
@@ -306,16 +433,51 @@ impl Publisher {
             return Ok(());
         }
         let mut acked = Vec::new();
+        let mut first_error = None;
         for d in deliveries {
+            if d.key == MODEL_KEY {
+                match d.error {
+                    None => {
+                        self.stats.models_delivered += 1;
+                        if let Some((version, ..)) = self.model_event.take() {
+                            tracing::info!(model_version = %version, "model event delivered");
+                        }
+                    }
+                    Some(e) => {
+                        tracing::warn!(error = %e, "model event not delivered; sending it again");
+                        if let Some(m) = &mut self.model_event {
+                            m.2 = false;
+                        }
+                    }
+                }
+                continue;
+            }
             self.in_flight.remove(&(d.key.clone(), d.id));
+            let tile = OutboxItem::is_tile_key(&d.key);
             match d.error {
-                None => acked.push((d.key, d.id)),
+                None => {
+                    self.stats.delivered_tiles += u64::from(tile);
+                    acked.push((d.key, d.id))
+                }
                 Some(e) => {
                     report.failed += 1;
                     self.stats.failed += 1;
-                    tracing::warn!(error = %e, "delivery failed; the entry stays in the outbox");
+                    self.stats.failed_tiles += u64::from(tile);
+                    // Timeouts mean no answer (broker down); anything else
+                    // is the broker saying no.
+                    if e.rdkafka_error_code() != Some(RDKafkaErrorCode::MessageTimedOut) {
+                        report.rejected += 1;
+                    }
+                    first_error.get_or_insert(e);
                 }
             }
+        }
+        if let Some(e) = first_error {
+            tracing::warn!(
+                error = %e,
+                failed = report.failed,
+                "deliveries failed; the entries stay in the outbox and are sent again"
+            );
         }
         report.delivered += acked.len();
         self.stats.delivered += acked.len() as u64;
@@ -323,8 +485,8 @@ impl Publisher {
         Ok(())
     }
 
-    /// Entries sent and not yet acknowledged or failed.
+    /// Records sent and not yet acknowledged or failed.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.len()
+        self.in_flight.len() + usize::from(self.model_event.as_ref().is_some_and(|m| m.2))
     }
 }

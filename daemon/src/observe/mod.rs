@@ -1,0 +1,6 @@
+//! What the daemon shows of itself: Prometheus metrics, drift at tile and
+//! model-version level, and the HTTP API with the drift page.
+
+pub mod api;
+pub mod drift;
+pub mod metrics;

@@ -1,0 +1,582 @@
+//! Observability end to end: the daemon's HTTP API on a running daemon
+//! (Andorra feed), a real Prometheus scraping it and a headless Chromium
+//! loading its drift page over the Maldives replay, the Grafana dashboard's
+//! queries against a live /metrics, and promtool over ops/prometheus.
+
+use std::collections::BTreeSet;
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use osmvec_tests::*;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// A process killed (SIGTERM, then SIGKILL) on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(Some(_)) = self.0.try_wait() {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        for _ in 0..50 {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// GET or POST; (status, body) whatever the status.
+fn http(method: &str, url: &str, token: Option<&str>) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into();
+    let resp = if method == "POST" {
+        let mut r = agent.post(url);
+        if let Some(t) = token {
+            r = r.header("Authorization", &format!("Bearer {t}"));
+        }
+        r.send_empty()
+    } else {
+        agent.get(url).call()
+    }
+    .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+    let status = resp.status().as_u16();
+    let body = resp.into_body().read_to_string().unwrap_or_default();
+    (status, body)
+}
+
+fn get_json(url: &str) -> serde_json::Value {
+    let (status, body) = http("GET", url, None);
+    assert_eq!(status, 200, "GET {url}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The value of an unlabelled sample in Prometheus text.
+fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !ok() {
+        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A store with a 1-step model: (dir, store, checkpoint).
+fn store_and_model(base: &Path) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let dir = tempdir();
+    let store = dir.path().join("store");
+    let ckpt = dir.path().join("ckpt");
+    osmvec_ok(&["import", "--store", path_str(&store), path_str(base)]);
+    osmvec_ok(&[
+        "train",
+        "--store",
+        path_str(&store),
+        "--out",
+        path_str(&ckpt),
+        "--steps",
+        "1",
+        "--batch-size",
+        "16",
+    ]);
+    (dir, store, ckpt)
+}
+
+/// `osmvec run` in the background, serving HTTP on a free port; its cycle
+/// lines are collected.
+fn start_daemon(
+    store: &Path,
+    ckpt: &Path,
+    source: &str,
+    broker: &str,
+    extra: &[&str],
+) -> (Proc, String, Arc<Mutex<Vec<serde_json::Value>>>) {
+    let port = free_port();
+    let mut child = Command::new(bin())
+        .args([
+            "run",
+            "--store",
+            path_str(store),
+            "--checkpoint",
+            path_str(ckpt),
+        ])
+        .args(["--source", source, "--brokers", broker, "--json"])
+        .args(["--http-listen", &format!("127.0.0.1:{port}")])
+        .args(["--poll-interval", "0.2"])
+        .args(extra)
+        .env("OSMVEC_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("osmvec run starts");
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    {
+        let lines = lines.clone();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines() {
+                let Ok(l) = l else { break };
+                lines
+                    .lock()
+                    .unwrap()
+                    .push(serde_json::from_str(&l).unwrap());
+            }
+        });
+    }
+    let url = format!("http://127.0.0.1:{port}");
+    let proc = Proc(child);
+    wait_for("the daemon's /healthz", Duration::from_secs(60), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    (proc, url, lines)
+}
+
+#[test]
+fn api_answers_checks_input_and_guards_state_changes() {
+    let broker = Broker::start();
+    let (dir, store, ckpt) =
+        store_and_model(&data("replication/andorra/base-2017-01-15T0000Z.osm.pbf"));
+    let feed = dir.path().join("feed");
+    copy_dir(&data("replication/andorra/day"), &feed);
+    let server = HttpSource::start(&feed, &["--hide-after", "5"]);
+    let (mut daemon, url, _) = start_daemon(
+        &store,
+        &ckpt,
+        &server.url,
+        &broker.addr,
+        &["--http-token", "s3cret"],
+    );
+    let metrics = || http("GET", &format!("{url}/metrics"), None).1;
+    wait_for("sequence 5, all embedded", Duration::from_secs(300), || {
+        let m = metrics();
+        sample(&m, "osmvec_replication_sequence") == Some(5.0)
+            && sample(&m, "osmvec_dirty_tiles") == Some(0.0)
+    });
+    assert_eq!(get_json(&format!("{url}/healthz"))["status"], "ok");
+    wait_for("/readyz", Duration::from_secs(30), || {
+        http("GET", &format!("{url}/readyz"), None).0 == 200
+    });
+
+    // Tiles.
+    let tiles = get_json(&format!("{url}/v1/tiles"));
+    let rows = tiles["tiles"].as_array().unwrap();
+    assert!(rows.len() > 100, "{} tiles", rows.len());
+    assert_eq!(tiles["count"].as_u64().unwrap() as usize, rows.len());
+    let r = &rows[rows.len() / 2];
+    let (z, x, y) = (
+        r[0].as_u64().unwrap(),
+        r[1].as_u64().unwrap(),
+        r[2].as_u64().unwrap(),
+    );
+    let t = get_json(&format!("{url}/v1/tiles/{z}/{x}/{y}"));
+    assert_eq!(t["tile"], format!("{z}/{x}/{y}"));
+    assert_eq!(t["model_version"], "1.0");
+    assert_eq!(t["sequence"], r[4]);
+    assert_eq!(t["drift"], r[3]);
+    assert_eq!(
+        t["vector"].as_array().unwrap().len() as u64,
+        t["dim"].as_u64().unwrap()
+    );
+    let (status, body) = http("GET", &format!("{url}/v1/tiles/15/0/0"), None);
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("no embedding for tile 15/0/0"), "{body}");
+    for (path, needle) in [
+        ("/v1/tiles/99/0/0", "z must"),
+        ("/v1/tiles/15/abc/0", "x must"),
+        ("/v1/tiles/15/0/40000", "y must"),
+        ("/v1/embed?lat=91&lon=0", "lat must be between"),
+        ("/v1/embed?lat=0&lon=abc", "lon must be a number"),
+        ("/v1/embed?lat=0", "missing query parameter lon"),
+    ] {
+        let (status, body) = http("GET", &format!("{url}{path}"), None);
+        assert_eq!(status, 400, "{path}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON error");
+        assert!(
+            v["error"].as_str().unwrap().contains(needle),
+            "{path}: {body}"
+        );
+    }
+
+    // The location encoder anywhere on Earth: deterministic, point-specific.
+    let e1 = get_json(&format!("{url}/v1/embed?lat=42.5&lon=1.52"));
+    let e2 = get_json(&format!("{url}/v1/embed?lat=42.5&lon=1.52"));
+    let e3 = get_json(&format!("{url}/v1/embed?lat=-33.9&lon=151.2"));
+    assert_eq!(e1["vector"], e2["vector"]);
+    assert_ne!(e1["vector"], e3["vector"]);
+    assert_eq!(
+        e1["vector"].as_array().unwrap().len() as u64,
+        e1["dim"].as_u64().unwrap()
+    );
+    assert!(
+        e1["vector"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v.as_f64().unwrap().is_finite())
+    );
+
+    // Drift summary: the diffs re-embedded tiles of the same version.
+    let d = get_json(&format!("{url}/v1/drift"));
+    assert!(d["updates"].as_u64().unwrap() > 0, "{d}");
+    assert!(!d["series"].as_array().unwrap().is_empty());
+    assert_eq!(d["threshold"], 0.05);
+
+    // The page and its assets; unknown paths are JSON 404s.
+    let (status, page) = http("GET", &format!("{url}/"), None);
+    assert_eq!(status, 200);
+    assert!(page.contains("/assets/vendor/leaflet/leaflet.js"));
+    for asset in [
+        "app.js",
+        "style.css",
+        "vendor/leaflet/leaflet.js",
+        "vendor/leaflet/leaflet.css",
+    ] {
+        assert_eq!(
+            http("GET", &format!("{url}/assets/{asset}"), None).0,
+            200,
+            "{asset}"
+        );
+    }
+    assert_eq!(http("GET", &format!("{url}/nope"), None).0, 404);
+
+    // Pause: refused without or with a wrong token; with it, no diff is
+    // applied until resumed.
+    let (status, body) = http("POST", &format!("{url}/v1/pause"), None);
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = http("POST", &format!("{url}/v1/pause"), Some("wrong"));
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = http("POST", &format!("{url}/v1/pause"), Some("s3cret"));
+    assert_eq!(status, 200, "{body}");
+    ureq::post(format!("{}/_control/publish?seq=8", server.url))
+        .send_empty()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(sample(&metrics(), "osmvec_replication_sequence"), Some(5.0));
+    assert_eq!(get_json(&format!("{url}/v1/drift"))["paused"], true);
+    let (status, _) = http("POST", &format!("{url}/v1/resume"), Some("s3cret"));
+    assert_eq!(status, 200);
+    wait_for("sequence 8 after resume", Duration::from_secs(120), || {
+        sample(&metrics(), "osmvec_replication_sequence") == Some(8.0)
+    });
+
+    // The Grafana dashboard only queries metrics the daemon exports.
+    let live = metrics();
+    let exported: BTreeSet<String> = live
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .flat_map(|l| {
+            let mut p = l.split_whitespace();
+            let (name, kind) = (p.next().unwrap().to_string(), p.next().unwrap());
+            let mut names = vec![name.clone()];
+            if kind == "histogram" {
+                names.extend(["_bucket", "_sum", "_count"].map(|s| format!("{name}{s}")));
+            }
+            names
+        })
+        .collect();
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("ops/grafana/osmvec-dashboard.json")).unwrap(),
+    )
+    .expect("the dashboard parses");
+    let mut exprs = Vec::new();
+    collect_exprs(&dashboard, &mut exprs);
+    assert!(exprs.len() > 10, "{} queries", exprs.len());
+    let mut used = BTreeSet::new();
+    for e in &exprs {
+        for name in metric_names(e) {
+            assert!(
+                exported.contains(&name),
+                "dashboard query {e:?} uses {name}, not exported"
+            );
+            used.insert(name);
+        }
+    }
+    eprintln!(
+        "{} dashboard queries use {} exported series",
+        exprs.len(),
+        used.len()
+    );
+
+    // SIGTERM: a clean exit.
+    let status = {
+        let _ = Command::new("kill")
+            .args(["-TERM", &daemon.0.id().to_string()])
+            .status();
+        daemon.0.wait().unwrap()
+    };
+    assert!(status.success(), "exit status {status}");
+
+    // Another checkpoint (another seed) on the same store: the next start
+    // compares the two location encoders on the probe grid.
+    let ckpt2 = dir.path().join("ckpt2");
+    osmvec_ok(&[
+        "train",
+        "--store",
+        path_str(&store),
+        "--out",
+        path_str(&ckpt2),
+        "--steps",
+        "1",
+        "--batch-size",
+        "16",
+        "--seed",
+        "7",
+    ]);
+    let (_daemon2, url2, _) = start_daemon(&store, &ckpt2, &server.url, &broker.addr, &[]);
+    let d = get_json(&format!("{url2}/v1/drift"));
+    let md = &d["model_drift"];
+    assert_eq!(md["points"], 64 * 64, "{d}");
+    let cos = md["mean_cosine_distance"].as_f64().unwrap();
+    let mmd2 = md["mmd2"].as_f64().unwrap();
+    assert!(cos > 0.0 && cos <= 2.0, "{md}");
+    assert!(mmd2.is_finite() && mmd2 > 0.0, "{md}");
+    let m2 = http("GET", &format!("{url2}/metrics"), None).1;
+    assert_eq!(sample(&m2, "osmvec_model_drift_mmd2"), Some(mmd2));
+    eprintln!("model drift between two seeds: {md}");
+}
+
+fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                match (k.as_str(), v) {
+                    ("expr", serde_json::Value::String(s)) => out.push(s.clone()),
+                    _ => collect_exprs(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| collect_exprs(v, out)),
+        _ => {}
+    }
+}
+
+/// `osmvec_*` identifiers in a PromQL expression.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let b = expr.as_bytes();
+    let mut i = 0;
+    while let Some(off) = expr[i..].find("osmvec_") {
+        let start = i + off;
+        let preceded = start > 0 && (b[start - 1].is_ascii_alphanumeric() || b[start - 1] == b'_');
+        let mut end = start;
+        while end < b.len() && (b[end].is_ascii_alphanumeric() || b[end] == b'_') {
+            end += 1;
+        }
+        if !preceded {
+            out.push(expr[start..end].to_string());
+        }
+        i = end;
+    }
+    out
+}
+
+/// The Maldives replay with Prometheus scraping the daemon every second and
+/// Chromium loading the drift page: Prometheus' stored series must say what
+/// the daemon applied, and the page's tile layer must show every tile
+/// published to the embeddings topic.
+#[test]
+fn prometheus_scrapes_and_the_drift_page_shows_the_published_tiles() {
+    let broker = Broker::start();
+    let maldives = "replication/maldives";
+    let (dir, store, ckpt) =
+        store_and_model(&data(&format!("{maldives}/base-2017-03-01T0749Z.osm.pbf")));
+    let feed = data(&format!("{maldives}/minute"));
+    let server = HttpSource::start(&feed, &[]);
+    let (_daemon, url, cycles) = start_daemon(&store, &ckpt, &server.url, &broker.addr, &[]);
+    let daemon_port = url.rsplit(':').next().unwrap().to_string();
+
+    // Prometheus, scraping the daemon.
+    let prom_port = free_port();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: osmvec\n    static_configs:\n      - targets: ['127.0.0.1:{daemon_port}']\n"
+        ),
+    )
+    .unwrap();
+    let _prometheus = Proc(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus runs (ops/test.sh installs Debian's package)"),
+    );
+    let prom = format!("http://127.0.0.1:{prom_port}");
+
+    let metrics = || http("GET", &format!("{url}/metrics"), None).1;
+    wait_for(
+        "the feed applied and published",
+        Duration::from_secs(900),
+        || {
+            let m = metrics();
+            sample(&m, "osmvec_replication_sequence") == Some(180.0)
+                && sample(&m, "osmvec_dirty_tiles") == Some(0.0)
+                && sample(&m, "osmvec_outbox_entries") == Some(0.0)
+        },
+    );
+    let query = |q: &str| -> Option<f64> {
+        let v = get_json(&format!(
+            "{prom}/api/v1/query?query={}",
+            q.replace('+', "%2B").replace(' ', "%20")
+        ));
+        assert_eq!(v["status"], "success", "{q}: {v}");
+        let r = v["data"]["result"].as_array()?.first()?.clone();
+        r["value"][1].as_str()?.parse().ok()
+    };
+    let (drifted, embedded) = {
+        let c = cycles.lock().unwrap();
+        (
+            c.iter()
+                .map(|c| c["drifted"].as_u64().unwrap())
+                .sum::<u64>(),
+            c.iter()
+                .map(|c| c["tiles_embedded"].as_u64().unwrap())
+                .sum::<u64>(),
+        )
+    };
+    wait_for(
+        "Prometheus to scrape the final state",
+        Duration::from_secs(60),
+        || {
+            query("osmvec_replication_sequence") == Some(180.0)
+                && query("osmvec_tiles_embedded_total") == Some(embedded as f64)
+        },
+    );
+    let state = std::fs::read_to_string(feed.join("000/000/180.state.txt")).unwrap();
+    let ts = state
+        .lines()
+        .find_map(|l| l.strip_prefix("timestamp="))
+        .unwrap()
+        .replace("\\:", ":");
+    let ts = chrono_free_parse(&ts);
+    assert_eq!(query("osmvec_replication_timestamp_seconds"), Some(ts));
+    let lag = query("osmvec_replication_lag_seconds").unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (now - ts - lag).abs() < 30.0,
+        "lag {lag} vs now − timestamp {}",
+        now - ts
+    );
+    assert_eq!(query("osmvec_diffs_applied_total"), Some(180.0));
+    assert!(
+        drifted > 0,
+        "the replay re-embedded no tile of the same version"
+    );
+    assert_eq!(
+        query("osmvec_tile_drift_cosine_distance_count"),
+        Some(drifted as f64)
+    );
+    let share = query("osmvec_drifted_tiles_ratio").unwrap();
+    assert!((0.0..=1.0).contains(&share));
+    eprintln!(
+        "Prometheus: sequence 180, {embedded} tiles embedded, {drifted} drift values, drifted share {share:.3}"
+    );
+
+    // The drift page, headless: the tile layer holds every published tile.
+    let published = get_json(&format!("{url}/v1/tiles"))["count"]
+        .as_u64()
+        .unwrap();
+    let chromium = |args: &[&str]| {
+        let out = Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+            ])
+            .args(["--virtual-time-budget=20000", "--window-size=1280,900"])
+            .args(args)
+            .arg(format!("{url}/"))
+            .output()
+            .expect("chromium runs (ops/test.sh installs Debian's package)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let dom = chromium(&["--dump-dom"]);
+    let attr = |name: &str| -> Option<String> {
+        let i = dom.find(&format!("{name}=\""))? + name.len() + 2;
+        Some(dom[i..].split('"').next()?.to_string())
+    };
+    assert_eq!(
+        attr("data-ready").as_deref(),
+        Some("1"),
+        "page not ready: {}",
+        &dom[..dom.len().min(2000)]
+    );
+    assert_eq!(attr("data-tiles-shown"), Some(published.to_string()));
+    let shot = root().join("target/drift-page.png");
+    chromium(&[&format!("--screenshot={}", shot.display())]);
+    assert!(
+        std::fs::metadata(&shot)
+            .map(|m| m.len() > 10_000)
+            .unwrap_or(false)
+    );
+    eprintln!(
+        "drift page: {published} tiles shown; screenshot {}",
+        shot.display()
+    );
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` to Unix seconds (days from civil, no library).
+fn chrono_free_parse(s: &str) -> f64 {
+    let n = |a: usize, b: usize| s[a..b].parse::<i64>().unwrap();
+    let (y, m, d) = (n(0, 4), n(5, 7), n(8, 10));
+    let (hh, mm, ss) = (n(11, 13), n(14, 16), n(17, 19));
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146097 + doe - 719468;
+    (days * 86400 + hh * 3600 + mm * 60 + ss) as f64
+}
+
+#[test]
+fn promtool_checks_the_prometheus_files() {
+    let out = Command::new("bash")
+        .arg(root().join("ops/check-observability.sh"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ops/check-observability.sh failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
