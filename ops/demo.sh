@@ -46,3 +46,6 @@ for topic in osmvec.models osmvec.changes osmvec.tile-embeddings; do
   cargo run -q --release --locked -p osmvec --example consume -- "127.0.0.1:$port" "$topic" 3 | tail -n 3
 done
 echo "broker left running on 127.0.0.1:$port (bash ops/broker.sh stop)" >&2
+echo "to watch the drift page and /metrics, run the daemon on in the foreground:" >&2
+echo "  $bin run --store $store --checkpoint $ckpt --source $data/minute --brokers 127.0.0.1:$port" >&2
+echo "  then open http://127.0.0.1:9187/ (docs/observability.md)" >&2
