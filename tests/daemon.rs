@@ -13,101 +13,12 @@ use std::hash::{Hash, Hasher};
 use std::io::BufRead;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use osmvec_graphstore::Store;
 use osmvec_graphstore::element::ElementType;
 use osmvec_graphstore::tiles::TileId;
 use osmvec_tests::*;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
-use rdkafka::{Offset, TopicPartitionList};
-
-/// One record: key, value decoded to JSON (the vector as an array, whatever
-/// the encoding), or None for a tombstone.
-type Record = (String, Option<serde_json::Value>);
-
-/// Every record of `topic` from the beginning; stops after `idle` without a
-/// new record (tansu's high watermark is unreliable on memory storage, so the
-/// end is found by quiet). Values are decoded by their content-type header.
-fn consume(brokers: &str, topic: &str, idle: Duration) -> Vec<Record> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("osmvec-test-{topic}"))
-        .set("enable.auto.commit", "false")
-        .set("session.timeout.ms", "6000")
-        .create()
-        .expect("consumer");
-    let meta = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .expect("metadata");
-    let mut tpl = TopicPartitionList::new();
-    for t in meta.topics() {
-        for p in t.partitions() {
-            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
-                .unwrap();
-        }
-    }
-    assert!(tpl.count() > 0, "topic {topic} has no partitions");
-    consumer.assign(&tpl).expect("assign");
-    let mut out = Vec::new();
-    let mut quiet = Instant::now();
-    while quiet.elapsed() < idle {
-        if let Some(m) = consumer.poll(Duration::from_millis(200)) {
-            let m = m.expect("message");
-            let content_type = m
-                .headers()
-                .and_then(|h| h.iter().find(|h| h.key == "content-type"))
-                .and_then(|h| h.value)
-                .map(|v| String::from_utf8_lossy(v).to_string());
-            let value = m.payload().map(|p| decode(p, content_type.as_deref()));
-            out.push((
-                String::from_utf8_lossy(m.key().unwrap_or_default()).to_string(),
-                value,
-            ));
-            quiet = Instant::now();
-        }
-    }
-    out
-}
-
-/// JSON as is; CBOR into the same JSON shape (a byte-string vector is
-/// unpacked from little-endian f32).
-fn decode(payload: &[u8], content_type: Option<&str>) -> serde_json::Value {
-    match content_type {
-        Some("application/cbor") => {
-            let v: ciborium::Value = ciborium::from_reader(payload).expect("valid CBOR");
-            cbor_to_json(v)
-        }
-        Some("application/json") => serde_json::from_slice(payload).expect("valid JSON"),
-        other => panic!("record without a known content-type header: {other:?}"),
-    }
-}
-
-fn cbor_to_json(v: ciborium::Value) -> serde_json::Value {
-    use ciborium::Value as C;
-    use serde_json::Value as J;
-    match v {
-        C::Null => J::Null,
-        C::Bool(b) => J::Bool(b),
-        C::Integer(i) => J::from(i128::from(i) as i64),
-        C::Float(f) => serde_json::Number::from_f64(f).map_or(J::Null, J::Number),
-        C::Text(t) => J::String(t),
-        C::Bytes(b) => J::Array(
-            b.chunks_exact(4)
-                .map(|c| J::from(f32::from_le_bytes(c.try_into().unwrap()) as f64))
-                .collect(),
-        ),
-        C::Array(a) => J::Array(a.into_iter().map(cbor_to_json).collect()),
-        C::Map(m) => J::Object(
-            m.into_iter()
-                .map(|(k, v)| (k.into_text().expect("text keys"), cbor_to_json(v)))
-                .collect(),
-        ),
-        other => panic!("unexpected CBOR value {other:?}"),
-    }
-}
 
 fn vectors_of_store(store: &Path) -> BTreeMap<String, Vec<f32>> {
     Store::open(store)

@@ -4,6 +4,10 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::Consumer;
+use rdkafka::message::{Headers, Message};
 
 /// The workspace root (this crate lives in `tests/`).
 pub fn root() -> PathBuf {
@@ -309,5 +313,261 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+// Running the daemon in the background and talking to its HTTP side.
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// A process killed (SIGTERM, then SIGKILL) on drop.
+pub struct Proc(pub Child);
+
+impl Proc {
+    /// SIGTERM and wait; panics unless it exits 0.
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let status = self.0.wait().expect("wait");
+        assert!(status.success(), "exit status {status}");
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(Some(_)) = self.0.try_wait() {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        for _ in 0..50 {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// GET or POST; (status, body) whatever the status.
+pub fn http(method: &str, url: &str, token: Option<&str>) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into();
+    let resp = if method == "POST" {
+        let mut r = agent.post(url);
+        if let Some(t) = token {
+            r = r.header("Authorization", &format!("Bearer {t}"));
+        }
+        r.send_empty()
+    } else {
+        agent.get(url).call()
+    }
+    .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+    let status = resp.status().as_u16();
+    let body = resp.into_body().read_to_string().unwrap_or_default();
+    (status, body)
+}
+
+pub fn get_json(url: &str) -> serde_json::Value {
+    let (status, body) = http("GET", url, None);
+    assert_eq!(status, 200, "GET {url}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The value of an unlabelled sample in Prometheus text.
+pub fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !ok() {
+        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A store with a 1-step model: (dir, store, checkpoint).
+pub fn store_and_model(base: &Path) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let dir = tempdir();
+    let store = dir.path().join("store");
+    let ckpt = dir.path().join("ckpt");
+    osmvec_ok(&["import", "--store", path_str(&store), path_str(base)]);
+    osmvec_ok(&[
+        "train",
+        "--store",
+        path_str(&store),
+        "--out",
+        path_str(&ckpt),
+        "--steps",
+        "1",
+        "--batch-size",
+        "16",
+    ]);
+    (dir, store, ckpt)
+}
+
+/// Cycle lines of a background daemon, as they arrive.
+pub type Cycles = std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>;
+
+/// `osmvec run` in the background, serving HTTP on a free port; its cycle
+/// lines are collected.
+pub fn start_daemon(
+    store: &Path,
+    ckpt: &Path,
+    source: &str,
+    broker: &str,
+    extra: &[&str],
+) -> (Proc, String, Cycles) {
+    start_daemon_env(store, ckpt, source, broker, extra, &[])
+}
+
+/// [`start_daemon`] with extra environment variables.
+pub fn start_daemon_env(
+    store: &Path,
+    ckpt: &Path,
+    source: &str,
+    broker: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Proc, String, Cycles) {
+    let port = free_port();
+    let mut child = Command::new(bin())
+        .args([
+            "run",
+            "--store",
+            path_str(store),
+            "--checkpoint",
+            path_str(ckpt),
+        ])
+        .args(["--source", source, "--brokers", broker, "--json"])
+        .args(["--http-listen", &format!("127.0.0.1:{port}")])
+        .args(["--poll-interval", "0.2"])
+        .args(extra)
+        .envs(env.iter().copied())
+        .env("OSMVEC_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("osmvec run starts");
+    let lines = Cycles::default();
+    {
+        let lines = lines.clone();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines() {
+                let Ok(l) = l else { break };
+                lines
+                    .lock()
+                    .unwrap()
+                    .push(serde_json::from_str(&l).unwrap());
+            }
+        });
+    }
+    let url = format!("http://127.0.0.1:{port}");
+    let proc = Proc(child);
+    wait_for("the daemon's /healthz", Duration::from_secs(60), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    (proc, url, lines)
+}
+
+// Reading what the daemon published.
+
+/// One record: key, value decoded to JSON (the vector as an array, whatever
+/// the encoding), or None for a tombstone.
+pub type Record = (String, Option<serde_json::Value>);
+
+/// Every record of `topic` from the beginning; stops after `idle` without a
+/// new record (tansu's high watermark is unreliable on memory storage, so the
+/// end is found by quiet). Values are decoded by their content-type header.
+pub fn consume(brokers: &str, topic: &str, idle: Duration) -> Vec<Record> {
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("osmvec-test-{topic}"))
+        .set("enable.auto.commit", "false")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .expect("consumer");
+    let meta = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for t in meta.topics() {
+        for p in t.partitions() {
+            tpl.add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning)
+                .unwrap();
+        }
+    }
+    assert!(tpl.count() > 0, "topic {topic} has no partitions");
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let mut quiet = Instant::now();
+    while quiet.elapsed() < idle {
+        if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+            let m = m.expect("message");
+            let content_type = m
+                .headers()
+                .and_then(|h| h.iter().find(|h| h.key == "content-type"))
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).to_string());
+            let value = m.payload().map(|p| decode(p, content_type.as_deref()));
+            out.push((
+                String::from_utf8_lossy(m.key().unwrap_or_default()).to_string(),
+                value,
+            ));
+            quiet = Instant::now();
+        }
+    }
+    out
+}
+
+/// JSON as is; CBOR into the same JSON shape (a byte-string vector is
+/// unpacked from little-endian f32).
+pub fn decode(payload: &[u8], content_type: Option<&str>) -> serde_json::Value {
+    match content_type {
+        Some("application/cbor") => {
+            let v: ciborium::Value = ciborium::from_reader(payload).expect("valid CBOR");
+            cbor_to_json(v)
+        }
+        Some("application/json") => serde_json::from_slice(payload).expect("valid JSON"),
+        other => panic!("record without a known content-type header: {other:?}"),
+    }
+}
+
+pub fn cbor_to_json(v: ciborium::Value) -> serde_json::Value {
+    use ciborium::Value as C;
+    use serde_json::Value as J;
+    match v {
+        C::Null => J::Null,
+        C::Bool(b) => J::Bool(b),
+        C::Integer(i) => J::from(i128::from(i) as i64),
+        C::Float(f) => serde_json::Number::from_f64(f).map_or(J::Null, J::Number),
+        C::Text(t) => J::String(t),
+        C::Bytes(b) => J::Array(
+            b.chunks_exact(4)
+                .map(|c| J::from(f32::from_le_bytes(c.try_into().unwrap()) as f64))
+                .collect(),
+        ),
+        C::Array(a) => J::Array(a.into_iter().map(cbor_to_json).collect()),
+        C::Map(m) => J::Object(
+            m.into_iter()
+                .map(|(k, v)| (k.into_text().expect("text keys"), cbor_to_json(v)))
+                .collect(),
+        ),
+        other => panic!("unexpected CBOR value {other:?}"),
     }
 }

@@ -4,153 +4,10 @@
 //! queries against a live /metrics, and promtool over ops/prometheus.
 
 use std::collections::BTreeSet;
-use std::io::BufRead;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use osmvec_tests::*;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-/// A process killed (SIGTERM, then SIGKILL) on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(Some(_)) = self.0.try_wait() {
-            return;
-        }
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        for _ in 0..50 {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// GET or POST; (status, body) whatever the status.
-fn http(method: &str, url: &str, token: Option<&str>) -> (u16, String) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .into();
-    let resp = if method == "POST" {
-        let mut r = agent.post(url);
-        if let Some(t) = token {
-            r = r.header("Authorization", &format!("Bearer {t}"));
-        }
-        r.send_empty()
-    } else {
-        agent.get(url).call()
-    }
-    .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
-    let status = resp.status().as_u16();
-    let body = resp.into_body().read_to_string().unwrap_or_default();
-    (status, body)
-}
-
-fn get_json(url: &str) -> serde_json::Value {
-    let (status, body) = http("GET", url, None);
-    assert_eq!(status, 200, "GET {url}: {body}");
-    serde_json::from_str(&body).unwrap()
-}
-
-/// The value of an unlabelled sample in Prometheus text.
-fn sample(metrics: &str, name: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !ok() {
-        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// A store with a 1-step model: (dir, store, checkpoint).
-fn store_and_model(base: &Path) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
-    let dir = tempdir();
-    let store = dir.path().join("store");
-    let ckpt = dir.path().join("ckpt");
-    osmvec_ok(&["import", "--store", path_str(&store), path_str(base)]);
-    osmvec_ok(&[
-        "train",
-        "--store",
-        path_str(&store),
-        "--out",
-        path_str(&ckpt),
-        "--steps",
-        "1",
-        "--batch-size",
-        "16",
-    ]);
-    (dir, store, ckpt)
-}
-
-/// `osmvec run` in the background, serving HTTP on a free port; its cycle
-/// lines are collected.
-fn start_daemon(
-    store: &Path,
-    ckpt: &Path,
-    source: &str,
-    broker: &str,
-    extra: &[&str],
-) -> (Proc, String, Arc<Mutex<Vec<serde_json::Value>>>) {
-    let port = free_port();
-    let mut child = Command::new(bin())
-        .args([
-            "run",
-            "--store",
-            path_str(store),
-            "--checkpoint",
-            path_str(ckpt),
-        ])
-        .args(["--source", source, "--brokers", broker, "--json"])
-        .args(["--http-listen", &format!("127.0.0.1:{port}")])
-        .args(["--poll-interval", "0.2"])
-        .args(extra)
-        .env("OSMVEC_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("osmvec run starts");
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    {
-        let lines = lines.clone();
-        let out = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for l in std::io::BufReader::new(out).lines() {
-                let Ok(l) = l else { break };
-                lines
-                    .lock()
-                    .unwrap()
-                    .push(serde_json::from_str(&l).unwrap());
-            }
-        });
-    }
-    let url = format!("http://127.0.0.1:{port}");
-    let proc = Proc(child);
-    wait_for("the daemon's /healthz", Duration::from_secs(60), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
-    (proc, url, lines)
-}
 
 #[test]
 fn api_answers_checks_input_and_guards_state_changes() {
@@ -319,13 +176,7 @@ fn api_answers_checks_input_and_guards_state_changes() {
     );
 
     // SIGTERM: a clean exit.
-    let status = {
-        let _ = Command::new("kill")
-            .args(["-TERM", &daemon.0.id().to_string()])
-            .status();
-        daemon.0.wait().unwrap()
-    };
-    assert!(status.success(), "exit status {status}");
+    daemon.stop();
 
     // Another checkpoint (another seed) on the same store: the next start
     // compares the two location encoders on the probe grid.

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
+use crate::embedding::finetune::FinetuneConfig;
 use crate::publish::kafka::{KafkaConfig, Topics};
 use crate::publish::messages::Encoding;
 
@@ -23,12 +24,16 @@ pub struct FileConfig {
     pub debounce_seconds: Option<f64>,
     pub embed_batch: Option<usize>,
     pub max_tiles_per_cycle: Option<usize>,
+    pub sweep_tiles_per_cycle: Option<usize>,
     #[serde(default)]
     pub kafka: FileKafka,
     #[serde(default)]
     pub http: FileHttp,
     #[serde(default)]
     pub drift: FileDrift,
+    /// Every key optional; defaults from `FinetuneConfig::default()`.
+    #[serde(default)]
+    pub finetune: Option<FinetuneConfig>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -127,6 +132,10 @@ pub struct RunOverrides {
     /// backlog adds to a fresh diff) [default: 512].
     #[arg(long, env = "OSMVEC_MAX_TILES_PER_CYCLE")]
     pub max_tiles_per_cycle: Option<usize>,
+    /// Most tiles per cycle the re-embed sweep of a new major version
+    /// takes, after the cycle's dirty tiles [default: 256].
+    #[arg(long, env = "OSMVEC_SWEEP_TILES_PER_CYCLE")]
+    pub sweep_tiles_per_cycle: Option<usize>,
     /// Seconds librdkafka retries a message before it counts as failed
     /// (it is then sent again from the outbox) [default: 30].
     #[arg(long, env = "OSMVEC_MESSAGE_TIMEOUT")]
@@ -146,6 +155,21 @@ pub struct RunOverrides {
     /// Window of the drifted-share gauge, seconds [default: 3600].
     #[arg(long, env = "OSMVEC_DRIFT_WINDOW")]
     pub drift_window: Option<f64>,
+    /// Fine-tune every this many seconds; 0 never [default: 0].
+    #[arg(long, env = "OSMVEC_FINETUNE_EVERY_SECONDS")]
+    pub finetune_every_seconds: Option<f64>,
+    /// Fine-tune after this many re-embedded tiles; 0 never [default: 0].
+    #[arg(long, env = "OSMVEC_FINETUNE_EVERY_TILES")]
+    pub finetune_every_tiles: Option<u64>,
+    /// Steps of one fine-tuning run [default: 50].
+    #[arg(long, env = "OSMVEC_FINETUNE_STEPS")]
+    pub finetune_steps: Option<u64>,
+    /// Learning rate of fine-tuning [default: 1e-4].
+    #[arg(long, env = "OSMVEC_FINETUNE_LEARNING_RATE")]
+    pub finetune_learning_rate: Option<f64>,
+    /// How much worse a gate score may be and still promote [default: 0.02].
+    #[arg(long, env = "OSMVEC_FINETUNE_TOLERANCE")]
+    pub finetune_tolerance: Option<f64>,
 }
 
 /// The merged settings.
@@ -161,11 +185,13 @@ pub struct RunSettings {
     pub debounce_seconds: f64,
     pub embed_batch: usize,
     pub max_tiles_per_cycle: usize,
+    pub sweep_tiles_per_cycle: usize,
     /// None: no HTTP listener.
     pub http_listen: Option<String>,
     pub http_token: Option<String>,
     pub drift_threshold: f64,
     pub drift_window_seconds: f64,
+    pub finetune: FinetuneConfig,
 }
 
 /// Merges flags/environment over the file over the defaults; `store`,
@@ -223,6 +249,10 @@ pub fn merge(o: RunOverrides, f: FileConfig) -> Result<RunSettings> {
             .max_tiles_per_cycle
             .or(f.max_tiles_per_cycle)
             .unwrap_or(512),
+        sweep_tiles_per_cycle: o
+            .sweep_tiles_per_cycle
+            .or(f.sweep_tiles_per_cycle)
+            .unwrap_or(256),
         http_listen: match o
             .http_listen
             .or(f.http.listen)
@@ -234,7 +264,19 @@ pub fn merge(o: RunOverrides, f: FileConfig) -> Result<RunSettings> {
         http_token: o.http_token.or(f.http.token).filter(|t| !t.is_empty()),
         drift_threshold: o.drift_threshold.or(f.drift.threshold).unwrap_or(0.05),
         drift_window_seconds: o.drift_window.or(f.drift.window_seconds).unwrap_or(3600.0),
+        finetune: {
+            let d = f.finetune.unwrap_or_default();
+            FinetuneConfig {
+                every_seconds: o.finetune_every_seconds.unwrap_or(d.every_seconds),
+                every_tiles: o.finetune_every_tiles.unwrap_or(d.every_tiles),
+                steps: o.finetune_steps.unwrap_or(d.steps),
+                learning_rate: o.finetune_learning_rate.unwrap_or(d.learning_rate),
+                tolerance: o.finetune_tolerance.unwrap_or(d.tolerance),
+                ..d
+            }
+        },
     };
+    s.finetune.validate()?;
     if s.embed_batch == 0 || s.max_tiles_per_cycle == 0 {
         bail!("embed_batch and max_tiles_per_cycle must be at least 1");
     }

@@ -9,3 +9,4 @@ pub mod observe;
 pub mod publish;
 pub mod replication;
 pub mod run;
+pub mod tuner;

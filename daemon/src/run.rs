@@ -37,17 +37,18 @@ use serde::Serialize;
 use crate::config::RunSettings;
 use crate::embedding::checkpoint::Model;
 use crate::embedding::checkpoint::git_revision;
-use crate::embedding::embed::{EmbedReport, embed_tiles, tiles_to_embed};
-use crate::embedding::eval::location_rows;
+use crate::embedding::embed::{EmbedReport, embed_tiles, same_space, tiles_to_embed};
+use crate::embedding::finetune::{FinetuneConfig, FinetuneReport};
 use crate::embedding::inputs::Inputs;
 use crate::embedding::tags::TagVectors;
 use crate::follow::{FollowOptions, follow};
 use crate::observe::api::{Shared, TileState, serve};
-use crate::observe::drift::{DriftWindow, compare_versions, probe_grid};
+use crate::observe::drift::{DriftWindow, ModelDrift};
 use crate::observe::metrics::Metrics;
 use crate::publish::kafka::{KafkaConfig, Publisher};
 use crate::publish::messages::{ModelMessage, rfc3339};
 use crate::replication::{Backoff, SourceOptions, open_source};
+use crate::tuner::{Tuner, TunerEvent, version_drift};
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -60,6 +61,8 @@ pub struct RunOptions {
     pub debounce: Duration,
     pub embed_batch: usize,
     pub max_tiles_per_cycle: usize,
+    /// Most tiles the re-embed sweep of a new major version takes per cycle.
+    pub sweep_tiles_per_cycle: usize,
     pub max_outbox_per_drain: usize,
     pub shutdown_flush: Duration,
     pub backoff: Backoff,
@@ -73,6 +76,7 @@ pub struct RunOptions {
     pub http_token: Option<String>,
     pub drift_threshold: f64,
     pub drift_window_seconds: f64,
+    pub finetune: FinetuneConfig,
 }
 
 impl RunOptions {
@@ -88,6 +92,7 @@ impl RunOptions {
             debounce: Duration::from_secs_f64(s.debounce_seconds),
             embed_batch: s.embed_batch,
             max_tiles_per_cycle: s.max_tiles_per_cycle,
+            sweep_tiles_per_cycle: s.sweep_tiles_per_cycle,
             max_outbox_per_drain: 10_000,
             shutdown_flush: Duration::from_secs(10),
             backoff: Backoff {
@@ -103,6 +108,7 @@ impl RunOptions {
             http_token: s.http_token,
             drift_threshold: s.drift_threshold,
             drift_window_seconds: s.drift_window_seconds,
+            finetune: s.finetune,
         }
     }
 }
@@ -142,6 +148,8 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         model_drift: Mutex::new(None),
         tiles: RwLock::new(Default::default()),
         paused: AtomicBool::new(false),
+        finetune_requested: AtomicBool::new(false),
+        last_finetune: Mutex::new(None),
         token: o.http_token.clone(),
     });
     let m = &shared.metrics;
@@ -158,23 +166,12 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
     }
     m.outbox_entries.set(store.outbox_len()? as i64);
     shared.load_tiles()?;
-    compare_with_served_model(&shared, &o.checkpoint, &o.device)?;
     if let Some(addr) = &o.http_listen {
         serve(addr, shared.clone())?;
     }
+    compare_with_served_model(&shared, &o.checkpoint, &o.device)?;
     let mut publisher = Publisher::new(&o.kafka)?;
-    let now = chrono::Utc::now().timestamp();
-    publisher.announce_model(&ModelMessage {
-        schema_version: crate::publish::messages::SCHEMA_VERSION,
-        event: "loaded".into(),
-        model_version: model.meta.model_version.clone(),
-        checkpoint: o.checkpoint.display().to_string(),
-        created_at: model.meta.created_at.clone(),
-        git_revision: model.meta.git_revision.clone(),
-        training_steps: model.meta.training.steps,
-        eval: model.meta.eval.clone(),
-        at: rfc3339(now),
-    })?;
+    publisher.announce_model(&model_message(&model, "loaded", &o.checkpoint))?;
     tracing::info!(
         model_version = %model.meta.model_version,
         brokers = %o.kafka.brokers,
@@ -184,6 +181,23 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
     let mut inputs = Inputs::new(
         TagVectors::new(o.model_dir.clone(), o.device.clone()),
         false,
+    );
+    let mut model = model;
+    let mut sweep = tiles_to_sweep(&store, &model.meta.model_version)?;
+    m.sweep_tiles_remaining.set(sweep.len() as i64);
+    if !sweep.is_empty() {
+        tracing::info!(
+            tiles = sweep.len(),
+            model_version = %model.meta.model_version,
+            per_cycle = o.sweep_tiles_per_cycle,
+            "new major version: re-embedding every tile (the old embeddings stay published until replaced)"
+        );
+    }
+    let mut tuner = Tuner::new(
+        o.finetune.clone(),
+        o.checkpoint.clone(),
+        o.model_dir.clone(),
+        o.device.clone(),
     );
     let mut caught_up = false;
     let mut last_poll: Option<Instant> = None;
@@ -248,10 +262,47 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
                 break;
             }
         }
+        let dirty_done = er.tiles;
+        // 2b. The re-embed sweep after a major version change, in what the
+        // cycle's budget leaves (tiles a diff re-embedded meanwhile, or that
+        // lost their features, are skipped).
+        let budget = o
+            .sweep_tiles_per_cycle
+            .min(o.max_tiles_per_cycle.saturating_sub(dirty_done));
+        if !paused && budget > 0 && !sweep.is_empty() {
+            let mut batch = Vec::with_capacity(budget);
+            while batch.len() < budget {
+                let Some(t) = sweep.pop() else { break };
+                if store
+                    .tile_embedding(t)?
+                    .is_some_and(|e| !same_space(&e.model_version, &model.meta.model_version))
+                {
+                    batch.push(t);
+                }
+            }
+            for chunk in batch.chunks(o.embed_batch.max(1)) {
+                let tb = Instant::now();
+                embed_tiles(&store, &model, &mut inputs, chunk, &[], &mut er)?;
+                m.embed_batch_duration_seconds
+                    .observe(tb.elapsed().as_secs_f64());
+            }
+            m.sweep_tiles_remaining.set(sweep.len() as i64);
+            if sweep.is_empty() {
+                tracing::info!(
+                    model_version = %model.meta.model_version,
+                    "sweep complete: every tile is embedded by the new major version"
+                );
+                publisher.announce_model(&model_message(
+                    &model,
+                    "sweep-complete",
+                    &o.checkpoint,
+                ))?;
+            }
+        }
         inputs.clear();
         cycle.tiles_embedded = er.embedded;
         cycle.tiles_removed = er.removed;
-        cycle.dirty_left = work.len() - er.tiles.min(work.len());
+        cycle.dirty_left = work.len() - dirty_done.min(work.len());
         if take > 0 && cycle.dirty_left == 0 {
             pending_since = None;
         }
@@ -273,6 +324,14 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         m.observe_publisher(&publisher.stats);
         if cycle.diffs_applied > 0 || er.tiles > 0 {
             record_embeddings(&shared, &er, &cycle)?;
+            tuner.observe(er.results.iter().filter(|r| r.1.is_some()).map(|r| r.0));
+        }
+        // 4. Fine-tuning: start a run when due, take a finished one's result.
+        if let Some(event) = tuner.poll() {
+            handle_tuner_event(event, &shared, &mut model, &mut publisher, &o.checkpoint)?;
+        }
+        if tuner.due(shared.finetune_requested.swap(false, Ordering::Relaxed)) {
+            tuner.start(store.clone(), model.clone())?;
         }
         cycle.seconds = t0.elapsed().as_secs_f64();
         // Deliveries failing without any acknowledgement: the broker is
@@ -317,6 +376,8 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
             broker_warned = false;
         }
         let nothing_left = cycle.dirty_left == 0
+            && !tuner.is_running()
+            && sweep.is_empty()
             && er.tiles == 0
             && dr.sent == 0
             && publisher.in_flight() == 0
@@ -331,6 +392,7 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
             std::thread::sleep(Duration::from_millis(if stalled { 1000 } else { 100 }));
         }
     }
+    tuner.shutdown();
     let deadline = Instant::now() + o.shutdown_flush;
     while publisher.in_flight() > 0 && Instant::now() < deadline {
         publisher.drain(&store, 0, Duration::from_millis(200))?;
@@ -429,9 +491,6 @@ struct ServedModel {
     checkpoint: PathBuf,
 }
 
-/// Points per side of the probe grid (64² = 4,096 points).
-const PROBE_GRID: usize = 64;
-
 /// When this start serves a different model than the last one (another
 /// version, or the same version number retrained) and the old checkpoint
 /// still loads, compares their location encoders on the probe grid over
@@ -442,43 +501,26 @@ fn compare_with_served_model(shared: &Shared, checkpoint: &Path, device: &Device
         .read()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
-    let current = ServedModel {
-        model_version: model.meta.model_version.clone(),
-        created_at: model.meta.created_at.clone(),
-        checkpoint: std::fs::canonicalize(checkpoint).unwrap_or_else(|_| checkpoint.into()),
-    };
+    let current = served(&model, checkpoint);
     let previous: Option<ServedModel> = shared
         .store
         .served_model()?
         .and_then(|b| serde_json::from_slice(&b).ok());
-    if let Some(prev) = previous.filter(|p| *p != current) {
+    // Another model: another version, or the same version retrained (a
+    // checkpoint merely moved or copied is the same model).
+    let same_model = |p: &ServedModel| {
+        p.model_version == current.model_version && p.created_at == current.created_at
+    };
+    if let Some(prev) = previous.filter(|p| !same_model(p)) {
         match Model::load(&prev.checkpoint, device) {
             Ok(old) if old.meta.created_at == prev.created_at => {
-                let bbox = stored_bbox(&shared.store)?;
-                if let Some(bbox) = bbox {
-                    let t0 = Instant::now();
-                    let grid = probe_grid(bbox, PROBE_GRID);
-                    let (a, dim) = location_rows(&old, &grid, false)?;
-                    let (b, _) = location_rows(&model, &grid, false)?;
-                    let d =
-                        compare_versions(&a, &b, dim, &prev.model_version, &current.model_version);
-                    let m = &shared.metrics;
-                    m.model_drift_mean_cosine_distance
-                        .set(d.mean_cosine_distance);
-                    m.model_drift_mean_embedding_distance
-                        .set(d.mean_embedding_distance);
-                    m.model_drift_mmd2.set(d.mmd2);
+                let t0 = Instant::now();
+                if let Some(d) = version_drift(&shared.store, &old, &model)? {
                     tracing::info!(
-                        from = %d.from,
-                        to = %d.to,
-                        points = d.points,
-                        mean_cosine_distance = d.mean_cosine_distance,
-                        mean_embedding_distance = d.mean_embedding_distance,
-                        mmd2 = d.mmd2,
                         seconds = t0.elapsed().as_secs_f64(),
-                        "model drift on the probe grid"
+                        "model drift against the previously served checkpoint"
                     );
-                    *shared.model_drift.lock().unwrap_or_else(|e| e.into_inner()) = Some(d);
+                    record_model_drift(shared, d);
                 }
             }
             _ => tracing::info!(
@@ -493,16 +535,144 @@ fn compare_with_served_model(shared: &Shared, checkpoint: &Path, device: &Device
     Ok(())
 }
 
-/// The bounding box [w, s, e, n] of the fine tiles that hold features.
-fn stored_bbox(store: &Store) -> Result<Option<[f64; 4]>> {
-    let fine = store.tile_config().fine_zoom;
-    let mut bb: Option<[f64; 4]> = None;
-    for (t, _) in store.tiles()?.into_iter().filter(|(t, _)| t.z == fine) {
-        let [w, s, e, n] = t.bounds();
-        bb = Some(match bb {
-            None => [w, s, e, n],
-            Some(b) => [b[0].min(w), b[1].min(s), b[2].max(e), b[3].max(n)],
-        });
+/// Version-level drift into metrics, `/v1/drift` and the log.
+fn record_model_drift(shared: &Shared, d: ModelDrift) {
+    let m = &shared.metrics;
+    m.model_drift_mean_cosine_distance
+        .set(d.mean_cosine_distance);
+    m.model_drift_mean_embedding_distance
+        .set(d.mean_embedding_distance);
+    m.model_drift_mmd2.set(d.mmd2);
+    tracing::info!(
+        from = %d.from,
+        to = %d.to,
+        points = d.points,
+        mean_cosine_distance = d.mean_cosine_distance,
+        mean_embedding_distance = d.mean_embedding_distance,
+        mmd2 = d.mmd2,
+        "model drift on the probe grid"
+    );
+    *shared.model_drift.lock().unwrap_or_else(|e| e.into_inner()) = Some(d);
+}
+
+/// The serving model's identity, as recorded in the store.
+fn served(model: &Model, checkpoint: &Path) -> ServedModel {
+    ServedModel {
+        model_version: model.meta.model_version.clone(),
+        created_at: model.meta.created_at.clone(),
+        checkpoint: std::fs::canonicalize(checkpoint).unwrap_or_else(|_| checkpoint.into()),
     }
-    Ok(bb)
+}
+
+/// Metrics and the log line of a finished fine-tuning run; on promotion the
+/// new model replaces `model` (and the shared one), is announced on the
+/// models topic and recorded in the store. Returns whether it was promoted.
+fn handle_tuner_event(
+    event: TunerEvent,
+    shared: &Shared,
+    model: &mut Arc<Model>,
+    publisher: &mut Publisher,
+    checkpoint: &Path,
+) -> Result<bool> {
+    let m = &shared.metrics;
+    let scores = |r: &FinetuneReport| {
+        for (which, s) in [("current", r.current), ("candidate", r.candidate)] {
+            m.finetune_eval_score
+                .with_label_values(&[which, "retrieval_top10"])
+                .set(s.retrieval_top10);
+            m.finetune_eval_score
+                .with_label_values(&[which, "probe_macro_f1"])
+                .set(s.probe_macro_f1.unwrap_or(f64::NAN));
+        }
+        m.finetune_duration_seconds.set(r.seconds);
+    };
+    match event {
+        TunerEvent::Promoted {
+            model: new,
+            report,
+            drift,
+        } => {
+            m.finetune_runs_total.with_label_values(&["promoted"]).inc();
+            scores(&report);
+            let old_version = model.meta.model_version.clone();
+            let new: Arc<Model> = Arc::from(new);
+            *model = new.clone();
+            *shared.model.write().unwrap_or_else(|e| e.into_inner()) = new.clone();
+            let _ = m.model_info.remove_label_values(&[&old_version]);
+            m.model_info
+                .with_label_values(&[&new.meta.model_version])
+                .set(1);
+            tracing::info!(
+                from = %old_version,
+                to = %new.meta.model_version,
+                current = ?report.current,
+                candidate = ?report.candidate,
+                seconds = report.seconds,
+                "fine-tuned model promoted"
+            );
+            if let Some(d) = drift {
+                record_model_drift(shared, d);
+            }
+            publisher.announce_model(&model_message(&new, "promoted", checkpoint))?;
+            shared
+                .store
+                .set_served_model(&serde_json::to_vec(&served(&new, checkpoint))?)?;
+            *shared
+                .last_finetune
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(report);
+            Ok(true)
+        }
+        TunerEvent::Rejected { report, saved_in } => {
+            m.finetune_runs_total.with_label_values(&["rejected"]).inc();
+            scores(&report);
+            tracing::warn!(
+                candidate = %report.candidate_version,
+                current = ?report.current,
+                scores = ?report.candidate,
+                tolerance = report.tolerance,
+                saved_in = %saved_in.display(),
+                "fine-tuned candidate rejected by the gate; the current version keeps serving"
+            );
+            *shared
+                .last_finetune
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(report);
+            Ok(false)
+        }
+        TunerEvent::Failed(e) => {
+            m.finetune_runs_total.with_label_values(&["failed"]).inc();
+            tracing::error!(error = %e, "fine-tuning failed; the current version keeps serving");
+            Ok(false)
+        }
+    }
+}
+
+/// A models-topic event about `model`.
+fn model_message(model: &Model, event: &str, checkpoint: &Path) -> ModelMessage {
+    ModelMessage {
+        schema_version: crate::publish::messages::SCHEMA_VERSION,
+        event: event.into(),
+        model_version: model.meta.model_version.clone(),
+        checkpoint: checkpoint.display().to_string(),
+        created_at: model.meta.created_at.clone(),
+        git_revision: model.meta.git_revision.clone(),
+        training_steps: model.meta.training.steps,
+        eval: model.meta.eval.clone(),
+        at: rfc3339(chrono::Utc::now().timestamp()),
+    }
+}
+
+/// Tiles whose stored embedding comes from another major version than
+/// `version` (a new full training run): the sweep re-embeds them, in key
+/// order (popped from the end, so reversed here).
+fn tiles_to_sweep(store: &Store, version: &str) -> Result<Vec<TileId>> {
+    let mut tiles: Vec<TileId> = store
+        .tile_embeddings()?
+        .into_iter()
+        .filter(|(_, e)| !same_space(&e.model_version, version))
+        .map(|(t, _)| t)
+        .collect();
+    tiles.reverse();
+    Ok(tiles)
 }

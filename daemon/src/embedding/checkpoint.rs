@@ -14,8 +14,9 @@
 //! `checkpoint.json` names the weight and optimiser files it belongs to. A
 //! save writes the new files first, then replaces `checkpoint.json`
 //! atomically (write, fsync, rename, fsync the directory), then removes the
-//! files of the previous save: a crash at any point leaves a complete
-//! checkpoint, the old one or the new one, never a mix.
+//! files of the previous save (and any a crashed save left behind): a crash
+//! at any point leaves a complete checkpoint, the old one or the new one,
+//! never a mix.
 //!
 //! The metadata carries the model version, the whole configuration (encoder
 //! shapes, graph caps, tag policy, split), the key counts that weigh tag
@@ -283,14 +284,32 @@ impl Model {
         self.meta.weights_file = weights_file;
         self.meta.optimizer_file = optimizer_file;
         self.meta.git_revision = git_revision().to_string();
+        // Crash injection for the crash-safety tests: die between writing
+        // the new weights and committing them.
+        if std::env::var("OSMVEC_FAILPOINT").as_deref() == Ok("checkpoint-commit") {
+            tracing::error!("OSMVEC_FAILPOINT=checkpoint-commit: aborting before the commit");
+            std::process::abort();
+        }
         write_atomic(
             &dir.join(META_FILE),
             serde_json::to_string_pretty(&self.meta)?.as_bytes(),
         )?;
-        for f in old {
-            if Some(&f) != Some(&self.meta.weights_file)
-                && Some(&f) != self.meta.optimizer_file.as_ref()
-            {
+        // The previous save's files, and any left by a save that crashed
+        // before its commit.
+        let keep =
+            |f: &str| f == self.meta.weights_file || Some(f) == self.meta.optimizer_file.as_deref();
+        let stray = std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter(|f| {
+                        (f.starts_with("weights-") || f.starts_with("optimizer-"))
+                            && f.ends_with(".safetensors")
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        for f in old.into_iter().chain(stray) {
+            if !keep(&f) {
                 let _ = std::fs::remove_file(dir.join(f));
             }
         }

@@ -86,7 +86,9 @@ pub fn embed_tiles(
             if *present {
                 report.embedded += 1;
                 let drift = match store.tile_embedding(*tile)? {
-                    Some(prev) if prev.model_version == model.meta.model_version => {
+                    // Minor versions share the graph encoder (fine-tuning
+                    // freezes it), so their vectors are comparable.
+                    Some(prev) if same_space(&prev.model_version, &model.meta.model_version) => {
                         Some(cosine_distance(&prev.vector, &row))
                     }
                     _ => None,
@@ -207,4 +209,9 @@ pub fn embed(a: &EmbedArgs) -> Result<EmbedReport> {
     report.tiles_per_second = report.tiles as f64 / report.seconds.max(1e-9);
     report.tag_texts_encoded = inputs.vectors.encoded;
     Ok(report)
+}
+
+/// Whether two model versions embed tiles in the same space: same major.
+pub fn same_space(a: &str, b: &str) -> bool {
+    a.split('.').next() == b.split('.').next()
 }

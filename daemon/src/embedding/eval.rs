@@ -325,3 +325,72 @@ pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
     }
     Ok(report)
 }
+
+/// The two scores the fine-tuning gate compares.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
+pub struct GateScores {
+    pub retrieval_top10: f64,
+    /// None when the held-out blocks hold no labelled tile.
+    pub probe_macro_f1: Option<f64>,
+}
+
+/// Scores `models` on the same held-out retrieval sample and land-use
+/// labels (the split of the first model): what the fine-tuning gate
+/// compares. A smaller, faster relative of [`eval`].
+pub fn gate_scores(
+    store: &Store,
+    models: &[&Model],
+    inputs: &mut Inputs,
+    retrieval_tiles: usize,
+    probe_seeds: u64,
+    seed: u64,
+) -> Result<Vec<GateScores>> {
+    let first = models.first().expect("at least one model");
+    let (train_tiles, held_tiles) = split_tiles(store, first)?;
+    if held_tiles.is_empty() {
+        bail!("the store has no tile in a held-out block: the gate needs a larger area");
+    }
+    let mut order: Vec<TileId> = held_tiles.clone();
+    order.sort_by_key(|t| (mix(((t.x as u64) << 32 | t.y as u64) ^ seed), *t));
+    order.truncate(retrieval_tiles);
+    let mut rng = SplitMix64::new(mix(seed ^ 0x7e57));
+    let points: Vec<(f64, f64)> = order.iter().map(|t| point_in_tile(*t, &mut rng)).collect();
+    let cfg = LabelConfig::default();
+    // Tile centres and class indices of the labelled tiles.
+    type Labelled = (Vec<(f64, f64)>, Vec<usize>);
+    let label = |tiles: &[TileId]| -> Result<Labelled> {
+        let labels: Vec<Option<(LandUse, f64)>> = tiles
+            .par_iter()
+            .map(|t| tile_land_use(store, *t, &cfg))
+            .collect::<std::result::Result<_, _>>()?;
+        let mut c = Vec::new();
+        let mut y = Vec::new();
+        for (t, l) in tiles.iter().zip(labels) {
+            if let Some((class, _)) = l {
+                let [w, s, e, n] = t.bounds();
+                c.push(((s + n) / 2.0, (w + e) / 2.0));
+                y.push(class.index());
+            }
+        }
+        Ok((c, y))
+    };
+    let (train_c, train_y) = label(&train_tiles)?;
+    let (test_c, test_y) = label(&held_tiles)?;
+    let seeds: Vec<u64> = (0..probe_seeds.max(1)).collect();
+    let mut out = Vec::new();
+    for m in models {
+        let r = retrieval(store, m, inputs, &order, &points)?;
+        let probe = if train_c.is_empty() || test_c.is_empty() {
+            None
+        } else {
+            let (tx, dim) = location_rows(m, &train_c, false)?;
+            let (vx, _) = location_rows(m, &test_c, false)?;
+            Some(bootstrap_probe(&tx, &train_y, &vx, &test_y, dim, &seeds)?.macro_f1_mean)
+        };
+        out.push(GateScores {
+            retrieval_top10: r.top10,
+            probe_macro_f1: probe,
+        });
+    }
+    Ok(out)
+}

@@ -8,6 +8,7 @@
 pub mod checkpoint;
 pub mod embed;
 pub mod eval;
+pub mod finetune;
 pub mod graphs;
 pub mod inputs;
 pub mod split;

@@ -42,6 +42,9 @@ pub struct Shared {
     /// Set by POST /v1/pause: the loop stops applying and embedding (it
     /// keeps publishing what is in the outbox).
     pub paused: AtomicBool,
+    /// Set by POST /v1/finetune: the loop starts a run when none is going.
+    pub finetune_requested: AtomicBool,
+    pub last_finetune: Mutex<Option<crate::embedding::finetune::FinetuneReport>>,
     pub token: Option<String>,
 }
 
@@ -97,6 +100,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/drift", get(drift))
         .route("/v1/pause", post(pause))
         .route("/v1/resume", post(resume))
+        .route("/v1/finetune", post(request_finetune))
+        .route("/v1/model", get(model_info))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(state)
 }
@@ -375,6 +380,31 @@ async fn resume(State(s): State<AppState>, headers: HeaderMap) -> Response {
     s.paused.store(false, Ordering::Relaxed);
     tracing::info!("resumed through the API");
     axum::Json(json!({ "paused": false })).into_response()
+}
+
+async fn request_finetune(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&s, &headers) {
+        return *r;
+    }
+    s.finetune_requested.store(true, Ordering::Relaxed);
+    tracing::info!("fine-tuning requested through the API");
+    (
+        StatusCode::ACCEPTED,
+        axum::Json(json!({ "finetune": "requested" })),
+    )
+        .into_response()
+}
+
+async fn model_info(State(s): State<AppState>) -> Response {
+    let m = s.model.read().unwrap_or_else(|e| e.into_inner()).clone();
+    axum::Json(json!({
+        "model_version": m.meta.model_version,
+        "created_at": m.meta.created_at,
+        "training_steps": m.meta.training.steps,
+        "git_revision": m.meta.git_revision,
+        "last_finetune": *lock(&s.last_finetune),
+    }))
+    .into_response()
 }
 
 #[cfg(test)]

@@ -39,6 +39,7 @@ pub struct Metrics {
     pub finetune_runs_total: IntCounterVec,
     pub finetune_eval_score: GaugeVec,
     pub finetune_duration_seconds: Gauge,
+    pub sweep_tiles_remaining: IntGauge,
     topics: Topics,
     /// Publisher counters already turned into metric increments.
     seen: std::sync::Mutex<PublishStats>,
@@ -225,6 +226,13 @@ impl Metrics {
                 "osmvec_finetune_duration_seconds",
                 "Duration of the last fine-tuning run.",
             )?,
+            sweep_tiles_remaining: reg(
+                r,
+                IntGauge::new(
+                    "osmvec_sweep_tiles_remaining",
+                    "Tiles still embedded by an older major version (the re-embed sweep).",
+                )?,
+            )?,
             registry,
             topics: topics.clone(),
             seen: Default::default(),
@@ -326,7 +334,7 @@ mod tests {
             );
         }
         // Every family but osmvec_model_info (set when a model loads).
-        assert_eq!(families, 25);
+        assert_eq!(families, 26);
         assert!(
             text.contains(r#"osmvec_objects_changed_total{action="delete",type="relation"} 0"#)
         );

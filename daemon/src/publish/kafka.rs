@@ -154,7 +154,7 @@ pub struct Publisher {
     config: KafkaConfig,
     in_flight: HashSet<(Vec<u8>, u64)>,
     /// The model event to (re)send: version (key), payload, in flight.
-    model_event: Option<(String, Vec<u8>, bool)>,
+    model_events: std::collections::VecDeque<(String, Vec<u8>, bool)>,
     topics_ready: bool,
     next_topic_try: Option<Instant>,
     waiting_since: Option<Instant>,
@@ -167,7 +167,7 @@ impl Publisher {
             producer: Self::producer(config)?,
             config: config.clone(),
             in_flight: HashSet::new(),
-            model_event: None,
+            model_events: Default::default(),
             topics_ready: false,
             next_topic_try: None,
             waiting_since: None,
@@ -196,7 +196,7 @@ impl Publisher {
         old.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
         drop(old);
         self.in_flight.clear();
-        if let Some(m) = &mut self.model_event {
+        if let Some(m) = self.model_events.front_mut() {
             m.2 = false;
         }
         Ok(())
@@ -234,17 +234,19 @@ impl Publisher {
         Ok(())
     }
 
-    /// Queues a models-topic event; drains send it (once the topics exist)
-    /// and again after a failed delivery, until the broker acknowledges it.
+    /// Queues a models-topic event; drains send the queue in order (once the
+    /// topics exist), each again after a failed delivery, until the broker
+    /// acknowledges it.
     pub fn announce_model(&mut self, msg: &ModelMessage) -> Result<()> {
         let payload = self.config.encoding.encode(msg)?;
-        self.model_event = Some((msg.model_version.clone(), payload, false));
+        self.model_events
+            .push_back((msg.model_version.clone(), payload, false));
         Ok(())
     }
 
-    /// Whether a model event is waiting for its acknowledgement.
+    /// Whether model events are waiting for their acknowledgement.
     pub fn model_event_pending(&self) -> bool {
-        self.model_event.is_some()
+        !self.model_events.is_empty()
     }
 
     /// Topics are created on the first drain, and retried every
@@ -276,7 +278,7 @@ impl Publisher {
     }
 
     fn send_model_event(&mut self) -> Result<()> {
-        let Some((version, payload, in_flight)) = &mut self.model_event else {
+        let Some((version, payload, in_flight)) = self.model_events.front_mut() else {
             return Ok(());
         };
         if *in_flight {
@@ -439,13 +441,13 @@ impl Publisher {
                 match d.error {
                     None => {
                         self.stats.models_delivered += 1;
-                        if let Some((version, ..)) = self.model_event.take() {
+                        if let Some((version, ..)) = self.model_events.pop_front() {
                             tracing::info!(model_version = %version, "model event delivered");
                         }
                     }
                     Some(e) => {
                         tracing::warn!(error = %e, "model event not delivered; sending it again");
-                        if let Some(m) = &mut self.model_event {
+                        if let Some(m) = self.model_events.front_mut() {
                             m.2 = false;
                         }
                     }
@@ -487,6 +489,6 @@ impl Publisher {
 
     /// Records sent and not yet acknowledged or failed.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.len() + usize::from(self.model_event.as_ref().is_some_and(|m| m.2))
+        self.in_flight.len() + usize::from(self.model_events.front().is_some_and(|m| m.2))
     }
 }
