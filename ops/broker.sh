@@ -31,11 +31,23 @@ start() {
   install
   mkdir -p "$dir"
   if alive; then echo "broker already running (pid $(cat "$dir/pid"), port $(cat "$dir/port"))" >&2; return; fi
-  "$(tansu_bin)" broker \
+  # tansu resolves a sqlite path against its working directory.
+  local run_dir=.
+  case "$storage" in
+    sqlite://*)
+      local file=${storage#sqlite://}
+      run_dir=$(cd "$(dirname "$file")" && pwd)
+      storage="sqlite://$(basename "$file")" ;;
+  esac
+  local bin
+  bin=$(tansu_bin)
+  local log
+  log=$(cd "$dir" && pwd)/broker.log
+  (cd "$run_dir" && exec "$bin" broker \
     --listener-url "tcp://127.0.0.1:$port" \
     --advertised-listener-url "tcp://127.0.0.1:$port" \
     --storage-engine "$storage" \
-    --cluster-id osmvec-local > "$dir/broker.log" 2>&1 &
+    --cluster-id osmvec-local > "$log" 2>&1) &
   echo $! > "$dir/pid"
   echo "$port" > "$dir/port"
   for _ in $(seq 100); do

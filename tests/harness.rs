@@ -571,3 +571,38 @@ pub fn cbor_to_json(v: ciborium::Value) -> serde_json::Value {
         other => panic!("unexpected CBOR value {other:?}"),
     }
 }
+
+/// Appends one record without value (key `osmvec-test-sentinel`) to every
+/// partition of `topic`. tansu 0.6.0 can report a partition's high
+/// watermark short of its last producer batch, which then stays invisible to
+/// consumers until more data arrives; the sentinel is that "more data".
+/// Consumers skip it (no payload; tests drop the key).
+pub fn push_past_tail(brokers: &str, topic: &str) {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("producer");
+    let meta = producer
+        .client()
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    for t in meta.topics() {
+        for p in t.partitions() {
+            producer
+                .send(
+                    BaseRecord::<str, [u8]>::to(topic)
+                        .key(SENTINEL)
+                        .partition(p.id()),
+                )
+                .map_err(|(e, _)| e)
+                .expect("sentinel queued");
+        }
+    }
+    producer
+        .flush(Duration::from_secs(10))
+        .expect("sentinels delivered");
+}
+
+/// The key of [`push_past_tail`]'s records.
+pub const SENTINEL: &str = "osmvec-test-sentinel";

@@ -25,6 +25,7 @@ pub struct FileConfig {
     pub embed_batch: Option<usize>,
     pub max_tiles_per_cycle: Option<usize>,
     pub sweep_tiles_per_cycle: Option<usize>,
+    pub mode: Option<Mode>,
     #[serde(default)]
     pub kafka: FileKafka,
     #[serde(default)]
@@ -34,6 +35,92 @@ pub struct FileConfig {
     /// Every key optional; defaults from `FinetuneConfig::default()`.
     #[serde(default)]
     pub finetune: Option<FinetuneConfig>,
+    /// `osmvec worker`'s own settings.
+    #[serde(default)]
+    pub worker: FileWorker,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileWorker {
+    pub group: Option<String>,
+    pub instance_id: Option<String>,
+    pub batch: Option<usize>,
+    pub max_wait_ms: Option<u64>,
+}
+
+/// `osmvec worker`'s flags (over the same config file as `osmvec run`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct WorkerOverrides {
+    #[arg(long, env = "OSMVEC_CHECKPOINT")]
+    pub checkpoint: Option<PathBuf>,
+    /// cpu, cuda or cuda:N [default: cpu].
+    #[arg(long, env = "OSMVEC_DEVICE")]
+    pub device: Option<String>,
+    #[arg(long, env = "OSMVEC_TEXT_MODEL_DIR")]
+    pub text_model_dir: Option<PathBuf>,
+    /// [default: 127.0.0.1:9092]
+    #[arg(long, env = "OSMVEC_BROKERS")]
+    pub brokers: Option<String>,
+    /// Consumer group [default: osmvec-workers].
+    #[arg(long, env = "OSMVEC_WORKER_GROUP")]
+    pub group: Option<String>,
+    /// Static membership id (group.instance.id).
+    #[arg(long, env = "OSMVEC_WORKER_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+    /// Most jobs per batch [default: 64].
+    #[arg(long, env = "OSMVEC_WORKER_BATCH")]
+    pub batch: Option<usize>,
+    /// Longest wait for a batch to fill, ms [default: 200].
+    #[arg(long, env = "OSMVEC_WORKER_MAX_WAIT_MS")]
+    pub max_wait_ms: Option<u64>,
+    /// json or cbor, as the ingest daemon [default: json].
+    #[arg(long, env = "OSMVEC_ENCODING")]
+    pub encoding: Option<Encoding>,
+}
+
+/// The worker's settings: flags over the file over defaults.
+pub fn merge_worker(
+    o: WorkerOverrides,
+    f: FileConfig,
+) -> Result<(crate::worker::WorkerOptions, String, Option<PathBuf>)> {
+    let d = KafkaConfig::default();
+    let t = f.kafka.topics;
+    let dt = Topics::default();
+    let device = o.device.or(f.device).unwrap_or_else(|| "cpu".into());
+    let opts = crate::worker::WorkerOptions {
+        brokers: o.brokers.or(f.kafka.brokers).unwrap_or(d.brokers),
+        group: o
+            .group
+            .or(f.worker.group)
+            .unwrap_or_else(|| "osmvec-workers".into()),
+        instance_id: o.instance_id.or(f.worker.instance_id),
+        topics: Topics {
+            embeddings: t.embeddings.unwrap_or(dt.embeddings),
+            changes: t.changes.unwrap_or(dt.changes),
+            models: t.models.unwrap_or(dt.models),
+            jobs: t.jobs.unwrap_or(dt.jobs),
+        },
+        encoding: o.encoding.or(f.kafka.encoding).unwrap_or_default(),
+        checkpoint: o.checkpoint.or(f.checkpoint).ok_or_else(|| {
+            anyhow::anyhow!(
+                "no checkpoint: give --checkpoint, OSMVEC_CHECKPOINT or `checkpoint = …`"
+            )
+        })?,
+        model_dir: PathBuf::new(),
+        device: osmvec_model::Device::Cpu,
+        batch: o.batch.or(f.worker.batch).unwrap_or(64).max(1),
+        max_wait: std::time::Duration::from_millis(
+            o.max_wait_ms.or(f.worker.max_wait_ms).unwrap_or(200),
+        ),
+        message_timeout_ms: f
+            .kafka
+            .message_timeout_seconds
+            .map(|s| s * 1000)
+            .unwrap_or(d.message_timeout_ms),
+        json: false,
+    };
+    Ok((opts, device, o.text_model_dir.or(f.text_model_dir)))
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -54,6 +141,7 @@ pub struct FileTopics {
     pub embeddings: Option<String>,
     pub changes: Option<String>,
     pub models: Option<String>,
+    pub jobs: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -108,6 +196,13 @@ pub struct RunOverrides {
     /// [default: osmvec.models]
     #[arg(long, env = "OSMVEC_TOPIC_MODELS")]
     pub topic_models: Option<String>,
+    /// [default: osmvec.tile-jobs]
+    #[arg(long, env = "OSMVEC_TOPIC_JOBS")]
+    pub topic_jobs: Option<String>,
+    /// embed: this process embeds; ingest: it publishes one job per dirty
+    /// tile for `osmvec worker`s (docs/scaling.md) [default: embed].
+    #[arg(long, env = "OSMVEC_MODE")]
+    pub mode: Option<Mode>,
     /// Partitions of the topics the daemon creates [default: 4].
     #[arg(long, env = "OSMVEC_PARTITIONS")]
     pub partitions: Option<i32>,
@@ -172,6 +267,17 @@ pub struct RunOverrides {
     pub finetune_tolerance: Option<f64>,
 }
 
+/// Who embeds the dirty tiles.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// This process (the single-process daemon).
+    #[default]
+    Embed,
+    /// Workers in a consumer group, from jobs on the jobs topic.
+    Ingest,
+}
+
 /// The merged settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunSettings {
@@ -186,6 +292,7 @@ pub struct RunSettings {
     pub embed_batch: usize,
     pub max_tiles_per_cycle: usize,
     pub sweep_tiles_per_cycle: usize,
+    pub mode: Mode,
     /// None: no HTTP listener.
     pub http_listen: Option<String>,
     pub http_token: Option<String>,
@@ -229,6 +336,7 @@ pub fn merge(o: RunOverrides, f: FileConfig) -> Result<RunSettings> {
                     .topic_models
                     .or(f.kafka.topics.models)
                     .unwrap_or(dt.models),
+                jobs: o.topic_jobs.or(f.kafka.topics.jobs).unwrap_or(dt.jobs),
             },
             partitions: o.partitions.or(f.kafka.partitions).unwrap_or(d.partitions),
             replication_factor: o
@@ -253,6 +361,7 @@ pub fn merge(o: RunOverrides, f: FileConfig) -> Result<RunSettings> {
             .sweep_tiles_per_cycle
             .or(f.sweep_tiles_per_cycle)
             .unwrap_or(256),
+        mode: o.mode.or(f.mode).unwrap_or_default(),
         http_listen: match o
             .http_listen
             .or(f.http.listen)

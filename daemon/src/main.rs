@@ -184,6 +184,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// An embedding worker: embeds jobs from the ingest daemon
+    /// (`run --mode ingest`) in a consumer group (docs/scaling.md).
+    Worker {
+        /// The same TOML file as `osmvec run` ([kafka], checkpoint, device,
+        /// [worker]); flags and OSMVEC_* variables override it.
+        #[arg(long, env = "OSMVEC_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        overrides: Box<osmvec::config::WorkerOverrides>,
+        /// One JSON line per batch on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Evaluate a checkpoint on held-out blocks (retrieval, land-use probe)
     /// next to an untrained model and raw spherical harmonics.
     Eval {
@@ -397,6 +410,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             o.until_caught_up = until_caught_up;
             o.json = json;
             osmvec::run::run(&o, stop)
+        }
+        Command::Worker {
+            config,
+            overrides,
+            json,
+        } => {
+            let file = match &config {
+                Some(p) => osmvec::config::FileConfig::load(p)?,
+                None => Default::default(),
+            };
+            let (mut o, device, text_model_dir) = osmvec::config::merge_worker(*overrides, file)?;
+            let (device, model_dir) = ModelArgs {
+                device,
+                text_model_dir,
+            }
+            .resolve()?;
+            o.device = device;
+            o.model_dir = model_dir;
+            o.json = json;
+            osmvec::worker::worker(&o, stop_on_signals()?)
         }
         Command::Eval {
             store,

@@ -34,7 +34,7 @@ use osmvec_graphstore::tiles::TileId;
 use osmvec_model::Device;
 use serde::Serialize;
 
-use crate::config::RunSettings;
+use crate::config::{Mode, RunSettings};
 use crate::embedding::checkpoint::Model;
 use crate::embedding::checkpoint::git_revision;
 use crate::embedding::embed::{EmbedReport, embed_tiles, same_space, tiles_to_embed};
@@ -42,6 +42,7 @@ use crate::embedding::finetune::{FinetuneConfig, FinetuneReport};
 use crate::embedding::inputs::Inputs;
 use crate::embedding::tags::TagVectors;
 use crate::follow::{FollowOptions, follow};
+use crate::jobs::TileJob;
 use crate::observe::api::{Shared, TileState, serve};
 use crate::observe::drift::{DriftWindow, ModelDrift};
 use crate::observe::metrics::Metrics;
@@ -63,6 +64,7 @@ pub struct RunOptions {
     pub max_tiles_per_cycle: usize,
     /// Most tiles the re-embed sweep of a new major version takes per cycle.
     pub sweep_tiles_per_cycle: usize,
+    pub mode: Mode,
     pub max_outbox_per_drain: usize,
     pub shutdown_flush: Duration,
     pub backoff: Backoff,
@@ -93,6 +95,7 @@ impl RunOptions {
             embed_batch: s.embed_batch,
             max_tiles_per_cycle: s.max_tiles_per_cycle,
             sweep_tiles_per_cycle: s.sweep_tiles_per_cycle,
+            mode: s.mode,
             max_outbox_per_drain: 10_000,
             shutdown_flush: Duration::from_secs(10),
             backoff: Backoff {
@@ -129,6 +132,8 @@ pub struct CycleReport {
     pub drift_max: Option<f64>,
     /// Re-embedded tiles with a drift (same model version as before).
     pub drifted: usize,
+    /// Ingest mode: jobs queued for workers instead of embeddings.
+    pub jobs_queued: usize,
     /// From the start of the cycle to the end of its drain.
     pub seconds: f64,
 }
@@ -171,6 +176,14 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
     }
     compare_with_served_model(&shared, &o.checkpoint, &o.device)?;
     let mut publisher = Publisher::new(&o.kafka)?;
+    if o.mode == Mode::Ingest {
+        let (cfg, policy) = (model.meta.config.graphs, model.meta.config.tags.clone());
+        publisher.set_job_builder(Box::new(move |store, tile| {
+            let job = TileJob::build(store, tile, &cfg, &policy)?;
+            Ok((job.encode()?, job.seq))
+        }));
+        tracing::info!(topic = %o.kafka.topics.jobs, "ingest mode: dirty tiles become jobs for osmvec worker");
+    }
     publisher.announce_model(&model_message(&model, "loaded", &o.checkpoint))?;
     tracing::info!(
         model_version = %model.meta.model_version,
@@ -183,7 +196,11 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         false,
     );
     let mut model = model;
-    let mut sweep = tiles_to_sweep(&store, &model.meta.model_version)?;
+    let mut sweep = if o.mode == Mode::Embed {
+        tiles_to_sweep(&store, &model.meta.model_version)?
+    } else {
+        Vec::new()
+    };
     m.sweep_tiles_remaining.set(sweep.len() as i64);
     if !sweep.is_empty() {
         tracing::info!(
@@ -254,6 +271,13 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
                 .iter()
                 .filter_map(|t| by_tile.get(t).map(|m| (*t, *m)))
                 .collect();
+            if o.mode == Mode::Ingest {
+                // Jobs for the workers, built from the store when sent.
+                store.queue_jobs(chunk, &seen)?;
+                er.tiles += chunk.len();
+                cycle.jobs_queued += chunk.len();
+                continue;
+            }
             let tb = Instant::now();
             embed_tiles(&store, &model, &mut inputs, chunk, &seen, &mut er)?;
             m.embed_batch_duration_seconds

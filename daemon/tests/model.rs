@@ -198,7 +198,7 @@ fn model_graphs_match_store_graphs() {
     tiles.sort_by_key(|(t, n)| (std::cmp::Reverse(*n), *t));
     let (_, texts) = scan_tags(&store, &model.meta.config.tags).unwrap();
     let mut vectors = TagVectors::new(default_model_dir(), Device::Cpu);
-    vectors.ensure(&store, &texts).unwrap();
+    vectors.ensure(Some(&store), &texts).unwrap();
     for (tile, _) in tiles.iter().take(5) {
         let g = build_tile_graph(&store, *tile, &cfg).unwrap();
         let (mg, dropped) = to_model_graph(

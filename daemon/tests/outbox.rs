@@ -54,7 +54,7 @@ fn changes_and_tiles_are_queued_with_the_data() {
         .iter()
         .filter_map(|e| match &e.item {
             OutboxItem::Change(c) => Some(c),
-            OutboxItem::Tile(_) => None,
+            OutboxItem::Tile(_) | OutboxItem::Job(_) => None,
         })
         .collect();
     assert_eq!(changes.len(), report.events.len());

@@ -309,6 +309,18 @@ impl Store {
         if outbox {
             self.outbox_put_tiles(&mut b, &queued)?;
         }
+        let cleared = self.clear_marks(&mut b, seen)?;
+        self.write(b, true)?;
+        Ok(cleared)
+    }
+
+    /// Deletes in `b` the marks of `seen` whose generation is unchanged (a
+    /// mark renewed meanwhile stays); returns how many.
+    pub(crate) fn clear_marks(
+        &self,
+        b: &mut WriteBatch,
+        seen: &[(TileId, DirtyMark)],
+    ) -> Result<usize> {
         let cfd = self.cf(cf::DIRTY_TILES);
         let keys: Vec<[u8; 9]> = seen.iter().map(|(t, _)| t.to_key()).collect();
         let current = self
@@ -324,7 +336,6 @@ impl Store {
                 cleared += 1;
             }
         }
-        self.write(b, true)?;
         Ok(cleared)
     }
 

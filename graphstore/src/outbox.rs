@@ -9,7 +9,10 @@
 //! * **tile entries** (`t` ‖ tile key): "this tile's embedding changed". The
 //!   entry carries no payload: the publisher reads the tile's current
 //!   embedding (or its absence: a tombstone) when it sends, so a tile that
-//!   changed twice before it was sent is sent once, with its latest state.
+//!   changed twice before it was sent is sent once, with its latest state;
+//! * **job entries** (`j` ‖ tile key), in the ingest mode of the scaled-out
+//!   topology: "this tile must be embedded by a worker". No payload either:
+//!   the publisher builds the job from the tile's current state when it sends.
 //!
 //! Every value starts with a u64 entry id (LE) drawn from a counter in `meta`.
 //! A publisher acknowledges `(key, id)` pairs; an entry is deleted only if its
@@ -29,6 +32,7 @@ use crate::tiles::TileId;
 
 const CHANGE: u8 = b'c';
 const TILE: u8 = b't';
+const JOB: u8 = b'j';
 
 /// A changed feature as the outbox keeps it (the publisher maps it onto the
 /// published message schema).
@@ -67,12 +71,18 @@ impl ChangeRecord {
 pub enum OutboxItem {
     Change(ChangeRecord),
     Tile(TileId),
+    Job(TileId),
 }
 
 impl OutboxItem {
     /// Whether an outbox key (as in [`OutboxEntry::key`]) holds a tile entry.
     pub fn is_tile_key(key: &[u8]) -> bool {
         key.first() == Some(&TILE)
+    }
+
+    /// Whether an outbox key holds a job entry.
+    pub fn is_job_key(key: &[u8]) -> bool {
+        key.first() == Some(&JOB)
     }
 }
 
@@ -92,8 +102,12 @@ fn change_key(sequence: u64, index: u32) -> [u8; 13] {
 }
 
 fn tile_key(tile: TileId) -> [u8; 10] {
+    prefixed(TILE, tile)
+}
+
+fn prefixed(kind: u8, tile: TileId) -> [u8; 10] {
     let mut k = [0u8; 10];
-    k[0] = TILE;
+    k[0] = kind;
     k[1..].copy_from_slice(&tile.to_key());
     k
 }
@@ -157,6 +171,27 @@ impl Store {
         Ok(())
     }
 
+    /// Queues embedding jobs for `tiles` and clears the dirty marks in
+    /// `seen` whose generation is unchanged, in one batch (the ingest
+    /// mode's counterpart of `write_embeddings`). Returns the marks cleared.
+    pub fn queue_jobs(
+        &self,
+        tiles: &[TileId],
+        seen: &[(TileId, crate::embeddings::DirtyMark)],
+    ) -> Result<usize> {
+        let mut b = WriteBatch::default();
+        if !tiles.is_empty() {
+            let first = self.reserve_outbox_ids(&mut b, tiles.len() as u64)?;
+            let c = self.cf(cf::OUTBOX);
+            for (i, t) in tiles.iter().enumerate() {
+                b.put_cf(c, prefixed(JOB, *t), (first + i as u64).to_le_bytes());
+            }
+        }
+        let cleared = self.clear_marks(&mut b, seen)?;
+        self.write(b, true)?;
+        Ok(cleared)
+    }
+
     /// Up to `limit` entries in key order (change records by sequence first,
     /// then tiles), starting after `after` when given.
     pub fn outbox_entries(&self, after: Option<&[u8]>, limit: usize) -> Result<Vec<OutboxEntry>> {
@@ -182,6 +217,9 @@ impl Store {
                 ),
                 Some(&TILE) => OutboxItem::Tile(
                     TileId::from_key(&k[1..]).ok_or_else(|| StoreError::corrupt("outbox tile"))?,
+                ),
+                Some(&JOB) => OutboxItem::Job(
+                    TileId::from_key(&k[1..]).ok_or_else(|| StoreError::corrupt("outbox job"))?,
                 ),
                 _ => return Err(StoreError::corrupt("outbox key")),
             };

@@ -93,7 +93,7 @@ impl Inputs {
         for (_, g) in &built {
             graph_texts(g, &model.meta.config.tags, &mut texts);
         }
-        self.vectors.ensure(store, &texts)?;
+        self.vectors.ensure(Some(store), &texts)?;
         let relations = model.relations();
         let policy = &model.meta.config.tags;
         let weights = &model.meta.key_weights;
@@ -145,6 +145,37 @@ impl Inputs {
             context_of,
         })
     }
+}
+
+/// A batch from graphs built elsewhere (a worker's jobs): `graphs[i]`'s
+/// context is `contexts[context_of[i]]`. Tag vectors come from memory or
+/// the text model (no store).
+pub fn batch_from_graphs(
+    vectors: &mut TagVectors,
+    model: &Model,
+    tiles: Vec<TileId>,
+    graphs: &[StoreGraph],
+    contexts: &[StoreGraph],
+    context_of: Vec<u32>,
+) -> Result<Batch> {
+    let mut texts = HashSet::new();
+    for g in graphs.iter().chain(contexts) {
+        graph_texts(g, &model.meta.config.tags, &mut texts);
+    }
+    vectors.ensure(None, &texts)?;
+    let relations = model.relations();
+    let (policy, weights) = (&model.meta.config.tags, &model.meta.key_weights);
+    let convert = |gs: &[StoreGraph]| -> Vec<Arc<TileGraph>> {
+        gs.par_iter()
+            .map(|g| Arc::new(to_model_graph(g, vectors, policy, weights, &relations).0))
+            .collect()
+    };
+    Ok(Batch {
+        tiles,
+        graphs: convert(graphs),
+        contexts: convert(contexts),
+        context_of,
+    })
 }
 
 /// Graph embeddings of a batch: each distinct context encoded once, then

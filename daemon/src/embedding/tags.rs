@@ -176,9 +176,10 @@ impl TagVectors {
         }
     }
 
-    /// Makes every text in `texts` available, encoding what the store does
-    /// not hold yet (in batches, with a progress bar when there are many).
-    pub fn ensure(&mut self, store: &Store, texts: &HashSet<String>) -> Result<()> {
+    /// Makes every text in `texts` available, encoding what the store (when
+    /// there is one: a worker has none) does not hold yet (in batches, with a
+    /// progress bar when there are many).
+    pub fn ensure(&mut self, store: Option<&Store>, texts: &HashSet<String>) -> Result<()> {
         let missing: Vec<&str> = texts
             .iter()
             .filter(|t| !self.memory.contains_key(t.as_str()))
@@ -189,6 +190,10 @@ impl TagVectors {
         }
         let mut to_encode = Vec::new();
         for chunk in missing.chunks(4096) {
+            let Some(store) = store else {
+                to_encode.extend(chunk.iter().map(|t| t.to_string()));
+                continue;
+            };
             let got = store.tag_vectors(TEXT_MODEL, chunk)?;
             for (text, v) in chunk.iter().zip(got) {
                 match v {
@@ -229,7 +234,9 @@ impl TagVectors {
                 .zip(&vecs)
                 .map(|(t, v)| (t.clone(), v.to_vec()))
                 .collect();
-            store.put_tag_vectors(TEXT_MODEL, &items)?;
+            if let Some(store) = store {
+                store.put_tag_vectors(TEXT_MODEL, &items)?;
+            }
             for (t, v) in chunk.iter().zip(vecs) {
                 self.memory.insert(t.clone(), Arc::new(v));
             }

@@ -185,7 +185,7 @@ pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>) -> Result<TrainReport> {
     );
 
     let mut inputs = Inputs::new(TagVectors::new(a.model_dir.clone(), a.device.clone()), true);
-    inputs.vectors.ensure(&store, &texts)?;
+    inputs.vectors.ensure(Some(&store), &texts)?;
 
     let opt_cfg = AdamWConfig {
         learning_rate: a.learning_rate,

@@ -242,7 +242,12 @@ impl Metrics {
                 m.objects_changed_total.with_label_values(&[t, a]);
             }
         }
-        for t in [&topics.embeddings, &topics.changes, &topics.models] {
+        for t in [
+            &topics.embeddings,
+            &topics.changes,
+            &topics.models,
+            &topics.jobs,
+        ] {
             m.kafka_messages_delivered_total.with_label_values(&[t]);
             m.kafka_messages_failed_total.with_label_values(&[t]);
         }
@@ -285,8 +290,10 @@ impl Metrics {
             .inc_by(s.models_delivered - prev.models_delivered);
         f.with_label_values(&[&t.embeddings])
             .inc_by(s.failed_tiles - prev.failed_tiles);
-        f.with_label_values(&[&t.changes])
-            .inc_by((s.failed - s.failed_tiles) - (prev.failed - prev.failed_tiles));
+        f.with_label_values(&[&t.changes]).inc_by(
+            (s.failed - s.failed_tiles - s.failed_jobs)
+                - (prev.failed - prev.failed_tiles - prev.failed_jobs),
+        );
         self.broker_reachable.set(i64::from(s.broker_reachable));
         *seen = s.clone();
     }

@@ -33,6 +33,8 @@ pub struct Topics {
     pub embeddings: String,
     pub changes: String,
     pub models: String,
+    /// Embedding jobs (ingest mode, docs/scaling.md).
+    pub jobs: String,
 }
 
 impl Default for Topics {
@@ -41,6 +43,7 @@ impl Default for Topics {
             embeddings: "osmvec.tile-embeddings".into(),
             changes: "osmvec.changes".into(),
             models: "osmvec.models".into(),
+            jobs: "osmvec.tile-jobs".into(),
         }
     }
 }
@@ -121,6 +124,9 @@ pub struct PublishStats {
     /// are change records).
     pub delivered_tiles: u64,
     pub failed_tiles: u64,
+    /// Of `delivered` / `failed`: records of the jobs topic.
+    pub delivered_jobs: u64,
+    pub failed_jobs: u64,
     /// Model events acknowledged (not counted in `delivered`).
     pub models_delivered: u64,
     pub tombstones: u64,
@@ -142,6 +148,11 @@ pub struct DrainReport {
     pub in_flight: usize,
 }
 
+/// Builds the payload (and says the sequence) of a tile's job from the
+/// store's current state (ingest mode).
+pub type JobBuilder =
+    Box<dyn Fn(&Store, osmvec_graphstore::tiles::TileId) -> Result<(Vec<u8>, u64)>>;
+
 /// The opaque key of the model event (outbox keys start with `c` or `t`).
 const MODEL_KEY: &[u8] = b"m";
 const TOPIC_RETRY: Duration = Duration::from_secs(10);
@@ -158,6 +169,7 @@ pub struct Publisher {
     topics_ready: bool,
     next_topic_try: Option<Instant>,
     waiting_since: Option<Instant>,
+    job_builder: Option<JobBuilder>,
     pub stats: PublishStats,
 }
 
@@ -171,6 +183,7 @@ impl Publisher {
             topics_ready: false,
             next_topic_try: None,
             waiting_since: None,
+            job_builder: None,
             stats: PublishStats::default(),
         })
     }
@@ -216,6 +229,7 @@ impl Publisher {
                 .set("cleanup.policy", "compact"),
             NewTopic::new(&t.changes, self.config.partitions, repl()),
             NewTopic::new(&t.models, 1, repl()).set("cleanup.policy", "compact"),
+            NewTopic::new(&t.jobs, self.config.partitions, repl()),
         ];
         let opts = AdminOptions::new()
             .operation_timeout(Some(timeout))
@@ -232,6 +246,11 @@ impl Publisher {
             }
         }
         Ok(())
+    }
+
+    /// Ingest mode: job entries are built by `builder` when sent.
+    pub fn set_job_builder(&mut self, builder: JobBuilder) {
+        self.job_builder = Some(builder);
     }
 
     /// Queues a models-topic event; drains send the queue in order (once the
@@ -340,6 +359,18 @@ impl Publisher {
                     let idk = format!("{}|{}|{}", m.key(), c.version, c.sequence.unwrap_or(0));
                     self.stats.changes += 1;
                     (&topics.changes, m.key(), Some(enc.encode(&m)?), idk)
+                }
+                OutboxItem::Job(t) => {
+                    let build = self.job_builder.as_ref().context(
+                        "a job entry in the outbox, but this daemon is not in ingest mode",
+                    )?;
+                    let (payload, seq) = build(store, *t)?;
+                    (
+                        &topics.jobs,
+                        t.to_string(),
+                        Some(payload),
+                        format!("{t}|job|{seq}"),
+                    )
                 }
                 OutboxItem::Tile(t) => {
                     self.stats.tiles += 1;
@@ -456,15 +487,18 @@ impl Publisher {
             }
             self.in_flight.remove(&(d.key.clone(), d.id));
             let tile = OutboxItem::is_tile_key(&d.key);
+            let job = OutboxItem::is_job_key(&d.key);
             match d.error {
                 None => {
                     self.stats.delivered_tiles += u64::from(tile);
+                    self.stats.delivered_jobs += u64::from(job);
                     acked.push((d.key, d.id))
                 }
                 Some(e) => {
                     report.failed += 1;
                     self.stats.failed += 1;
                     self.stats.failed_tiles += u64::from(tile);
+                    self.stats.failed_jobs += u64::from(job);
                     // Timeouts mean no answer (broker down); anything else
                     // is the broker saying no.
                     if e.rdkafka_error_code() != Some(RDKafkaErrorCode::MessageTimedOut) {
