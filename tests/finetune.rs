@@ -290,7 +290,7 @@ fn a_new_major_version_re_embeds_every_tile_exactly_once() {
         &ckpt2,
         &server.url,
         &broker.addr,
-        &["--sweep-tiles-per-cycle", "8"],
+        &["--sweep-tiles-per-cycle", "2"],
     );
     let mut answered_while_sweeping = 0;
     wait_for("the sweep", Duration::from_secs(600), || {

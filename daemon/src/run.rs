@@ -171,6 +171,13 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
     }
     m.outbox_entries.set(store.outbox_len()? as i64);
     shared.load_tiles()?;
+    // Known before the first scrape: what a new major version must redo.
+    let mut sweep = if o.mode == Mode::Embed {
+        tiles_to_sweep(&store, &model.meta.model_version)?
+    } else {
+        Vec::new()
+    };
+    m.sweep_tiles_remaining.set(sweep.len() as i64);
     if let Some(addr) = &o.http_listen {
         serve(addr, shared.clone())?;
     }
@@ -196,12 +203,6 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         false,
     );
     let mut model = model;
-    let mut sweep = if o.mode == Mode::Embed {
-        tiles_to_sweep(&store, &model.meta.model_version)?
-    } else {
-        Vec::new()
-    };
-    m.sweep_tiles_remaining.set(sweep.len() as i64);
     if !sweep.is_empty() {
         tracing::info!(
             tiles = sweep.len(),
