@@ -195,6 +195,10 @@ fn api_answers_checks_input_and_guards_state_changes() {
         "7",
     ]);
     let (_daemon2, url2, _) = start_daemon(&store, &ckpt2, &server.url, &broker.addr, &[]);
+    // Computed right after the HTTP side starts.
+    wait_for("the version drift", Duration::from_secs(120), || {
+        !get_json(&format!("{url2}/v1/drift"))["model_drift"].is_null()
+    });
     let d = get_json(&format!("{url2}/v1/drift"));
     let md = &d["model_drift"];
     assert_eq!(md["points"], 64 * 64, "{d}");
