@@ -30,15 +30,6 @@ fn vectors_of_store(store: &Path) -> BTreeMap<String, Vec<f32>> {
         .collect()
 }
 
-fn vector_of(v: &serde_json::Value) -> Vec<f32> {
-    v["vector"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
 /// A content fingerprint of every tile (both zooms) of a store: for each
 /// feature in the tile, its element's id, version and tags and the derived
 /// feature (geometry summary and tiles). A tile's embedding input depends on
@@ -112,22 +103,8 @@ struct Replay {
 /// Imports the Andorra base, trains a 1-step model, counts what the feed
 /// changes on a twin store (calling `each_diff(k, twin)` after diff k).
 fn prepare(broker: Broker, mut each_diff: impl FnMut(u64, &Path)) -> Replay {
-    let dir = tempdir();
-    let store = dir.path().join("store");
-    let ckpt = dir.path().join("ckpt");
     let base = data("replication/andorra/base-2017-01-15T0000Z.osm.pbf");
-    osmvec_ok(&["import", "--store", path_str(&store), path_str(&base)]);
-    osmvec_ok(&[
-        "train",
-        "--store",
-        path_str(&store),
-        "--out",
-        path_str(&ckpt),
-        "--steps",
-        "1",
-        "--batch-size",
-        "16",
-    ]);
+    let (dir, store, ckpt) = store_and_model(&base);
     let feed = dir.path().join("feed");
     copy_dir(&data("replication/andorra/day"), &feed);
     let twin = dir.path().join("twin");

@@ -606,3 +606,13 @@ pub fn push_past_tail(brokers: &str, topic: &str) {
 
 /// The key of [`push_past_tail`]'s records.
 pub const SENTINEL: &str = "osmvec-test-sentinel";
+
+/// The `vector` of a decoded tile-embedding record.
+pub fn vector_of(v: &serde_json::Value) -> Vec<f32> {
+    v["vector"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}

@@ -162,15 +162,7 @@ fn two_workers_embed_the_jobs_and_survive_losing_one() {
         .filter_map(|(k, v)| {
             let v = v.as_ref()?;
             assert_eq!(v["model_version"], "1.0");
-            Some((
-                k.clone(),
-                v["vector"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_f64().unwrap() as f32)
-                    .collect(),
-            ))
+            Some((k.clone(), vector_of(v)))
         })
         .collect();
     assert_eq!(

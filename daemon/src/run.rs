@@ -43,7 +43,7 @@ use crate::embedding::inputs::Inputs;
 use crate::embedding::tags::TagVectors;
 use crate::follow::{FollowOptions, follow};
 use crate::jobs::TileJob;
-use crate::observe::api::{Shared, TileState, serve};
+use crate::observe::api::{Shared, TileState, now_unix, serve};
 use crate::observe::drift::{DriftWindow, ModelDrift};
 use crate::observe::metrics::Metrics;
 use crate::publish::kafka::{KafkaConfig, Publisher};
@@ -431,13 +431,6 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         "daemon stopped"
     );
     Ok(())
-}
-
-fn now_unix() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
 }
 
 /// Metrics of one applied diff.
