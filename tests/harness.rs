@@ -616,3 +616,70 @@ pub fn vector_of(v: &serde_json::Value) -> Vec<f32> {
         .map(|x| x.as_f64().unwrap() as f32)
         .collect()
 }
+
+// The Grafana dashboard's queries against a live /metrics.
+
+/// Every `expr` string anywhere in `v`.
+pub fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                match (k.as_str(), v) {
+                    ("expr", serde_json::Value::String(s)) => out.push(s.clone()),
+                    _ => collect_exprs(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| collect_exprs(v, out)),
+        _ => {}
+    }
+}
+
+/// `osmvec_*` identifiers in a PromQL expression.
+pub fn metric_names(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let b = expr.as_bytes();
+    let mut i = 0;
+    while let Some(off) = expr[i..].find("osmvec_") {
+        let start = i + off;
+        let preceded = start > 0 && (b[start - 1].is_ascii_alphanumeric() || b[start - 1] == b'_');
+        let mut end = start;
+        while end < b.len() && (b[end].is_ascii_alphanumeric() || b[end] == b'_') {
+            end += 1;
+        }
+        if !preceded {
+            out.push(expr[start..end].to_string());
+        }
+        i = end;
+    }
+    out
+}
+
+/// Every query of ops/grafana/osmvec-dashboard.json.
+pub fn dashboard_queries() -> Vec<String> {
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("ops/grafana/osmvec-dashboard.json")).unwrap(),
+    )
+    .expect("the dashboard parses");
+    let mut exprs = Vec::new();
+    collect_exprs(&dashboard, &mut exprs);
+    exprs
+}
+
+/// The series names a /metrics text exposes (with a histogram's `_bucket`,
+/// `_sum` and `_count`).
+pub fn exported_series(metrics: &str) -> std::collections::BTreeSet<String> {
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .flat_map(|l| {
+            let mut p = l.split_whitespace();
+            let (name, kind) = (p.next().unwrap().to_string(), p.next().unwrap());
+            let mut names = vec![name.clone()];
+            if kind == "histogram" {
+                names.extend(["_bucket", "_sum", "_count"].map(|s| format!("{name}{s}")));
+            }
+            names
+        })
+        .collect()
+}

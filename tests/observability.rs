@@ -137,31 +137,17 @@ fn api_answers_checks_input_and_guards_state_changes() {
         sample(&metrics(), "osmvec_replication_sequence") == Some(8.0)
     });
 
-    // The Grafana dashboard only queries metrics the daemon exports.
-    let live = metrics();
-    let exported: BTreeSet<String> = live
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .flat_map(|l| {
-            let mut p = l.split_whitespace();
-            let (name, kind) = (p.next().unwrap().to_string(), p.next().unwrap());
-            let mut names = vec![name.clone()];
-            if kind == "histogram" {
-                names.extend(["_bucket", "_sum", "_count"].map(|s| format!("{name}{s}")));
-            }
-            names
-        })
-        .collect();
-    let dashboard: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join("ops/grafana/osmvec-dashboard.json")).unwrap(),
-    )
-    .expect("the dashboard parses");
-    let mut exprs = Vec::new();
-    collect_exprs(&dashboard, &mut exprs);
+    // The Grafana dashboard only queries metrics the daemon exports (the
+    // workers' panels: tests/workers.rs, against a live worker).
+    let exported = exported_series(&metrics());
+    let exprs = dashboard_queries();
     assert!(exprs.len() > 10, "{} queries", exprs.len());
     let mut used = BTreeSet::new();
     for e in &exprs {
-        for name in metric_names(e) {
+        for name in metric_names(e)
+            .into_iter()
+            .filter(|n| !n.starts_with("osmvec_worker_"))
+        {
             assert!(
                 exported.contains(&name),
                 "dashboard query {e:?} uses {name}, not exported"
@@ -209,41 +195,6 @@ fn api_answers_checks_input_and_guards_state_changes() {
     let m2 = http("GET", &format!("{url2}/metrics"), None).1;
     assert_eq!(sample(&m2, "osmvec_model_drift_mmd2"), Some(mmd2));
     eprintln!("model drift between two seeds: {md}");
-}
-
-fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
-    match v {
-        serde_json::Value::Object(m) => {
-            for (k, v) in m {
-                match (k.as_str(), v) {
-                    ("expr", serde_json::Value::String(s)) => out.push(s.clone()),
-                    _ => collect_exprs(v, out),
-                }
-            }
-        }
-        serde_json::Value::Array(a) => a.iter().for_each(|v| collect_exprs(v, out)),
-        _ => {}
-    }
-}
-
-/// `osmvec_*` identifiers in a PromQL expression.
-fn metric_names(expr: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let b = expr.as_bytes();
-    let mut i = 0;
-    while let Some(off) = expr[i..].find("osmvec_") {
-        let start = i + off;
-        let preceded = start > 0 && (b[start - 1].is_ascii_alphanumeric() || b[start - 1] == b'_');
-        let mut end = start;
-        while end < b.len() && (b[end].is_ascii_alphanumeric() || b[end] == b'_') {
-            end += 1;
-        }
-        if !preceded {
-            out.push(expr[start..end].to_string());
-        }
-        i = end;
-    }
-    out
 }
 
 /// The Maldives replay with Prometheus scraping the daemon every second and

@@ -47,6 +47,7 @@ pub struct FileWorker {
     pub instance_id: Option<String>,
     pub batch: Option<usize>,
     pub max_wait_ms: Option<u64>,
+    pub http_listen: Option<String>,
 }
 
 /// `osmvec worker`'s flags (over the same config file as `osmvec run`).
@@ -77,6 +78,10 @@ pub struct WorkerOverrides {
     /// json or cbor, as the ingest daemon [default: json].
     #[arg(long, env = "OSMVEC_ENCODING")]
     pub encoding: Option<Encoding>,
+    /// Address of the worker's /metrics, /healthz and /readyz; "off" serves
+    /// nothing [default: 127.0.0.1:9188].
+    #[arg(long, env = "OSMVEC_WORKER_HTTP_LISTEN")]
+    pub http_listen: Option<String>,
 }
 
 /// The worker's settings: flags over the file over defaults.
@@ -119,6 +124,14 @@ pub fn merge_worker(
             .map(|s| s * 1000)
             .unwrap_or(d.message_timeout_ms),
         json: false,
+        http_listen: match o
+            .http_listen
+            .or(f.worker.http_listen)
+            .unwrap_or_else(|| "127.0.0.1:9188".into())
+        {
+            off if off == "off" => None,
+            addr => Some(addr),
+        },
     };
     Ok((opts, device, o.text_model_dir.or(f.text_model_dir)))
 }

@@ -22,6 +22,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -42,6 +43,7 @@ use crate::embedding::embed::{cosine_distance, same_space};
 use crate::embedding::inputs::{batch_from_graphs, encode_batch};
 use crate::embedding::tags::TagVectors;
 use crate::jobs::TileJob;
+use crate::observe::worker::{WorkerMetrics, WorkerStatus};
 use crate::publish::kafka::Topics;
 use crate::publish::messages::{Encoding, TileEmbeddingMessage};
 
@@ -63,6 +65,8 @@ pub struct WorkerOptions {
     pub message_timeout_ms: u64,
     /// One JSON line per batch on stdout.
     pub json: bool,
+    /// Where /metrics, /healthz and /readyz are served (None: not at all).
+    pub http_listen: Option<String>,
 }
 
 /// One line per batch.
@@ -113,6 +117,25 @@ pub fn worker(o: &WorkerOptions, stop: Arc<AtomicBool>) -> Result<()> {
         .set("message.timeout.ms", o.message_timeout_ms.to_string())
         .create()
         .with_context(|| format!("creating a Kafka producer for {}", o.brokers))?;
+    let status = Arc::new(WorkerStatus {
+        metrics: WorkerMetrics::new(crate::embedding::checkpoint::git_revision())?,
+        group: o.group.clone(),
+        model_version: RwLock::new(model.meta.model_version.clone()),
+        broker_answered: AtomicBool::new(false),
+    });
+    let m = &status.metrics;
+    m.set_model(None, &model.meta.model_version);
+    if let Some(addr) = &o.http_listen {
+        let local = crate::observe::api::serve_router(
+            addr,
+            crate::observe::worker::router(status.clone()),
+        )
+        .context(
+            "the worker's HTTP side (--http-listen, [worker] http_listen; \"off\" serves nothing)",
+        )?;
+        tracing::info!(address = %local, "serving /metrics, /healthz and /readyz");
+    }
+    let mut last_lag: Option<Instant> = None;
     let mut vectors = TagVectors::new(o.model_dir.clone(), o.device.clone());
     // Per tile: the newest sequence published, and its vector (for drift).
     let mut published: HashMap<TileId, (u64, String, Vec<f32>)> = HashMap::new();
@@ -123,7 +146,19 @@ pub fn worker(o: &WorkerOptions, stop: Arc<AtomicBool>) -> Result<()> {
         "worker started"
     );
     while !stop.load(Ordering::Relaxed) {
+        let before = model.meta.model_version.clone();
         follow_models(&models, &mut model, o)?;
+        if model.meta.model_version != before {
+            m.set_model(Some(&before), &model.meta.model_version);
+            *status
+                .model_version
+                .write()
+                .unwrap_or_else(|e| e.into_inner()) = model.meta.model_version.clone();
+        }
+        if last_lag.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+            refresh_lag(&consumer, &o.topics.jobs, &status);
+            last_lag = Some(Instant::now());
+        }
         // A batch: up to `batch` jobs or `max_wait`.
         let mut jobs: Vec<TileJob> = Vec::new();
         let mut job_bytes = 0;
@@ -139,12 +174,19 @@ pub fn worker(o: &WorkerOptions, stop: Arc<AtomicBool>) -> Result<()> {
                     job_bytes += p.len();
                     match TileJob::decode(p) {
                         Ok(j) => jobs.push(j),
-                        Err(e) => tracing::error!(
-                            partition = m.partition(),
-                            offset = m.offset(),
-                            error = format!("{e:#}"),
-                            "undecodable job skipped"
-                        ),
+                        Err(e) => {
+                            status
+                                .metrics
+                                .jobs_total
+                                .with_label_values(&["undecodable"])
+                                .inc();
+                            tracing::error!(
+                                partition = m.partition(),
+                                offset = m.offset(),
+                                error = format!("{e:#}"),
+                                "undecodable job skipped"
+                            )
+                        }
                     }
                 }
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer"),
@@ -152,7 +194,9 @@ pub fn worker(o: &WorkerOptions, stop: Arc<AtomicBool>) -> Result<()> {
             }
         }
         if jobs.is_empty() {
-            commit(&consumer, &o.topics.jobs, &next);
+            if !commit(&consumer, &o.topics.jobs, &next) {
+                m.offset_commit_failures_total.inc();
+            }
             continue;
         }
         let t0 = Instant::now();
@@ -282,7 +326,9 @@ pub fn worker(o: &WorkerOptions, stop: Arc<AtomicBool>) -> Result<()> {
         if producer.in_flight_count() > 0 {
             bail!("embeddings still in flight after the flush");
         }
-        commit(&consumer, &o.topics.jobs, &next);
+        if !commit(&consumer, &o.topics.jobs, &next) {
+            m.offset_commit_failures_total.inc();
+        }
         for (t, e) in records {
             match e {
                 Some(e) => {
@@ -296,6 +342,15 @@ pub fn worker(o: &WorkerOptions, stop: Arc<AtomicBool>) -> Result<()> {
             }
         }
         report.seconds = t0.elapsed().as_secs_f64();
+        let count =
+            |outcome: &str, n: usize| m.jobs_total.with_label_values(&[outcome]).inc_by(n as u64);
+        count("embedded", report.embedded);
+        count("removed", report.tombstones);
+        count("superseded", report.superseded);
+        m.job_bytes_total.inc_by(report.job_bytes as u64);
+        m.batch_duration_seconds.observe(report.seconds);
+        m.last_batch_timestamp_seconds
+            .set(crate::observe::api::now_unix());
         report.tiles_per_second = (report.embedded + report.tombstones) as f64 / report.seconds;
         tracing::info!(
             jobs = report.jobs,
@@ -314,13 +369,14 @@ pub fn worker(o: &WorkerOptions, stop: Arc<AtomicBool>) -> Result<()> {
     Ok(())
 }
 
-/// Commits the offsets after a batch. A failure (typically: the partition
-/// moved to another worker in a rebalance meanwhile) is logged, not fatal:
-/// the batch's outputs were delivered, and whoever owns the partition now
-/// redoes at most that batch (at-least-once, same keys).
-fn commit(consumer: &BaseConsumer, topic: &str, next: &HashMap<i32, i64>) {
+/// Commits the offsets after a batch; false when refused. A failure
+/// (typically: the partition moved to another worker in a rebalance
+/// meanwhile) is logged, not fatal: the batch's outputs were delivered, and
+/// whoever owns the partition now redoes at most that batch (at-least-once,
+/// same keys).
+fn commit(consumer: &BaseConsumer, topic: &str, next: &HashMap<i32, i64>) -> bool {
     if next.is_empty() {
-        return;
+        return true;
     }
     let mut tpl = TopicPartitionList::new();
     for (p, o) in next {
@@ -330,7 +386,63 @@ fn commit(consumer: &BaseConsumer, topic: &str, next: &HashMap<i32, i64>) {
     }
     if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
         tracing::warn!(error = %e, "committing offsets failed (rebalance?); at most this batch will be redone");
+        return false;
     }
+    true
+}
+
+/// Sets the assigned-partitions and lag gauges, and whether the broker
+/// answers. The lag of a partition is its high watermark minus the
+/// consumer's position (or its committed offset before the first fetch,
+/// or its low watermark when the group has none).
+fn refresh_lag(consumer: &BaseConsumer, topic: &str, status: &WorkerStatus) {
+    let m = &status.metrics;
+    let timeout = Duration::from_secs(2);
+    let answered = (|| -> Result<()> {
+        let assigned = consumer.assignment()?;
+        m.assigned_partitions.set(assigned.count() as i64);
+        let position = consumer.position()?;
+        let unknown: Vec<i32> = position
+            .elements()
+            .iter()
+            .filter(|e| e.offset().to_raw().is_none_or(|o| o < 0))
+            .map(|e| e.partition())
+            .collect();
+        let committed = if unknown.is_empty() {
+            TopicPartitionList::new()
+        } else {
+            let mut tpl = TopicPartitionList::new();
+            for p in &unknown {
+                tpl.add_partition(topic, *p);
+            }
+            consumer.committed_offsets(tpl, timeout)?
+        };
+        let mut lag = 0;
+        for e in position.elements() {
+            let (low, high) = consumer.fetch_watermarks(topic, e.partition(), timeout)?;
+            let known = |o: Offset| o.to_raw().filter(|o| *o >= 0);
+            let at = known(e.offset())
+                .or_else(|| {
+                    committed
+                        .find_partition(topic, e.partition())
+                        .and_then(|c| known(c.offset()))
+                })
+                .unwrap_or(low);
+            lag += (high - at).max(0);
+        }
+        m.lag_jobs.set(lag);
+        // No partition yet: ask the broker something, to know it answers.
+        if position.count() == 0 {
+            consumer.fetch_metadata(Some(topic), timeout)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = &answered {
+        tracing::debug!(error = %e, "refreshing the lag");
+    }
+    status
+        .broker_answered
+        .store(answered.is_ok(), Ordering::Relaxed);
 }
 
 /// Reloads the checkpoint when the models topic announces another version

@@ -107,9 +107,17 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Binds `addr` (fails here, at start, when it is taken) and serves on a
-/// thread of its own until the process exits.
+/// Binds `addr` (fails here, at start, when it is taken) and serves the
+/// daemon's router on a thread of its own until the process exits.
 pub fn serve(addr: &str, state: AppState) -> Result<SocketAddr> {
+    let local = serve_router(addr, router(state))?;
+    tracing::info!(address = %local, "serving /metrics, the API and the drift page");
+    Ok(local)
+}
+
+/// Binds `addr` and serves `app` on a thread with its own single-worker
+/// tokio runtime (the daemon and the worker share this).
+pub fn serve_router(addr: &str, app: Router) -> Result<SocketAddr> {
     let listener = std::net::TcpListener::bind(addr)
         .with_context(|| format!("cannot listen on {addr} (http.listen / --http-listen)"))?;
     listener.set_nonblocking(true)?;
@@ -131,12 +139,11 @@ pub fn serve(addr: &str, state: AppState) -> Result<SocketAddr> {
                         return;
                     }
                 };
-                if let Err(e) = axum::serve(listener, router(state)).await {
+                if let Err(e) = axum::serve(listener, app).await {
                     tracing::error!(error = %e, "HTTP server stopped");
                 }
             })
         })?;
-    tracing::info!(address = %local, "serving /metrics, the API and the drift page");
     Ok(local)
 }
 
