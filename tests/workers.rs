@@ -1,10 +1,12 @@
-//! Scale-out end to end, on the Maldives minutely feed (180 diffs): the
-//! single-process daemon replays it onto one copy of an embedded store;
-//! `osmvec run --mode ingest` replays it onto another, turning every dirty
-//! tile into a job on a real broker while two `osmvec worker`s in one
-//! consumer group embed the jobs, one of them SIGKILLed mid-run. The
-//! compacted view of the workers' embeddings topic must equal the single
-//! process's, tile for tile.
+//! Scale-out end to end, on the Maldives minutely feed: the single-process
+//! daemon replays diffs 1–178 onto one copy of an embedded store; `osmvec
+//! run --mode ingest` replays them onto another, turning every dirty tile
+//! into a job on a real broker while two `osmvec worker`s in one consumer
+//! group embed the jobs, one of them SIGKILLed mid-run. The compacted view
+//! of the workers' embeddings topic must equal the single process's, tile
+//! for tile. Then the ingest daemon promotes a fine-tuned version, the
+//! surviving worker reloads it from the models topic, and the jobs of diffs
+//! 179–180 are embedded by the new version.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -133,7 +135,12 @@ fn two_workers_replay_the_feed_like_the_single_process_daemon_and_survive_losing
     ]);
     let twin = dir.path().join("twin");
     copy_dir(&store, &twin);
-    let server = HttpSource::start(&data(&format!("{maldives}/minute")), &[]);
+    // Diffs 1–178 first; 179 (6 tiles) and 180 (none) come after the
+    // promotion.
+    let server = HttpSource::start(
+        &data(&format!("{maldives}/minute")),
+        &["--hide-after", "178"],
+    );
     // Every diff in a cycle of its own (no debounce): more jobs, and many
     // tiles with several jobs to supersede.
     let follow = |store: &std::path::Path, broker: &str| -> Vec<String> {
@@ -161,7 +168,7 @@ fn two_workers_replay_the_feed_like_the_single_process_daemon_and_survive_losing
     let args = follow(&twin, &single.addr);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     osmvec_ok(&args);
-    assert_eq!(stats(&twin)["sequence"], 180);
+    assert_eq!(stats(&twin)["sequence"], 178);
     let want = compacted_view(&single.addr);
     let tombstones = want.values().filter(|v| v.is_none()).count();
     eprintln!(
@@ -205,7 +212,7 @@ fn two_workers_replay_the_feed_like_the_single_process_daemon_and_survive_losing
     let ingest_running = ingest.try_wait().unwrap().is_none();
     let jobs = first + rest.join().unwrap();
     assert!(ingest.wait().unwrap().success(), "the ingest failed");
-    assert_eq!(stats(&store)["sequence"], 180);
+    assert_eq!(stats(&store)["sequence"], 178);
     eprintln!(
         "{jobs} jobs queued; worker A killed while the ingest was {}",
         if ingest_running {
@@ -224,31 +231,73 @@ fn two_workers_replay_the_feed_like_the_single_process_daemon_and_survive_losing
         "killed after the run, not mid-run"
     );
 
-    // Worker B takes over A's partitions and finishes; wait until the view
-    // converged (a tile can show an older job's vector while its newest job
-    // is still queued or redone after the kill), at most 400 s.
+    // Worker B takes over A's partitions and finishes: wait until every job
+    // is committed (a worker commits only after its outputs were
+    // acknowledged), at most 400 s.
     // tansu 0.6.0 sometimes stalls a group's rebalance (../shared/findings.md):
-    // when nothing changes for 30 s, one more worker joins, which triggers a
-    // fresh rebalance (at most two such helpers; the note counts them).
+    // when the group's committed offsets do not move for 30 s, one more
+    // worker joins, which triggers a fresh rebalance (at most two such
+    // helpers; the note counts them).
     let t0 = Instant::now();
     let mut helpers = Vec::new();
-    let mut last = (usize::MAX, Instant::now());
-    let (view, worst) = loop {
-        let view = compacted_view(&broker.addr);
-        let worst = difference(&view, &want);
-        if worst.is_some_and(|w| w < 1e-5) || t0.elapsed() > Duration::from_secs(400) {
-            break (view, worst);
+    let mut last = (i64::MAX, Instant::now());
+    loop {
+        let left: i64 = group_lag(&broker.addr, group).iter().sum();
+        if left == 0 || t0.elapsed() > Duration::from_secs(400) {
+            break;
         }
-        let progress = view.values().filter(|v| v.is_some()).count();
-        if progress != last.0 {
-            last = (progress, Instant::now());
+        if left < last.0 {
+            last = (left, Instant::now());
         } else if last.1.elapsed() > Duration::from_secs(30) && helpers.len() < 2 {
-            eprintln!("no progress for 30 s at {progress} tiles: one more worker joins");
+            eprintln!("no job committed for 30 s, {left} left: one more worker joins");
             helpers.push(spawn_worker(&broker.addr, &ckpt, group));
             last.1 = Instant::now();
         }
         std::thread::sleep(Duration::from_secs(2));
-    };
+    }
+    let view = compacted_view(&broker.addr);
+    let worst = difference(&view, &want);
+    // Repeats: every record on the topic was reported in some worker's
+    // batch line, except what worker A published of the batch it was killed
+    // in (at most one batch: 32 jobs), and what a rebalance made a worker
+    // redo (at most one batch per helper's join).
+    let published = consume(
+        &broker.addr,
+        "osmvec.tile-embeddings",
+        Duration::from_secs(3),
+    )
+    .into_iter()
+    .filter(|(k, _)| k != SENTINEL)
+    .count();
+    let reported: u64 = [&a, &b]
+        .into_iter()
+        .chain(&helpers)
+        .flat_map(|w| w.batches.lock().unwrap().clone())
+        .map(|l| l["embedded"].as_u64().unwrap() + l["tombstones"].as_u64().unwrap())
+        .sum();
+    let allowed = 32 * (1 + helpers.len() as u64);
+    eprintln!("{published} records published, {reported} reported in batch lines");
+    assert!(
+        reported <= published as u64 && published as u64 <= reported + allowed,
+        "{published} records on the topic, {reported} reported by the workers' batches (≤ {allowed} repeats allowed)"
+    );
+    // Which tiles differ, and from which sequences, when any does.
+    for (k, w) in &want {
+        let (Some(Some(g)), Some(w)) = (view.get(k), w) else {
+            continue;
+        };
+        let d = vector_of(g)
+            .iter()
+            .zip(vector_of(w))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        if d >= 1e-5 {
+            eprintln!(
+                "tile {k}: differs by {d}; workers' record from sequence {}, single process's from {}",
+                g["sequence"], w["sequence"]
+            );
+        }
+    }
     // Every job (and sentinel) consumed and committed.
     let lag = group_lag(&broker.addr, group);
     assert!(
@@ -316,5 +365,75 @@ fn two_workers_replay_the_feed_like_the_single_process_daemon_and_survive_losing
          (largest difference {worst:e}; {} helper workers needed)",
         want.len(),
         helpers.len()
+    );
+
+    // A promoted version reaches the workers: the ingest daemon, now in the
+    // background, fine-tunes on request (tolerance 1: any finite candidate
+    // is promoted) and announces 1.1 on osmvec.models; worker B shares the
+    // checkpoint directory and reloads it between batches.
+    let (_daemon, url, cycles) = start_daemon(
+        &store,
+        &ckpt,
+        &server.url,
+        &broker.addr,
+        &[
+            "--mode",
+            "ingest",
+            "--finetune-steps",
+            "5",
+            "--finetune-tolerance",
+            "1",
+            "--http-token",
+            "t0k3n",
+        ],
+    );
+    let (status, body) = http("POST", &format!("{url}/v1/finetune"), Some("t0k3n"));
+    assert_eq!(status, 202, "{body}");
+    wait_for("worker B on model 1.1", Duration::from_secs(300), || {
+        let m = http("GET", &format!("{}/metrics", b.url), None).1;
+        m.contains(r#"osmvec_model_info{model_version="1.1"} 1"#)
+    });
+    assert_eq!(
+        get_json(&format!("{}/readyz", b.url))["model_version"],
+        "1.1"
+    );
+    // Diffs 179 and 180: their jobs are embedded by 1.1.
+    ureq::post(format!("{}/_control/publish?seq=180", server.url))
+        .send_empty()
+        .unwrap();
+    let queued = || -> u64 {
+        cycles
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|c| c["jobs_queued"].as_u64().unwrap())
+            .sum()
+    };
+    wait_for(
+        "diffs 179–180 ingested and their jobs queued",
+        Duration::from_secs(120),
+        || {
+            let m = http("GET", &format!("{url}/metrics"), None).1;
+            sample(&m, "osmvec_replication_sequence") == Some(180.0)
+                && sample(&m, "osmvec_dirty_tiles") == Some(0.0)
+                && queued() > 0
+        },
+    );
+    let queued = queued();
+    let mut late = BTreeMap::new();
+    wait_for("the new jobs embedded", Duration::from_secs(120), || {
+        late = compacted_view(&broker.addr)
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v?)))
+            .filter(|(_, v)| v["sequence"].as_u64().unwrap() > 178)
+            .collect();
+        late.len() as u64 == queued
+    });
+    for (k, v) in &late {
+        assert_eq!(v["model_version"], "1.1", "tile {k}");
+    }
+    eprintln!(
+        "fine-tuned 1.1 promoted by the ingest daemon; worker B reloaded it and embedded {} tiles of diff 179 with it",
+        late.len()
     );
 }

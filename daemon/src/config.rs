@@ -449,6 +449,38 @@ mod tests {
     }
 
     #[test]
+    fn worker_settings_come_from_the_same_file() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/osmvec.toml");
+        let f = FileConfig::load(&example).unwrap();
+        let (o, device, _) = merge_worker(
+            WorkerOverrides {
+                checkpoint: Some("/x".into()),
+                batch: Some(16),
+                ..Default::default()
+            },
+            f.clone(),
+        )
+        .unwrap();
+        assert_eq!(o.group, "osmvec-workers");
+        assert_eq!(o.batch, 16);
+        assert_eq!(o.http_listen.as_deref(), Some("127.0.0.1:9188"));
+        assert_eq!(o.topics.jobs, "osmvec.tile-jobs");
+        assert_eq!(device, "cpu");
+        let (o, ..) = merge_worker(
+            WorkerOverrides {
+                checkpoint: Some("/x".into()),
+                http_listen: Some("off".into()),
+                ..Default::default()
+            },
+            f,
+        )
+        .unwrap();
+        assert_eq!(o.http_listen, None);
+        let e = merge_worker(WorkerOverrides::default(), FileConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("--checkpoint"), "{e}");
+    }
+
+    #[test]
     fn errors_name_the_problem() {
         let e = merge(RunOverrides::default(), FileConfig::default()).unwrap_err();
         assert!(e.to_string().contains("--store"), "{e}");
