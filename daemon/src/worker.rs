@@ -18,6 +18,9 @@
 //! New model versions: the worker follows the models topic; when a
 //! `loaded`/`promoted` event names a version other than its own and its
 //! checkpoint directory now holds that version, it reloads between batches.
+//!
+//! What it shows of itself (metrics, health, lag of its partitions) lives in
+//! `observe::worker`; the loop only counts and sets gauges.
 
 use std::collections::HashMap;
 use std::path::PathBuf;

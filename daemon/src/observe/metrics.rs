@@ -49,17 +49,80 @@ pub struct Metrics {
 #[error("metrics: {0}")]
 pub struct MetricsError(#[from] prometheus::Error);
 
+/// Registers `m` in `r` and hands it back (the registry keeps a clone).
+pub(crate) fn reg<T: prometheus::core::Collector + Clone + 'static>(
+    r: &Registry,
+    m: T,
+) -> Result<T, MetricsError> {
+    r.register(Box::new(m.clone()))?;
+    Ok(m)
+}
+
+/// A registry holding `osmvec_build_info` (the daemon's and the worker's).
+pub(crate) fn registry_with_build_info(git_revision: &str) -> Result<Registry, MetricsError> {
+    let r = Registry::new();
+    let build = reg(
+        &r,
+        IntGaugeVec::new(
+            Opts::new(
+                "osmvec_build_info",
+                "What is running: version and git revision.",
+            ),
+            &["version", "git_revision"],
+        )?,
+    )?;
+    build
+        .with_label_values(&[env!("CARGO_PKG_VERSION"), git_revision])
+        .set(1);
+    Ok(r)
+}
+
+/// `osmvec_model_info{model_version}` in `r` (the daemon's and the worker's).
+pub(crate) fn model_info(r: &Registry) -> Result<IntGaugeVec, MetricsError> {
+    reg(
+        r,
+        IntGaugeVec::new(
+            Opts::new("osmvec_model_info", "The model version serving (value 1)."),
+            &["model_version"],
+        )?,
+    )
+}
+
+/// The Prometheus text exposition of every metric in `r`.
+pub(crate) fn render(r: &Registry) -> String {
+    let mut out = Vec::new();
+    TextEncoder::new()
+        .encode(&r.gather(), &mut out)
+        .expect("the text encoder writes to a Vec");
+    String::from_utf8(out).expect("the text format is UTF-8")
+}
+
+/// Test helper: every family in `text` is `osmvec_*`, counters end in
+/// `_total`, and docs/observability.md names it. Returns the family count.
+#[cfg(test)]
+pub(crate) fn check_families(text: &str) -> usize {
+    let doc = include_str!("../../../docs/observability.md");
+    let mut families = 0;
+    for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let mut parts = line.split_whitespace().skip(2);
+        let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
+        families += 1;
+        assert!(name.starts_with("osmvec_"), "{name}");
+        if kind == "counter" {
+            assert!(name.ends_with("_total"), "{name}");
+        }
+        assert!(
+            doc.contains(&format!("`{name}`")),
+            "{name} is not documented in docs/observability.md"
+        );
+    }
+    families
+}
+
 impl Metrics {
     pub fn new(topics: &Topics, git_revision: &str) -> Result<Metrics, MetricsError> {
-        let registry = Registry::new();
+        let registry = registry_with_build_info(git_revision)?;
         let r = &registry;
-        fn reg<T: prometheus::core::Collector + Clone + 'static>(
-            r: &Registry,
-            m: T,
-        ) -> Result<T, MetricsError> {
-            r.register(Box::new(m.clone()))?;
-            Ok(m)
-        }
         let gauge = |name: &str, help: &str| reg(r, Gauge::new(name, help)?);
         let counter = |name: &str, help: &str| reg(r, IntCounter::new(name, help)?);
         let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
@@ -71,19 +134,6 @@ impl Metrics {
         let seconds = vec![
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
         ];
-        let build = reg(
-            r,
-            IntGaugeVec::new(
-                Opts::new(
-                    "osmvec_build_info",
-                    "What is running: version and git revision.",
-                ),
-                &["version", "git_revision"],
-            )?,
-        )?;
-        build
-            .with_label_values(&[env!("CARGO_PKG_VERSION"), git_revision])
-            .set(1);
         let m = Metrics {
             replication_sequence: reg(
                 r,
@@ -171,13 +221,7 @@ impl Metrics {
                     "1 while the broker acknowledges records, 0 after failures or 5 s without an answer.",
                 )?,
             )?,
-            model_info: reg(
-                r,
-                IntGaugeVec::new(
-                    Opts::new("osmvec_model_info", "The model version serving (value 1)."),
-                    &["model_version"],
-                )?,
-            )?,
+            model_info: model_info(r)?,
             tile_drift_cosine_distance: histogram(
                 "osmvec_tile_drift_cosine_distance",
                 "Cosine distance of each re-embedded tile to its previous vector of the same model version.",
@@ -309,11 +353,7 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        let mut out = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .expect("the text encoder writes to a Vec");
-        String::from_utf8(out).expect("the text format is UTF-8")
+        render(&self.registry)
     }
 }
 
@@ -325,23 +365,8 @@ mod tests {
     fn every_family_is_exposed_from_the_start_with_conventional_names() {
         let m = Metrics::new(&Topics::default(), "abc").unwrap();
         let text = m.render();
-        let doc = include_str!("../../../docs/observability.md");
-        let mut families = 0;
-        for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
-            let mut parts = line.split_whitespace().skip(2);
-            let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
-            families += 1;
-            assert!(name.starts_with("osmvec_"), "{name}");
-            if kind == "counter" {
-                assert!(name.ends_with("_total"), "{name}");
-            }
-            assert!(
-                doc.contains(&format!("`{name}`")),
-                "{name} is not documented in docs/observability.md"
-            );
-        }
         // Every family but osmvec_model_info (set when a model loads).
-        assert_eq!(families, 26);
+        assert_eq!(check_families(&text), 26);
         assert!(
             text.contains(r#"osmvec_objects_changed_total{action="delete",type="relation"} 0"#)
         );

@@ -13,12 +13,12 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 use serde_json::json;
 
-use super::metrics::MetricsError;
+use super::metrics::{MetricsError, model_info, reg, registry_with_build_info, render};
 
 /// What happened to a job: each job read from the jobs topic counts once.
 pub const OUTCOMES: [&str; 4] = ["embedded", "removed", "superseded", "undecodable"];
@@ -38,28 +38,8 @@ pub struct WorkerMetrics {
 
 impl WorkerMetrics {
     pub fn new(git_revision: &str) -> Result<WorkerMetrics, MetricsError> {
-        let registry = Registry::new();
+        let registry = registry_with_build_info(git_revision)?;
         let r = &registry;
-        fn reg<T: prometheus::core::Collector + Clone + 'static>(
-            r: &Registry,
-            m: T,
-        ) -> Result<T, MetricsError> {
-            r.register(Box::new(m.clone()))?;
-            Ok(m)
-        }
-        let build = reg(
-            r,
-            IntGaugeVec::new(
-                Opts::new(
-                    "osmvec_build_info",
-                    "What is running: version and git revision.",
-                ),
-                &["version", "git_revision"],
-            )?,
-        )?;
-        build
-            .with_label_values(&[env!("CARGO_PKG_VERSION"), git_revision])
-            .set(1);
         let jobs_total = reg(
             r,
             IntCounterVec::new(
@@ -122,13 +102,7 @@ impl WorkerMetrics {
                     "Wall-clock time (Unix seconds) the last batch was committed; 0 before the first.",
                 )?,
             )?,
-            model_info: reg(
-                r,
-                IntGaugeVec::new(
-                    Opts::new("osmvec_model_info", "The model version serving (value 1)."),
-                    &["model_version"],
-                )?,
-            )?,
+            model_info: model_info(r)?,
             registry,
         })
     }
@@ -143,11 +117,7 @@ impl WorkerMetrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        let mut out = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .expect("the text encoder writes to a Vec");
-        String::from_utf8(out).expect("the text format is UTF-8")
+        render(&self.registry)
     }
 }
 
@@ -217,22 +187,7 @@ mod tests {
         m.set_model(None, "1.0");
         m.set_model(Some("1.0"), "1.1");
         let text = m.render();
-        let doc = include_str!("../../../docs/observability.md");
-        let mut families = 0;
-        for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
-            let mut parts = line.split_whitespace().skip(2);
-            let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
-            families += 1;
-            assert!(name.starts_with("osmvec_"), "{name}");
-            if kind == "counter" {
-                assert!(name.ends_with("_total"), "{name}");
-            }
-            assert!(
-                doc.contains(&format!("`{name}`")),
-                "{name} is not documented in docs/observability.md"
-            );
-        }
-        assert_eq!(families, 9);
+        assert_eq!(super::super::metrics::check_families(&text), 9);
         for o in OUTCOMES {
             assert!(text.contains(&format!("osmvec_worker_jobs_total{{outcome=\"{o}\"}} 0")));
         }
