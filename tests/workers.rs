@@ -387,6 +387,12 @@ fn two_workers_replay_the_feed_like_the_single_process_daemon_and_survive_losing
             "t0k3n",
         ],
     );
+    // Its tile endpoints refuse: the workers publish, nothing is stored.
+    for path in ["/v1/tiles", "/v1/tiles/15/23077/15999"] {
+        let (status, body) = http("GET", &format!("{url}{path}"), None);
+        assert_eq!(status, 409, "{path}: {body}");
+        assert!(body.contains("ingest mode"), "{body}");
+    }
     let (status, body) = http("POST", &format!("{url}/v1/finetune"), Some("t0k3n"));
     assert_eq!(status, 202, "{body}");
     wait_for("worker B on model 1.1", Duration::from_secs(300), || {

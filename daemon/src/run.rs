@@ -156,6 +156,7 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         finetune_requested: AtomicBool::new(false),
         last_finetune: Mutex::new(None),
         token: o.http_token.clone(),
+        ingest_only: o.mode == Mode::Ingest,
     });
     let m = &shared.metrics;
     m.model_info

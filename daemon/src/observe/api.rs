@@ -46,6 +46,18 @@ pub struct Shared {
     pub finetune_requested: AtomicBool,
     pub last_finetune: Mutex<Option<crate::embedding::finetune::FinetuneReport>>,
     pub token: Option<String>,
+    /// Ingest mode: workers embed and publish, nothing writes embeddings to
+    /// this store, so the tile endpoints refuse rather than serve old ones.
+    pub ingest_only: bool,
+}
+
+/// The tile endpoints' answer in ingest mode.
+fn ingest_only() -> Response {
+    error(
+        StatusCode::CONFLICT,
+        "this daemon runs in ingest mode: tile embeddings are computed by `osmvec worker`s \
+         and published on the embeddings topic, not stored here (docs/scaling.md)",
+    )
 }
 
 impl Shared {
@@ -223,6 +235,9 @@ async fn readyz(State(s): State<AppState>) -> Response {
 }
 
 async fn tiles(State(s): State<AppState>) -> Response {
+    if s.ingest_only {
+        return ingest_only();
+    }
     let tiles = s.tiles.read().unwrap_or_else(|e| e.into_inner());
     let rows: Vec<serde_json::Value> = tiles
         .iter()
@@ -262,6 +277,9 @@ async fn tile(
         Ok(t) => t,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
+    if s.ingest_only {
+        return ingest_only();
+    }
     match s.store.tile_embedding(t) {
         Ok(Some(e)) => axum::Json(json!({
             "tile": t.to_string(),
