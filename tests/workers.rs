@@ -135,8 +135,8 @@ fn two_workers_replay_the_feed_like_the_single_process_daemon_and_survive_losing
     ]);
     let twin = dir.path().join("twin");
     copy_dir(&store, &twin);
-    // Diffs 1–178 first; 179 (6 tiles) and 180 (none) come after the
-    // promotion.
+    // Diffs 1–178 first; 179 (six dirty marks, one of them a z12 context:
+    // all 69 tiles) and 180 (none) come after the promotion.
     let server = HttpSource::start(
         &data(&format!("{maldives}/minute")),
         &["--hide-after", "178"],
