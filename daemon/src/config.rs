@@ -178,6 +178,11 @@ impl FileConfig {
             .with_context(|| format!("cannot read config file {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
     }
+
+    /// [`FileConfig::load`] when a file is given, every key unset when not.
+    pub fn load_or_default(path: Option<&Path>) -> Result<FileConfig> {
+        path.map_or_else(|| Ok(FileConfig::default()), FileConfig::load)
+    }
 }
 
 /// Flags and environment, as parsed by clap (`None` = not given). Defaults

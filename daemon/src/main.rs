@@ -395,10 +395,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             until_caught_up,
             json,
         } => {
-            let file = match &config {
-                Some(p) => osmvec::config::FileConfig::load(p)?,
-                None => Default::default(),
-            };
+            let file = osmvec::config::FileConfig::load_or_default(config.as_deref())?;
             let s = osmvec::config::merge(*overrides, file)?;
             let (device, model_dir) = ModelArgs {
                 device: s.device.clone(),
@@ -416,10 +413,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             overrides,
             json,
         } => {
-            let file = match &config {
-                Some(p) => osmvec::config::FileConfig::load(p)?,
-                None => Default::default(),
-            };
+            let file = osmvec::config::FileConfig::load_or_default(config.as_deref())?;
             let (mut o, device, text_model_dir) = osmvec::config::merge_worker(*overrides, file)?;
             let (device, model_dir) = ModelArgs {
                 device,

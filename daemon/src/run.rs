@@ -171,7 +171,10 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         m.replication_timestamp_seconds.set(ts as f64);
     }
     m.outbox_entries.set(store.outbox_len()? as i64);
-    shared.load_tiles()?;
+    // The tile layer of the API and the drift page (ingest mode serves none).
+    if o.mode == Mode::Embed {
+        shared.load_tiles()?;
+    }
     // Known before the first scrape: what a new major version must redo.
     let mut sweep = if o.mode == Mode::Embed {
         tiles_to_sweep(&store, &model.meta.model_version)?

@@ -36,7 +36,7 @@ use osmvec_graphstore::tiles::TileId;
 use osmvec_model::Device;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
@@ -47,7 +47,7 @@ use crate::embedding::inputs::{batch_from_graphs, encode_batch};
 use crate::embedding::tags::TagVectors;
 use crate::jobs::TileJob;
 use crate::observe::worker::{WorkerMetrics, WorkerStatus};
-use crate::publish::kafka::Topics;
+use crate::publish::kafka::{Topics, record_headers, tile_idempotency_key};
 use crate::publish::messages::{Encoding, TileEmbeddingMessage};
 
 #[derive(Debug, Clone)]
@@ -197,9 +197,7 @@ pub fn worker(o: &WorkerOptions, stop: Arc<AtomicBool>) -> Result<()> {
             }
         }
         if jobs.is_empty() {
-            if !commit(&consumer, &o.topics.jobs, &next) {
-                m.offset_commit_failures_total.inc();
-            }
+            commit(&consumer, &o.topics.jobs, &next, m);
             continue;
         }
         let t0 = Instant::now();
@@ -287,22 +285,13 @@ pub fn worker(o: &WorkerOptions, stop: Arc<AtomicBool>) -> Result<()> {
             let (payload, idk) = match e {
                 Some(e) => (
                     Some(o.encoding.encode_tile(&TileEmbeddingMessage::new(*t, e))?),
-                    format!("{t}|{}|{}", e.model_version, e.sequence),
+                    tile_idempotency_key(*t, e),
                 ),
                 None => (None, format!("{t}|tombstone|worker")),
             };
-            let headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: "osmvec-idempotency-key",
-                    value: Some(idk.as_str()),
-                })
-                .insert(Header {
-                    key: "content-type",
-                    value: Some(o.encoding.content_type()),
-                });
             let mut rec: BaseRecord<'_, str, [u8]> = BaseRecord::to(&o.topics.embeddings)
                 .key(key.as_str())
-                .headers(headers);
+                .headers(record_headers(&idk, o.encoding));
             if let Some(p) = &payload {
                 rec = rec.payload(p.as_slice());
             }
@@ -329,9 +318,7 @@ pub fn worker(o: &WorkerOptions, stop: Arc<AtomicBool>) -> Result<()> {
         if producer.in_flight_count() > 0 {
             bail!("embeddings still in flight after the flush");
         }
-        if !commit(&consumer, &o.topics.jobs, &next) {
-            m.offset_commit_failures_total.inc();
-        }
+        commit(&consumer, &o.topics.jobs, &next, m);
         for (t, e) in records {
             match e {
                 Some(e) => {
@@ -372,14 +359,13 @@ pub fn worker(o: &WorkerOptions, stop: Arc<AtomicBool>) -> Result<()> {
     Ok(())
 }
 
-/// Commits the offsets after a batch; false when refused. A failure
-/// (typically: the partition moved to another worker in a rebalance
-/// meanwhile) is logged, not fatal: the batch's outputs were delivered, and
-/// whoever owns the partition now redoes at most that batch (at-least-once,
-/// same keys).
-fn commit(consumer: &BaseConsumer, topic: &str, next: &HashMap<i32, i64>) -> bool {
+/// Commits the offsets after a batch. A failure (typically: the partition
+/// moved to another worker in a rebalance meanwhile) is logged and counted,
+/// not fatal: the batch's outputs were delivered, and whoever owns the
+/// partition now redoes at most that batch (at-least-once, same keys).
+fn commit(consumer: &BaseConsumer, topic: &str, next: &HashMap<i32, i64>, m: &WorkerMetrics) {
     if next.is_empty() {
-        return true;
+        return;
     }
     let mut tpl = TopicPartitionList::new();
     for (p, o) in next {
@@ -389,9 +375,8 @@ fn commit(consumer: &BaseConsumer, topic: &str, next: &HashMap<i32, i64>) -> boo
     }
     if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
         tracing::warn!(error = %e, "committing offsets failed (rebalance?); at most this batch will be redone");
-        return false;
+        m.offset_commit_failures_total.inc();
     }
-    true
 }
 
 /// Sets the assigned-partitions and lag gauges, and whether the broker

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use osmvec_graphstore::Store;
+use osmvec_graphstore::embeddings::TileEmbedding;
 use osmvec_graphstore::outbox::OutboxItem;
+use osmvec_graphstore::tiles::TileId;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
@@ -25,6 +27,26 @@ use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, Prod
 use serde::{Deserialize, Serialize};
 
 use super::messages::{ChangeMessage, Encoding, ModelMessage, TileEmbeddingMessage};
+
+/// The headers of every record osmvec publishes from a tile or change: the
+/// idempotency key consumers deduplicate on, and the value's content type
+/// (the single-process daemon and the workers write the same).
+pub fn record_headers(idempotency_key: &str, encoding: Encoding) -> OwnedHeaders {
+    OwnedHeaders::new()
+        .insert(Header {
+            key: "osmvec-idempotency-key",
+            value: Some(idempotency_key),
+        })
+        .insert(Header {
+            key: "content-type",
+            value: Some(encoding.content_type()),
+        })
+}
+
+/// Idempotency key of a tile embedding: tile, model version, sequence.
+pub fn tile_idempotency_key(t: TileId, e: &TileEmbedding) -> String {
+    format!("{t}|{}|{}", e.model_version, e.sequence)
+}
 
 /// Topic names.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -377,7 +399,7 @@ impl Publisher {
                     match store.tile_embedding(*t)? {
                         Some(emb) => {
                             let m = TileEmbeddingMessage::new(*t, &emb);
-                            let idk = format!("{t}|{}|{}", emb.model_version, emb.sequence);
+                            let idk = tile_idempotency_key(*t, &emb);
                             (
                                 &topics.embeddings,
                                 t.to_string(),
@@ -397,19 +419,10 @@ impl Publisher {
                     }
                 }
             };
-            let headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: "osmvec-idempotency-key",
-                    value: Some(id_header.as_str()),
-                })
-                .insert(Header {
-                    key: "content-type",
-                    value: Some(enc.content_type()),
-                });
             let mut record: BaseRecord<'_, str, [u8], Opaque> =
                 BaseRecord::with_opaque_to(topic, Box::new(token.clone()))
                     .key(key.as_str())
-                    .headers(headers);
+                    .headers(record_headers(&id_header, enc));
             if let Some(p) = &payload {
                 record = record.payload(p.as_slice());
             }
