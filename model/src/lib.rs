@@ -28,6 +28,7 @@
 //! The model dtype is `f32` ([`MODEL_DTYPE`]); spherical harmonics are computed
 //! in `f64` and converted at the end, like SatCLIP's float64 features.
 
+pub mod engine;
 pub mod error;
 pub mod gat;
 pub mod graph;
@@ -42,6 +43,7 @@ pub mod siren;
 pub mod text;
 
 pub use candle_core::{DType, Device, Tensor};
+pub use engine::{Engine, PackedBatch};
 pub use error::{ModelError, Result};
 pub use gat::{EdgeType, NodeType, Relation};
 pub use graph::{
