@@ -106,6 +106,7 @@ fn train_resume_embed_reload_eval_on_liechtenstein() {
         batch_size: 32,
         model_dir: default_model_dir(),
         device: Device::Cpu,
+        reference: false,
     };
     let r1 = embed(&args).unwrap();
     assert_eq!(r1.tiles, tiles_with_features);

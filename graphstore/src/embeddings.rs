@@ -15,6 +15,22 @@
 //! marks tiles). An embedder remembers the marks it read; writing its results
 //! clears only marks whose generation is unchanged, so an edit committed
 //! while the tile was being embedded keeps its mark and is embedded again.
+//!
+//! Every mark also has a key in `dirty_order` (first-dirty sequence ‖ tile),
+//! and `meta.dirty_count` counts the marks: a scheduler reads the oldest
+//! marks it takes ([`Store::oldest_marks`]) and the backlog's size
+//! ([`Store::dirty_count`]) without scanning millions of keys after a large
+//! import. Every write of a mark goes through [`Store::put_mark`] /
+//! [`Store::delete_mark`], which keep the three in step in one batch.
+//!
+//! # Context fingerprints
+//!
+//! `tile_contexts` holds, per fine tile, the fingerprint of the coarse
+//! context graph its current embedding was computed with, written in the
+//! embedding's own batch. A dirty coarse tile then re-embeds only the
+//! children whose recorded context differs from the context graph as it is
+//! now (see the embedding pipeline's context-dirty pruning): an edit that
+//! does not reach the coarse tile's sampled graph changes no child.
 
 use rocksdb::{IteratorMode, WriteBatch};
 
@@ -116,6 +132,15 @@ fn f32s_from_le(raw: &[u8]) -> Vec<f32> {
         .collect()
 }
 
+/// `dirty_order` key: first-dirty sequence (big-endian, so byte order is
+/// scheduling order) ‖ tile key.
+fn order_key(since: u64, tile: TileId) -> [u8; 17] {
+    let mut k = [0u8; 17];
+    k[..8].copy_from_slice(&since.to_be_bytes());
+    k[8..].copy_from_slice(&tile.to_key());
+    k
+}
+
 fn tag_vector_key(text_model: &str, text: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(text_model.len() + 1 + text.len());
     k.extend_from_slice(text_model.as_bytes());
@@ -141,7 +166,255 @@ impl Store {
         self.reserve_counter(b, meta::DIRTY_GENERATION, 1)
     }
 
-    /// Every dirty mark, in tile key order.
+    /// The number of dirty marks (fine and coarse), from a counter.
+    pub fn dirty_count(&self) -> Result<u64> {
+        Ok(match self.get_meta(meta::DIRTY_COUNT)? {
+            Some(v) => u64::from_le_bytes(
+                v.as_slice()
+                    .try_into()
+                    .map_err(|_| StoreError::corrupt("dirty count"))?,
+            ),
+            None => 0,
+        })
+    }
+
+    /// Builds `dirty_order` and `dirty_count` from the marks of a store
+    /// written before they existed (one scan, once).
+    pub(crate) fn ensure_dirty_index(&self) -> Result<()> {
+        if self.get_meta(meta::DIRTY_INDEX)?.as_deref() == Some(b"1".as_slice()) {
+            return Ok(());
+        }
+        let marks = self.dirty_marks()?;
+        let mut b = WriteBatch::default();
+        for (t, m) in &marks {
+            b.put_cf(
+                self.cf(cf::DIRTY_ORDER),
+                order_key(m.since_sequence, *t),
+                [],
+            );
+        }
+        b.put_cf(
+            self.cf(cf::META),
+            meta::DIRTY_COUNT,
+            (marks.len() as u64).to_le_bytes(),
+        );
+        b.put_cf(self.cf(cf::META), meta::DIRTY_INDEX, b"1");
+        self.write(b, true)
+    }
+
+    /// A tile's current mark.
+    pub fn current_mark(&self, tile: TileId) -> Result<Option<DirtyMark>> {
+        self.get_cf(cf::DIRTY_TILES, &tile.to_key())?
+            .map(|v| DirtyMark::decode(&v))
+            .transpose()
+    }
+
+    /// Current marks of `tiles` (one multi-get).
+    pub fn current_marks(&self, tiles: &[TileId]) -> Result<Vec<Option<DirtyMark>>> {
+        let c = self.cf(cf::DIRTY_TILES);
+        let keys: Vec<[u8; 9]> = tiles.iter().map(|t| t.to_key()).collect();
+        self.db()
+            .multi_get_cf(keys.iter().map(|k| (c, k.as_slice())))
+            .into_iter()
+            .map(|r| {
+                r.map_err(|e| self.db_err(e))?
+                    .map(|v| DirtyMark::decode(&v))
+                    .transpose()
+            })
+            .collect()
+    }
+
+    /// Writes `tile`'s mark `new` in `b`, given its current mark `cur`
+    /// (`None`: not marked), keeping `dirty_order` in step; `added` counts
+    /// marks that did not exist ([`Store::finish_marks`] writes the count).
+    /// A batch must not write one tile's mark twice.
+    pub(crate) fn put_mark(
+        &self,
+        b: &mut WriteBatch,
+        tile: TileId,
+        cur: Option<DirtyMark>,
+        new: DirtyMark,
+        added: &mut i64,
+    ) {
+        let order = self.cf(cf::DIRTY_ORDER);
+        match cur {
+            Some(c) if c.since_sequence == new.since_sequence => {}
+            Some(c) => {
+                b.delete_cf(order, order_key(c.since_sequence, tile));
+                b.put_cf(order, order_key(new.since_sequence, tile), []);
+            }
+            None => {
+                b.put_cf(order, order_key(new.since_sequence, tile), []);
+                *added += 1;
+            }
+        }
+        b.put_cf(self.cf(cf::DIRTY_TILES), tile.to_key(), new.encode());
+    }
+
+    /// Deletes `tile`'s mark (currently `cur`) in `b`.
+    pub(crate) fn delete_mark(
+        &self,
+        b: &mut WriteBatch,
+        tile: TileId,
+        cur: DirtyMark,
+        added: &mut i64,
+    ) {
+        b.delete_cf(
+            self.cf(cf::DIRTY_ORDER),
+            order_key(cur.since_sequence, tile),
+        );
+        b.delete_cf(self.cf(cf::DIRTY_TILES), tile.to_key());
+        *added -= 1;
+    }
+
+    /// Writes the dirty count changed by `added` into `b`.
+    pub(crate) fn finish_marks(&self, b: &mut WriteBatch, added: i64) -> Result<()> {
+        if added == 0 {
+            return Ok(());
+        }
+        let n = self.dirty_count()? as i64 + added;
+        if n < 0 {
+            return Err(StoreError::corrupt("dirty count below zero"));
+        }
+        b.put_cf(
+            self.cf(cf::META),
+            meta::DIRTY_COUNT,
+            (n as u64).to_le_bytes(),
+        );
+        Ok(())
+    }
+
+    /// Marks `tiles` dirty in `b` as a commit of `generation` at sequence
+    /// `seq` does: a tile already marked keeps its first-dirty sequence.
+    pub(crate) fn mark_tiles(
+        &self,
+        b: &mut WriteBatch,
+        tiles: &[TileId],
+        seq: u64,
+        generation: u64,
+    ) -> Result<()> {
+        let mut added = 0;
+        for (tile, cur) in tiles.iter().zip(self.current_marks(tiles)?) {
+            let new = DirtyMark {
+                since_sequence: cur.map_or(seq, |c| c.since_sequence),
+                generation,
+            };
+            self.put_mark(b, *tile, cur, new, &mut added);
+        }
+        self.finish_marks(b, added)
+    }
+
+    /// The `limit` oldest marks, in (first-dirty sequence, tile) order: reads
+    /// what it returns, whatever the size of the backlog.
+    pub fn oldest_marks(&self, limit: usize) -> Result<Vec<(TileId, DirtyMark)>> {
+        let mut tiles = Vec::with_capacity(limit.min(1 << 16));
+        let mut it = self.db().raw_iterator_cf(self.cf(cf::DIRTY_ORDER));
+        it.seek_to_first();
+        while it.valid() && tiles.len() < limit {
+            let k = it.key().expect("valid iterator has a key");
+            let t = (k.len() == 17)
+                .then(|| TileId::from_key(&k[8..]))
+                .flatten()
+                .ok_or_else(|| StoreError::corrupt("dirty order key"))?;
+            tiles.push(t);
+            it.next();
+        }
+        it.status().map_err(|e| self.db_err(e))?;
+        let mut out = Vec::with_capacity(tiles.len());
+        for (t, m) in tiles.iter().zip(self.current_marks(&tiles)?) {
+            let m = m.ok_or_else(|| {
+                StoreError::Corrupt(format!("tile {t} is in the dirty order but has no mark"))
+            })?;
+            out.push((*t, m));
+        }
+        Ok(out)
+    }
+
+    /// The fine tiles with features under a coarse tile.
+    pub fn children_with_features(&self, coarse: TileId) -> Result<Vec<TileId>> {
+        let cfg = self.tile_config();
+        if cfg.fine_zoom <= coarse.z {
+            return Ok(Vec::new());
+        }
+        let f = 1u32 << (cfg.fine_zoom - coarse.z);
+        let children: Vec<TileId> = (0..f)
+            .flat_map(|dx| {
+                (0..f).map(move |dy| TileId {
+                    z: cfg.fine_zoom,
+                    x: coarse.x * f + dx,
+                    y: coarse.y * f + dy,
+                })
+            })
+            .collect();
+        self.tiles_with_features(&children)
+    }
+
+    /// Turns a coarse tile's mark (as read: `seen`) into marks of `children`
+    /// (a child keeps the older first-dirty sequence and the newer
+    /// generation of its own and its parent's mark) and removes the coarse
+    /// mark unless a commit renewed it meanwhile, in one synced batch.
+    /// Returns the number of child marks written.
+    pub fn expand_coarse_mark(
+        &self,
+        coarse: TileId,
+        seen: DirtyMark,
+        children: &[TileId],
+    ) -> Result<usize> {
+        let mut b = WriteBatch::default();
+        let mut added = 0;
+        for (child, own) in children.iter().zip(self.current_marks(children)?) {
+            let new = match own {
+                Some(own) => DirtyMark {
+                    since_sequence: own.since_sequence.min(seen.since_sequence),
+                    generation: own.generation.max(seen.generation),
+                },
+                None => seen,
+            };
+            self.put_mark(&mut b, *child, own, new, &mut added);
+        }
+        if let Some(cur) = self.current_mark(coarse)?
+            && cur.generation == seen.generation
+        {
+            self.delete_mark(&mut b, coarse, cur, &mut added);
+        }
+        self.finish_marks(&mut b, added)?;
+        self.write(b, true)?;
+        Ok(children.len())
+    }
+
+    /// The recorded context fingerprints of `tiles` (see the module docs).
+    pub fn context_fingerprints(&self, tiles: &[TileId]) -> Result<Vec<Option<u64>>> {
+        let c = self.cf(cf::TILE_CONTEXTS);
+        let keys: Vec<[u8; 9]> = tiles.iter().map(|t| t.to_key()).collect();
+        self.db()
+            .multi_get_cf(keys.iter().map(|k| (c, k.as_slice())))
+            .into_iter()
+            .map(|r| {
+                r.map_err(|e| self.db_err(e))?
+                    .map(|v| {
+                        v.as_slice()
+                            .try_into()
+                            .map(u64::from_le_bytes)
+                            .map_err(|_| StoreError::corrupt("context fingerprint"))
+                    })
+                    .transpose()
+            })
+            .collect()
+    }
+
+    /// Forgets the recorded contexts of `tiles` (their next embedding is
+    /// made elsewhere — ingest mode's workers — and records nothing, so no
+    /// record may claim an older context).
+    pub fn forget_context_fingerprints(&self, tiles: &[TileId]) -> Result<()> {
+        let mut b = WriteBatch::default();
+        for t in tiles {
+            b.delete_cf(self.cf(cf::TILE_CONTEXTS), t.to_key());
+        }
+        self.write(b, false)
+    }
+
+    /// Every dirty mark, in tile key order (a scan: tests and tools; the
+    /// scheduler uses [`Store::oldest_marks`]).
     pub fn dirty_marks(&self) -> Result<Vec<(TileId, DirtyMark)>> {
         let mut out = Vec::new();
         for kv in self
@@ -155,51 +428,25 @@ impl Store {
         Ok(out)
     }
 
-    /// Turns every dirty mark of a coarse (context) tile into marks of its
-    /// fine child tiles that hold features, and removes the coarse mark, in
-    /// one synced batch. A fine tile's embedding depends on its coarse
-    /// context, so an edit anywhere in the context makes the children dirty
-    /// even where their own features did not change; expanding the mark
-    /// durably lets an embedder work through the children in bounded steps
-    /// and survive a crash halfway. A child keeps the older of its own and its
-    /// parent's first-dirty sequence. Returns the number of child marks
-    /// written.
-    pub fn expand_coarse_marks(&self) -> Result<usize> {
+    /// Turns every dirty mark of a coarse (context) tile into marks of all
+    /// its fine child tiles that hold features (no pruning: what ingest
+    /// mode, whose workers record no context fingerprints, uses). A fine
+    /// tile's embedding depends on its coarse context, so an edit anywhere
+    /// in the context makes the children dirty; expanding the mark durably
+    /// lets an embedder work through the children in bounded steps and
+    /// survive a crash halfway. Reads only coarse marks among the `limit`
+    /// oldest. Returns the number of child marks written.
+    pub fn expand_coarse_marks(&self, limit: usize) -> Result<usize> {
         let cfg = self.tile_config();
         if cfg.fine_zoom <= cfg.coarse_zoom {
             return Ok(0);
         }
-        let marks = self.dirty_marks()?;
-        let current: std::collections::HashMap<TileId, DirtyMark> = marks.iter().copied().collect();
-        let f = 1u32 << (cfg.fine_zoom - cfg.coarse_zoom);
-        let c = self.cf(cf::DIRTY_TILES);
-        let mut b = WriteBatch::default();
         let mut written = 0;
-        for (t, m) in marks.iter().filter(|(t, _)| t.z == cfg.coarse_zoom) {
-            let children: Vec<TileId> = (0..f)
-                .flat_map(|dx| {
-                    (0..f).map(move |dy| TileId {
-                        z: cfg.fine_zoom,
-                        x: t.x * f + dx,
-                        y: t.y * f + dy,
-                    })
-                })
-                .collect();
-            for child in self.tiles_with_features(&children)? {
-                let mark = match current.get(&child) {
-                    Some(own) => DirtyMark {
-                        since_sequence: own.since_sequence.min(m.since_sequence),
-                        generation: own.generation.max(m.generation),
-                    },
-                    None => *m,
-                };
-                b.put_cf(c, child.to_key(), mark.encode());
-                written += 1;
+        for (t, m) in self.oldest_marks(limit)? {
+            if t.z == cfg.coarse_zoom {
+                let children = self.children_with_features(t)?;
+                written += self.expand_coarse_mark(t, m, &children)?;
             }
-            b.delete_cf(c, t.to_key());
-        }
-        if written > 0 || marks.iter().any(|(t, _)| t.z == cfg.coarse_zoom) {
-            self.write(b, true)?;
         }
         Ok(written)
     }
@@ -288,7 +535,28 @@ impl Store {
         updates: &[(TileId, Option<TileEmbedding>)],
         seen: &[(TileId, DirtyMark)],
     ) -> Result<usize> {
+        self.write_embeddings_with_contexts(updates, &[], seen)
+    }
+
+    /// [`Store::write_embeddings`], also recording the fingerprint of the
+    /// context graph each embedded tile was computed with (`contexts`;
+    /// a removed tile's record goes with its embedding).
+    pub fn write_embeddings_with_contexts(
+        &self,
+        updates: &[(TileId, Option<TileEmbedding>)],
+        contexts: &[(TileId, u64)],
+        seen: &[(TileId, DirtyMark)],
+    ) -> Result<usize> {
         let mut b = WriteBatch::default();
+        let cfc = self.cf(cf::TILE_CONTEXTS);
+        for (tile, fp) in contexts {
+            b.put_cf(cfc, tile.to_key(), fp.to_le_bytes());
+        }
+        for (tile, e) in updates {
+            if e.is_none() {
+                b.delete_cf(cfc, tile.to_key());
+            }
+        }
         let cfe = self.cf(cf::TILE_EMBEDDINGS);
         let outbox = self.outbox_enabled()?;
         let mut queued = Vec::new();
@@ -321,21 +589,18 @@ impl Store {
         b: &mut WriteBatch,
         seen: &[(TileId, DirtyMark)],
     ) -> Result<usize> {
-        let cfd = self.cf(cf::DIRTY_TILES);
-        let keys: Vec<[u8; 9]> = seen.iter().map(|(t, _)| t.to_key()).collect();
-        let current = self
-            .db()
-            .multi_get_cf(keys.iter().map(|k| (cfd, k.as_slice())));
+        let tiles: Vec<TileId> = seen.iter().map(|(t, _)| *t).collect();
         let mut cleared = 0;
-        for ((key, (_, mark)), cur) in keys.iter().zip(seen).zip(current) {
-            let cur = cur.map_err(|e| self.db_err(e))?;
-            if let Some(v) = cur
-                && DirtyMark::decode(&v)?.generation == mark.generation
+        let mut added = 0;
+        for ((tile, mark), cur) in seen.iter().zip(self.current_marks(&tiles)?) {
+            if let Some(cur) = cur
+                && cur.generation == mark.generation
             {
-                b.delete_cf(cfd, key);
+                self.delete_mark(b, *tile, cur, &mut added);
                 cleared += 1;
             }
         }
+        self.finish_marks(b, added)?;
         Ok(cleared)
     }
 
@@ -408,13 +673,7 @@ mod tests {
         let put_marks = |tiles: &[TileId]| {
             let mut b = WriteBatch::default();
             let g = store.next_dirty_generation(&mut b).unwrap();
-            for t in tiles {
-                let m = DirtyMark {
-                    since_sequence: 1,
-                    generation: g,
-                };
-                b.put_cf(store.cf(cf::DIRTY_TILES), t.to_key(), m.encode());
-            }
+            store.mark_tiles(&mut b, tiles, 1, g).unwrap();
             store.write(b, false).unwrap();
         };
         put_marks(&[a, c]);
@@ -439,8 +698,84 @@ mod tests {
             .map(|x| x.0)
             .collect();
         assert_eq!(left, vec![c]);
+        assert_eq!(store.dirty_count().unwrap(), 1);
+        assert_eq!(store.oldest_marks(10).unwrap().len(), 1);
         assert_eq!(store.tile_embedding(a).unwrap(), Some(e));
         assert_eq!(store.tile_embedding(c).unwrap(), None);
+    }
+
+    /// The order index and the counter follow every write of a mark: the
+    /// oldest marks come first whatever their tile keys, a tile re-marked
+    /// keeps its first sequence, an expansion moves a child to its parent's
+    /// older sequence, and the count never needs a scan.
+    #[test]
+    fn marks_are_read_oldest_first_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_or_create(dir.path(), TileConfig::default()).unwrap();
+        let mark = |tiles: &[TileId], seq: u64| {
+            let mut b = WriteBatch::default();
+            let g = store.next_dirty_generation(&mut b).unwrap();
+            store.mark_tiles(&mut b, tiles, seq, g).unwrap();
+            store.write(b, false).unwrap();
+        };
+        let t = |x: u32, y: u32| TileId { z: 15, x, y };
+        mark(&[t(9, 9), t(1, 1)], 5);
+        mark(&[t(5, 5), t(9, 9)], 3); // 9/9 keeps 5
+        let order: Vec<TileId> = store
+            .oldest_marks(10)
+            .unwrap()
+            .into_iter()
+            .map(|m| m.0)
+            .collect();
+        assert_eq!(order, vec![t(5, 5), t(1, 1), t(9, 9)]);
+        assert_eq!(store.oldest_marks(1).unwrap()[0].1.since_sequence, 3);
+        assert_eq!(store.dirty_count().unwrap(), 3);
+        // An expansion gives a child the older of its own and its parent's
+        // first sequence, and removes the parent's mark.
+        let coarse = TileId { z: 12, x: 1, y: 1 };
+        mark(&[coarse], 1);
+        let seen = store.current_mark(coarse).unwrap().unwrap();
+        store
+            .expand_coarse_mark(coarse, seen, &[t(9, 9), t(8, 8)])
+            .unwrap();
+        let order: Vec<(TileId, u64)> = store
+            .oldest_marks(10)
+            .unwrap()
+            .into_iter()
+            .map(|(t, m)| (t, m.since_sequence))
+            .collect();
+        assert_eq!(
+            order,
+            vec![(t(8, 8), 1), (t(9, 9), 1), (t(5, 5), 3), (t(1, 1), 5)]
+        );
+        assert_eq!(store.dirty_count().unwrap(), 4);
+        assert_eq!(store.count_keys(cf::DIRTY_ORDER).unwrap(), 4);
+        let all = store.dirty_marks().unwrap();
+        assert_eq!(store.clear_all_for_test(&all), 4);
+        assert_eq!(store.dirty_count().unwrap(), 0);
+        assert_eq!(store.count_keys(cf::DIRTY_ORDER).unwrap(), 0);
+        assert!(store.oldest_marks(10).unwrap().is_empty());
+
+        // A store written before the index: it is built when opened.
+        mark(&[t(2, 2)], 7);
+        let mut b = WriteBatch::default();
+        b.delete_cf(store.cf(cf::META), meta::DIRTY_INDEX);
+        b.delete_cf(store.cf(cf::META), meta::DIRTY_COUNT);
+        b.delete_cf(store.cf(cf::DIRTY_ORDER), order_key(7, t(2, 2)));
+        store.write(b, true).unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.dirty_count().unwrap(), 1);
+        assert_eq!(store.oldest_marks(5).unwrap()[0].0, t(2, 2));
+    }
+
+    impl Store {
+        fn clear_all_for_test(&self, seen: &[(TileId, DirtyMark)]) -> usize {
+            let mut b = WriteBatch::default();
+            let n = self.clear_marks(&mut b, seen).unwrap();
+            self.write(b, false).unwrap();
+            n
+        }
     }
 
     #[test]

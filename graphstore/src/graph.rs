@@ -333,6 +333,63 @@ impl TileGraph {
     }
 }
 
+impl TileGraph {
+    /// A 64-bit fingerprint of everything an encoder reads from the graph:
+    /// every node's kind, identity, tags and geometry features (bits), every
+    /// edge, in order. Equal graphs give equal fingerprints on every machine
+    /// and build (FNV-1a over a fixed byte encoding, no hasher seeds), so a
+    /// fingerprint stored with an embedding can be compared with one
+    /// computed later. Only equality is meaningful.
+    pub fn fingerprint(&self) -> u64 {
+        let mut h = Fnv::new();
+        h.u64(self.graph.node_count() as u64);
+        for n in self.graph.node_weights() {
+            h.u64(n.kind as u64);
+            h.u64(n.element as u64);
+            h.u64(n.id as u64);
+            h.u64(n.tags.len() as u64);
+            for (k, v) in n.tags.iter() {
+                h.bytes(k.as_bytes());
+                h.bytes(v.as_bytes());
+            }
+            for g in n.geom {
+                h.u64(g.to_bits() as u64);
+            }
+        }
+        h.u64(self.graph.edge_count() as u64);
+        for e in self.graph.raw_edges() {
+            h.u64(e.source().index() as u64);
+            h.u64(e.target().index() as u64);
+            h.u64(e.weight as u64);
+        }
+        h.0
+    }
+}
+
+/// FNV-1a, 64 bit.
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+    fn byte(&mut self, b: u8) {
+        self.0 ^= b as u64;
+        self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+    }
+    fn u64(&mut self, v: u64) {
+        for b in v.to_le_bytes() {
+            self.byte(b);
+        }
+    }
+    fn bytes(&mut self, v: &[u8]) {
+        self.u64(v.len() as u64);
+        for &b in v {
+            self.byte(b);
+        }
+    }
+}
+
 /// The coarse tile whose context graph a fine tile shares.
 pub fn coarse_parent(fine: TileId, coarse_zoom: u8) -> TileId {
     fine.parent_at(coarse_zoom)
@@ -372,32 +429,178 @@ pub fn sample_features(mut keys: Vec<(ElementType, i64)>, cap: usize) -> Vec<(El
 /// without features gives a graph without nodes. Any other zoom is an error:
 /// the store indexes features at those two only.
 pub fn build_tile_graph(store: &Store, tile: TileId, cfg: &GraphConfig) -> Result<TileGraph> {
-    let tiles = store.tile_config();
-    let Some(cap) = cfg.cap_for(&tiles, tile.z) else {
-        return Err(StoreError::Io {
-            context: format!("building the graph of tile {tile}"),
-            source: std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!(
-                    "zoom {} is neither the fine zoom {} nor the coarse zoom {} of the store",
-                    tile.z, tiles.fine_zoom, tiles.coarse_zoom
+    let mut cache = FeatureCache::default();
+    Ok(build_tile_graphs(store, &[tile], cfg, &mut cache)?
+        .pop()
+        .expect("one graph per tile"))
+}
+
+/// A resolved feature with its outline, shared by every tile graph it
+/// belongs to.
+struct SharedFeature {
+    resolved: geometry::Resolved,
+    outline: std::sync::OnceLock<Option<spatial::Outline>>,
+}
+
+impl SharedFeature {
+    fn outline(&self) -> Option<&spatial::Outline> {
+        self.outline
+            .get_or_init(|| spatial::outline_of(&self.resolved))
+            .as_ref()
+    }
+}
+
+/// Features resolved from the store (objects, tags, assembled geometry and
+/// the segment index of their outline), kept across the tile graphs of a
+/// batch and across batches: a multipolygon spanning a hundred tiles is read
+/// and assembled once instead of a hundred times.
+///
+/// Valid only while the store does not change: whoever owns one must
+/// [`FeatureCache::clear`] it after every write to the features (the daemon
+/// does after every cycle). Bounded by feature and vertex counts: a batch
+/// that would exceed them empties it first.
+pub struct FeatureCache {
+    map: HashMap<(ElementType, i64), std::sync::Arc<SharedFeature>>,
+    vertices: usize,
+    /// Most features kept.
+    pub max_features: usize,
+    /// Most geometry vertices kept (about 100 bytes each with the outline).
+    pub max_vertices: usize,
+}
+
+impl Default for FeatureCache {
+    fn default() -> Self {
+        FeatureCache {
+            map: HashMap::new(),
+            vertices: 0,
+            max_features: 200_000,
+            max_vertices: 4_000_000,
+        }
+    }
+}
+
+impl FeatureCache {
+    /// Forget everything (after the store changed).
+    pub fn clear(&mut self) {
+        self.map.clear();
+        self.vertices = 0;
+    }
+
+    /// Features and vertices held.
+    pub fn len(&self) -> (usize, usize) {
+        (self.map.len(), self.vertices)
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+fn vertex_count(g: &Option<geo::Geometry>) -> usize {
+    use geo::CoordsIter;
+    g.as_ref().map_or(0, |g| g.coords_count())
+}
+
+/// Builds the graphs of `tiles` (fine or coarse, as [`build_tile_graph`]),
+/// in parallel, from one store snapshot, resolving each feature once (and
+/// not at all when `cache` holds it). Gives exactly the graphs
+/// [`build_tile_graph`] gives tile by tile.
+pub fn build_tile_graphs(
+    store: &Store,
+    tiles: &[TileId],
+    cfg: &GraphConfig,
+    cache: &mut FeatureCache,
+) -> Result<Vec<TileGraph>> {
+    use rayon::prelude::*;
+    let tcfg = store.tile_config();
+    let mut caps = Vec::with_capacity(tiles.len());
+    for tile in tiles {
+        let Some(cap) = cfg.cap_for(&tcfg, tile.z) else {
+            return Err(StoreError::Io {
+                context: format!("building the graph of tile {tile}"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "zoom {} is neither the fine zoom {} nor the coarse zoom {} of the store",
+                        tile.z, tcfg.fine_zoom, tcfg.coarse_zoom
+                    ),
                 ),
-            ),
-        });
-    };
+            });
+        };
+        caps.push(cap);
+    }
     let view = geometry::View::new(store);
-    let keys = view.tile_features(tile)?;
-    let sampled_from = keys.len();
-    let keys = sample_features(keys, cap);
-    let mut nodes = view.resolve_many(&keys)?;
-    if nodes.len() < keys.len() {
-        tracing::debug!(
-            "tile {tile}: {} indexed feature(s) without record or object",
-            keys.len() - nodes.len()
+    let keys: Vec<(Vec<(ElementType, i64)>, usize)> = tiles
+        .par_iter()
+        .zip(&caps)
+        .map(|(tile, cap)| {
+            let keys = view.tile_features(*tile)?;
+            let n = keys.len();
+            Ok((sample_features(keys, *cap), n))
+        })
+        .collect::<Result<_>>()?;
+    let missing = |cache: &FeatureCache| -> Vec<(ElementType, i64)> {
+        let mut m: Vec<(ElementType, i64)> = keys
+            .iter()
+            .flat_map(|(k, _)| k.iter())
+            .filter(|k| !cache.map.contains_key(k))
+            .copied()
+            .collect();
+        m.sort_unstable();
+        m.dedup();
+        m
+    };
+    let mut need = missing(cache);
+    if cache.map.len() + need.len() > cache.max_features || cache.vertices > cache.max_vertices {
+        cache.clear();
+        need = missing(cache);
+    }
+    let resolved: Vec<Vec<geometry::Resolved>> = need
+        .par_chunks(512)
+        .map(|chunk| view.resolve_many(chunk))
+        .collect::<Result<_>>()?;
+    for r in resolved.into_iter().flatten() {
+        let vertices = vertex_count(&r.geometry);
+        cache.vertices += vertices;
+        cache.map.insert(
+            (r.element, r.id),
+            std::sync::Arc::new(SharedFeature {
+                resolved: r,
+                outline: std::sync::OnceLock::new(),
+            }),
         );
     }
-    nodes.sort_by_key(|r| (r.feature.kind, r.element, r.id));
-    Ok(assemble(tile, nodes, sampled_from, cfg))
+    // Outlines of this batch's lines and polygons, each built once.
+    let shared: Vec<std::sync::Arc<SharedFeature>> = need
+        .iter()
+        .filter_map(|k| cache.map.get(k).cloned())
+        .collect();
+    shared.par_iter().for_each(|f| {
+        f.outline();
+    });
+    let cache = &*cache;
+    Ok(tiles
+        .par_iter()
+        .zip(keys)
+        .map(|(tile, (keys, sampled_from))| {
+            let mut nodes: Vec<&SharedFeature> = keys
+                .iter()
+                .filter_map(|k| cache.map.get(k).map(|f| &**f))
+                .collect();
+            if nodes.len() < keys.len() {
+                tracing::debug!(
+                    "tile {tile}: {} indexed feature(s) without record or object",
+                    keys.len() - nodes.len()
+                );
+            }
+            nodes.sort_by_key(|f| (f.resolved.feature.kind, f.resolved.element, f.resolved.id));
+            let resolved: Vec<&geometry::Resolved> = nodes.iter().map(|f| &f.resolved).collect();
+            let outlines: Vec<Option<&spatial::Outline>> =
+                nodes.iter().map(|f| f.outline()).collect();
+            assemble_shared(*tile, &resolved, &outlines, sampled_from, cfg)
+        })
+        .collect())
 }
 
 /// The coarse context graph shared by every fine tile under the same coarse
@@ -429,9 +632,24 @@ fn geom_vector(tile: TileId, r: &geometry::Resolved) -> ([f32; GEOM_DIM], [f64; 
 }
 
 /// Builds nodes and edges from resolved features sorted by (kind, type, id).
+#[cfg(test)]
 fn assemble(
     tile: TileId,
     nodes: Vec<geometry::Resolved>,
+    sampled_from: usize,
+    cfg: &GraphConfig,
+) -> TileGraph {
+    let outlines: Vec<Option<spatial::Outline>> = nodes.iter().map(spatial::outline_of).collect();
+    let refs: Vec<&geometry::Resolved> = nodes.iter().collect();
+    let o: Vec<Option<&spatial::Outline>> = outlines.iter().map(|o| o.as_ref()).collect();
+    assemble_shared(tile, &refs, &o, sampled_from, cfg)
+}
+
+/// [`assemble`] over shared features and their outlines.
+fn assemble_shared(
+    tile: TileId,
+    nodes: &[&geometry::Resolved],
+    outlines: &[Option<&spatial::Outline>],
     sampled_from: usize,
     cfg: &GraphConfig,
 ) -> TileGraph {
@@ -500,17 +718,17 @@ fn assemble(
         both(&mut edges, p, w, EdgeKind::Connects);
     }
 
-    spatial::spatial_edges(&nodes, &line_pairs, &mut edges);
+    spatial::spatial_edges(nodes, outlines, &line_pairs, &mut edges);
 
     edges.sort_unstable();
     edges.dedup();
     let mut graph = petgraph::Graph::with_capacity(nodes.len(), edges.len());
-    for (r, (g, _)) in nodes.into_iter().zip(vectors) {
+    for (r, (g, _)) in nodes.iter().zip(vectors) {
         graph.add_node(GraphNode {
             kind: r.feature.kind,
             element: r.element,
             id: r.id,
-            tags: r.tags,
+            tags: r.tags.clone(),
             geom: g,
         });
     }

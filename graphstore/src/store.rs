@@ -42,6 +42,12 @@ pub mod cf {
     pub const TILE_EMBEDDINGS: &str = "tile_embeddings";
     /// Messages still to publish (see `outbox`).
     pub const OUTBOX: &str = "outbox";
+    /// Dirty marks in scheduling order: first-dirty sequence (u64 BE) ‖
+    /// tile key → empty (see `embeddings`).
+    pub const DIRTY_ORDER: &str = "dirty_order";
+    /// Fine tile → u64 LE fingerprint of the context graph its embedding
+    /// was computed with (see `embeddings`).
+    pub const TILE_CONTEXTS: &str = "tile_contexts";
     pub const ALL: &[&str] = &[
         NODES,
         WAYS,
@@ -56,6 +62,8 @@ pub mod cf {
         TAG_VECTORS,
         TILE_EMBEDDINGS,
         OUTBOX,
+        DIRTY_ORDER,
+        TILE_CONTEXTS,
     ];
 }
 
@@ -77,6 +85,12 @@ pub mod meta {
     /// JSON chosen by the daemon: the model version (and checkpoint) it
     /// last served, to compare a newly loaded version against.
     pub const SERVED_MODEL: &[u8] = b"served_model";
+    /// u64 LE: the number of dirty marks (kept in the batches that write
+    /// marks, so a cycle never counts them).
+    pub const DIRTY_COUNT: &[u8] = b"dirty_count";
+    /// `1` once `dirty_order` and `dirty_count` describe every mark (a
+    /// store from before them gets them built once when opened).
+    pub const DIRTY_INDEX: &[u8] = b"dirty_index";
 }
 
 /// Object and feature counts, kept exact in every write batch so that
@@ -204,6 +218,7 @@ impl Store {
                     .ok_or_else(|| StoreError::corrupt("tile configuration missing"))?;
                 store.tiles = serde_json::from_slice(&cfg)
                     .map_err(|e| StoreError::Corrupt(format!("tile configuration: {e}")))?;
+                store.ensure_dirty_index()?;
             }
             None => {
                 let Some(cfg) = create else {
@@ -226,6 +241,7 @@ impl Store {
                     meta::COUNTS,
                     serde_json::to_vec(&Counts::default()).expect("counts serialise"),
                 );
+                b.put_cf(m, meta::DIRTY_INDEX, b"1");
                 store.write(b, true)?;
             }
         }
@@ -455,7 +471,7 @@ impl Store {
         Ok(out)
     }
 
-    fn count_keys(&self, name: &str) -> Result<u64> {
+    pub(crate) fn count_keys(&self, name: &str) -> Result<u64> {
         let mut n = 0;
         let mut it = self.db.raw_iterator_cf(self.cf(name));
         it.seek_to_first();
@@ -483,7 +499,7 @@ impl Store {
             },
             tiles: fine,
             coarse_tiles: tiles.len() as u64 - fine,
-            dirty_tiles: self.count_keys(cf::DIRTY_TILES)?,
+            dirty_tiles: self.dirty_count()?,
             sequence: seq,
             timestamp: ts.map(format_timestamp),
             multipolygons: MultipolygonStats {

@@ -30,9 +30,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use osmvec_graphstore::graph::GraphConfig;
 use osmvec_model::optim::{AdamW, AdamWConfig};
+use osmvec_model::text::TEXT_DIM;
 use osmvec_model::{
-    Device, GraphEncoder, GraphEncoderConfig, InfoNce, LocationEncoder, LocationEncoderConfig,
-    Params, Relation,
+    Device, Engine, GraphEncoder, GraphEncoderConfig, InfoNce, LocationEncoder,
+    LocationEncoderConfig, Params, Relation,
 };
 use serde::{Deserialize, Serialize};
 
@@ -135,6 +136,12 @@ pub struct Model {
     pub location: LocationEncoder,
     pub loss: InfoNce,
     pub device: Device,
+    /// The graph encoder's serving engine, built on first use from the
+    /// weights as they are then (training never uses it: it builds a
+    /// training engine per step).
+    engine: std::sync::OnceLock<Engine>,
+    /// Identity of the graph encoder's weights, for caches of its outputs.
+    graph_identity: std::sync::OnceLock<u64>,
 }
 
 impl std::fmt::Debug for Model {
@@ -179,6 +186,59 @@ impl Model {
             location,
             loss,
             device: device.clone(),
+            engine: std::sync::OnceLock::new(),
+            graph_identity: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The serving engine of the graph encoder (engine v2, see
+    /// `osmvec_model::engine`), built once from the current weights.
+    pub fn engine(&self) -> Result<&Engine> {
+        if let Some(e) = self.engine.get() {
+            return Ok(e);
+        }
+        let e = Engine::new(&self.graph, TEXT_DIM).context("building the embedding engine")?;
+        let _ = self.engine.set(e);
+        Ok(self.engine.get().expect("just set"))
+    }
+
+    /// A 64-bit identity of the graph encoder's weights and of the way tags
+    /// become inputs (policy, key weights, graph caps): equal for two models
+    /// whose region vectors of a graph are equal (fine-tuned minor versions
+    /// share it), so caches of those vectors survive a promotion.
+    pub fn graph_identity(&self) -> u64 {
+        *self.graph_identity.get_or_init(|| {
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            let mut feed = |bytes: &[u8]| {
+                for &b in bytes {
+                    h ^= b as u64;
+                    h = h.wrapping_mul(0x0100_0000_01b3);
+                }
+            };
+            for (name, t) in self.graph.params().named_tensors() {
+                feed(name.as_bytes());
+                if let Ok(v) = t.flatten_all().and_then(|t| t.to_vec1::<f32>()) {
+                    for x in v {
+                        feed(&x.to_bits().to_le_bytes());
+                    }
+                }
+            }
+            feed(
+                serde_json::to_string(&self.meta.config.tags)
+                    .unwrap_or_default()
+                    .as_bytes(),
+            );
+            feed(
+                serde_json::to_string(&self.meta.key_weights)
+                    .unwrap_or_default()
+                    .as_bytes(),
+            );
+            feed(
+                serde_json::to_string(&self.meta.config.graphs)
+                    .unwrap_or_default()
+                    .as_bytes(),
+            );
+            h
         })
     }
 

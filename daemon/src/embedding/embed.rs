@@ -1,11 +1,26 @@
 //! `osmvec embed`: tile embeddings into the store.
 //!
 //! `--dirty` embeds the fine tiles marked dirty and the fine tiles (with
-//! features) under dirty coarse tiles — their context changed — oldest mark
-//! first, and clears the marks it has handled (a mark renewed meanwhile
-//! stays, see graphstore's `embeddings` module); `--all` embeds every tile
-//! with features and removes embeddings of tiles that have none left. A tile
-//! whose graph is empty gets no embedding (its old one is deleted).
+//! features) under dirty coarse tiles whose context really changed, oldest
+//! mark first, and clears the marks it has handled (a mark renewed
+//! meanwhile stays, see graphstore's `embeddings` module); `--all` embeds
+//! every tile with features, walking them grouped by coarse parent (each
+//! context encoded once), and removes embeddings of tiles that have none
+//! left. A tile whose graph is empty gets no embedding (its old one is
+//! deleted).
+//!
+//! # Context-dirty pruning
+//!
+//! A fine tile's embedding depends on its own graph and on its coarse
+//! tile's context graph. An edit marks both the fine and the coarse tiles it
+//! touches; a coarse mark used to re-embed every child (up to 64), even when
+//! the edit never reached the context graph's node sample. Now the context
+//! graph is rebuilt and fingerprinted ([`StoreGraph::fingerprint`]) and only
+//! the children whose embedding was computed with another context
+//! (`tile_contexts`, written with every embedding) are marked. Exact: a
+//! child left alone has an embedding of its current graph (its own edits
+//! mark it) with a context graph equal to today's, which is what a full
+//! re-embed computes.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -18,8 +33,10 @@ use osmvec_graphstore::tiles::TileId;
 use osmvec_model::Device;
 use serde::Serialize;
 
+use osmvec_graphstore::graph::{TileGraph as StoreGraph, coarse_parent};
+
 use super::checkpoint::Model;
-use super::inputs::{Inputs, encode_batch};
+use super::inputs::{EncodePath, Inputs};
 use super::tags::TagVectors;
 
 #[derive(Debug, Clone)]
@@ -30,6 +47,8 @@ pub struct EmbedArgs {
     pub batch_size: usize,
     pub model_dir: PathBuf,
     pub device: Device,
+    /// Embed with the reference forward pass instead of engine v2.
+    pub reference: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -47,10 +66,17 @@ pub struct EmbedReport {
     /// Seconds in the graph encoder.
     pub encode_seconds: f64,
     pub tag_texts_encoded: u64,
+    /// `engine` or `reference`.
+    pub path: String,
+    /// Context region vectors computed, and taken from the cache.
+    pub contexts_encoded: u64,
+    pub contexts_cached: u64,
     /// Re-embedded tiles that have a drift (same model version as before).
     pub drifted: usize,
     pub drift_sum: f64,
     pub drift_max: Option<f64>,
+    /// `--dirty`: what the coarse marks came to.
+    pub context: ContextReport,
     /// Each tile written, for the daemon's metrics and tile layer.
     #[serde(skip)]
     pub results: Vec<(TileId, TileResult)>,
@@ -74,11 +100,13 @@ pub fn embed_tiles(
     let (seq, _) = store.replication_state()?;
     let now = chrono::Utc::now().timestamp();
     let mut updates = Vec::with_capacity(tiles.len());
+    let mut contexts = Vec::new();
     if !tiles.is_empty() {
         let t0 = Instant::now();
         let batch = inputs.batch(store, model, tiles)?;
+        contexts = batch.context_fingerprints();
         let t1 = Instant::now();
-        let g = encode_batch(model, &batch)?;
+        let g = inputs.encode(model, &batch)?;
         let rows: Vec<Vec<f32>> = g.vectors.to_vec2()?;
         report.input_seconds += (t1 - t0).as_secs_f64();
         report.encode_seconds += t1.elapsed().as_secs_f64();
@@ -119,27 +147,102 @@ pub fn embed_tiles(
         }
     }
     report.tiles += tiles.len();
-    report.marks_cleared += store.write_embeddings(&updates, seen)?;
+    report.marks_cleared += store.write_embeddings_with_contexts(&updates, &contexts, seen)?;
     Ok(())
 }
 
 /// Dirty marks with their tiles.
 pub type Marks = Vec<(TileId, DirtyMark)>;
 
-/// The fine tiles to embed, oldest mark first. Marks of coarse (context)
-/// tiles are first expanded into marks of their fine children
-/// (`Store::expand_coarse_marks`): a fine tile's embedding depends on its
-/// context. Returns the tiles and the fine marks read.
-pub fn tiles_to_embed(store: &Store) -> Result<(Vec<TileId>, Marks)> {
-    store.expand_coarse_marks()?;
-    let fine = store.tile_config().fine_zoom;
-    let mut marks: Vec<(TileId, DirtyMark)> = store
-        .dirty_marks()?
+/// What [`tiles_to_embed`] did with coarse marks.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct ContextReport {
+    /// Coarse marks handled.
+    pub coarse_marks: usize,
+    /// Children marked because their context changed.
+    pub children_marked: usize,
+    /// Children left alone: their context graph is unchanged.
+    pub children_pruned: usize,
+}
+
+/// Up to `limit` fine tiles to embed, oldest mark first, and the marks
+/// read; reads only the oldest marks (the backlog can be millions). Coarse
+/// (context) marks among them are handled first: with `prune`, a coarse
+/// tile's context graph is rebuilt and only the children embedded with
+/// another context are marked (module docs); without (ingest mode, whose
+/// workers record nothing), every child with features is, and the
+/// children's recorded contexts are forgotten.
+pub fn tiles_to_embed(
+    store: &Store,
+    model: &Model,
+    inputs: &mut Inputs,
+    limit: usize,
+    prune: bool,
+) -> Result<(Vec<TileId>, Marks, ContextReport)> {
+    let tiles_cfg = store.tile_config();
+    let cfg = model.meta.config.graphs;
+    let mut report = ContextReport::default();
+    // Bounded: each round removes the coarse marks it read.
+    for _ in 0..16 {
+        let marks = store.oldest_marks(limit)?;
+        let coarse: Vec<(TileId, DirtyMark)> = marks
+            .iter()
+            .filter(|(t, _)| t.z == tiles_cfg.coarse_zoom && t.z != tiles_cfg.fine_zoom)
+            .copied()
+            .collect();
+        if coarse.is_empty() {
+            let fine: Marks = marks
+                .into_iter()
+                .filter(|(t, _)| t.z == tiles_cfg.fine_zoom)
+                .collect();
+            return Ok((fine.iter().map(|(t, _)| *t).collect(), fine, report));
+        }
+        let tiles: Vec<TileId> = coarse.iter().map(|(t, _)| *t).collect();
+        inputs.invalidate_contexts(&tiles);
+        let built: Vec<Option<StoreGraph>> = if prune {
+            inputs
+                .build_graphs(store, &cfg, &tiles)?
+                .into_iter()
+                .map(Some)
+                .collect()
+        } else {
+            vec![None; tiles.len()]
+        };
+        for ((t, m), g) in coarse.into_iter().zip(built) {
+            let children = store.children_with_features(t)?;
+            let marked: Vec<TileId> = match &g {
+                Some(g) => {
+                    let fp = g.fingerprint();
+                    let recorded = store.context_fingerprints(&children)?;
+                    children
+                        .iter()
+                        .zip(recorded)
+                        .filter(|(_, r)| *r != Some(fp))
+                        .map(|(c, _)| *c)
+                        .collect()
+                }
+                None => {
+                    store.forget_context_fingerprints(&children)?;
+                    children.clone()
+                }
+            };
+            report.coarse_marks += 1;
+            report.children_marked += marked.len();
+            report.children_pruned += children.len() - marked.len();
+            store.expand_coarse_mark(t, m, &marked)?;
+            if let Some(g) = &g
+                && !marked.is_empty()
+            {
+                inputs.keep_context_graph(model, store, t, g)?;
+            }
+        }
+    }
+    let marks = store.oldest_marks(limit)?;
+    let fine: Marks = marks
         .into_iter()
-        .filter(|(t, _)| t.z == fine)
+        .filter(|(t, _)| t.z == tiles_cfg.fine_zoom)
         .collect();
-    marks.sort_by_key(|(t, m)| (m.since_sequence, *t));
-    Ok((marks.iter().map(|(t, _)| *t).collect(), marks))
+    Ok((fine.iter().map(|(t, _)| *t).collect(), fine, report))
 }
 
 /// `1 − cos(a, b)`, in [0, 2]; 0 for identical directions.
@@ -161,6 +264,15 @@ pub fn embed(a: &EmbedArgs) -> Result<EmbedReport> {
     store.ensure_consistent()?;
     let model = Model::load(&a.checkpoint, &a.device)?;
     let fine = store.tile_config().fine_zoom;
+    let coarse_zoom = store.tile_config().coarse_zoom;
+    let mut inputs = Inputs::new(
+        TagVectors::new(a.model_dir.clone(), a.device.clone()),
+        false,
+    );
+    if a.reference {
+        inputs.path = EncodePath::Reference;
+    }
+    let mut context = ContextReport::default();
     let (tiles, seen): (Vec<TileId>, Vec<(TileId, DirtyMark)>) = if a.all {
         let marks = store.dirty_marks()?;
         let mut set: BTreeSet<TileId> =
@@ -168,19 +280,22 @@ pub fn embed(a: &EmbedArgs) -> Result<EmbedReport> {
         // Tiles that lost their last feature: their embedding goes.
         set.extend(store.tile_embeddings()?.into_iter().map(|(t, _)| t));
         set.extend(marks.iter().filter(|(t, _)| t.z == fine).map(|(t, _)| *t));
-        (set.into_iter().collect(), marks)
+        // Grouped by coarse parent: a context is encoded once.
+        let mut tiles: Vec<TileId> = set.into_iter().collect();
+        tiles.sort_by_key(|t| (coarse_parent(*t, coarse_zoom), *t));
+        (tiles, marks)
     } else {
-        tiles_to_embed(&store)?
+        let (tiles, marks, report) = tiles_to_embed(&store, &model, &mut inputs, usize::MAX, true)?;
+        context = report;
+        (tiles, marks)
     };
     let mut report = EmbedReport {
         model_version: model.meta.model_version.clone(),
         sequence: store.replication_state()?.0,
+        path: if a.reference { "reference" } else { "engine" }.to_string(),
+        context,
         ..Default::default()
     };
-    let mut inputs = Inputs::new(
-        TagVectors::new(a.model_dir.clone(), a.device.clone()),
-        false,
-    );
     let bar = super::progress_bar(
         tiles.len() as u64,
         "embedding {bar:30} {pos}/{len} tiles {per_sec} eta {eta}",
@@ -188,8 +303,8 @@ pub fn embed(a: &EmbedArgs) -> Result<EmbedReport> {
     let t0 = Instant::now();
     let bs = a.batch_size.max(1);
     // Fine marks are cleared with the batch that handled their tile; coarse
-    // marks once every child tile is done (a crash before that leaves them,
-    // and the children are embedded again).
+    // marks (`--all`) once every child tile is done (a crash before that
+    // leaves them, and the children are embedded again).
     let coarse: Vec<(TileId, DirtyMark)> =
         seen.iter().filter(|(t, _)| t.z != fine).copied().collect();
     let by_tile: std::collections::HashMap<TileId, DirtyMark> = seen.iter().copied().collect();
@@ -208,6 +323,8 @@ pub fn embed(a: &EmbedArgs) -> Result<EmbedReport> {
     report.seconds = t0.elapsed().as_secs_f64();
     report.tiles_per_second = report.tiles as f64 / report.seconds.max(1e-9);
     report.tag_texts_encoded = inputs.vectors.encoded;
+    report.contexts_encoded = inputs.contexts_encoded;
+    report.contexts_cached = inputs.contexts_cached;
     Ok(report)
 }
 

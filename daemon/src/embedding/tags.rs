@@ -155,38 +155,110 @@ impl KeyWeights {
 
 /// Tag texts → vectors: an in-memory map in front of the store's cache in
 /// front of the text model, which is loaded only when a text is missing from
-/// both (a warm store never loads it).
+/// both (a warm store never loads it); and each distinct tag set's feature
+/// vector, computed once (a country has far fewer distinct tag sets than
+/// features). Both maps are bounded ([`TagVectors::max_texts`],
+/// [`TagVectors::max_sets`]): full, they are emptied before the next batch
+/// fills them again.
 pub struct TagVectors {
     memory: HashMap<String, Arc<TextVector>>,
+    sets: HashMap<Tags, Arc<TextVector>>,
     encoder: Option<TagEncoder>,
     model_dir: std::path::PathBuf,
     device: Device,
     /// Texts encoded by the model in this process.
     pub encoded: u64,
+    /// Most text vectors kept in memory (1.5 KB each).
+    pub max_texts: usize,
+    /// Most tag-set vectors kept in memory (1.5 KB each plus the tags).
+    pub max_sets: usize,
 }
 
 impl TagVectors {
     pub fn new(model_dir: std::path::PathBuf, device: Device) -> Self {
         TagVectors {
             memory: HashMap::new(),
+            sets: HashMap::new(),
             encoder: None,
             model_dir,
             device,
             encoded: 0,
+            max_texts: 262_144,
+            max_sets: 262_144,
         }
+    }
+
+    /// Forget the tag-set vectors (they depend on the policy and key
+    /// weights of the model they were computed for).
+    pub fn clear_sets(&mut self) {
+        self.sets.clear();
+    }
+
+    /// Texts and tag sets held in memory.
+    pub fn cached(&self) -> (usize, usize) {
+        (self.memory.len(), self.sets.len())
+    }
+
+    /// Makes the feature vector of every tag set in `tags` available to
+    /// [`TagVectors::feature_vector`] (text vectors from the store or the
+    /// model first).
+    pub fn ensure_sets<'a>(
+        &mut self,
+        store: Option<&Store>,
+        policy: &TagPolicy,
+        weights: &KeyWeights,
+        tags: &[&'a Tags],
+    ) -> Result<()> {
+        let collect = |sets: &HashMap<Tags, Arc<TextVector>>| {
+            let mut seen: HashSet<&'a Tags> = HashSet::new();
+            tags.iter()
+                .copied()
+                .filter(|t| !sets.contains_key(*t) && seen.insert(*t))
+                .collect::<Vec<&'a Tags>>()
+        };
+        let mut new_sets = collect(&self.sets);
+        if new_sets.is_empty() {
+            return Ok(());
+        }
+        if self.sets.len() + new_sets.len() > self.max_sets {
+            // Emptied first, then everything this batch needs is computed.
+            self.sets.clear();
+            new_sets = collect(&self.sets);
+        }
+        let texts: HashSet<String> = new_sets
+            .iter()
+            .flat_map(|t| policy.texts(t).into_iter().map(|(text, _)| text))
+            .collect();
+        self.ensure(store, &texts)?;
+        let this = &*self;
+        let computed: Vec<TextVector> = {
+            use rayon::prelude::*;
+            new_sets
+                .par_iter()
+                .map(|t| this.compute_feature_vector(policy, weights, t))
+                .collect()
+        };
+        for (t, v) in new_sets.into_iter().zip(computed) {
+            self.sets.insert(t.clone(), Arc::new(v));
+        }
+        Ok(())
     }
 
     /// Makes every text in `texts` available, encoding what the store (when
     /// there is one: a worker has none) does not hold yet (in batches, with a
     /// progress bar when there are many).
     pub fn ensure(&mut self, store: Option<&Store>, texts: &HashSet<String>) -> Result<()> {
-        let missing: Vec<&str> = texts
+        let mut missing: Vec<&str> = texts
             .iter()
             .filter(|t| !self.memory.contains_key(t.as_str()))
             .map(|t| t.as_str())
             .collect();
         if missing.is_empty() {
             return Ok(());
+        }
+        if self.memory.len() + missing.len() > self.max_texts {
+            self.memory.clear();
+            missing = texts.iter().map(|t| t.as_str()).collect();
         }
         let mut to_encode = Vec::new();
         for chunk in missing.chunks(4096) {
@@ -252,8 +324,21 @@ impl TagVectors {
     }
 
     /// The feature vector of `tags` (zeros when no tag is left after the
-    /// policy). Every text must have been [`TagVectors::ensure`]d.
+    /// policy): from the tag-set cache, else computed (every text must have
+    /// been [`TagVectors::ensure`]d).
     pub fn feature_vector(
+        &self,
+        policy: &TagPolicy,
+        weights: &KeyWeights,
+        tags: &Tags,
+    ) -> TextVector {
+        match self.sets.get(tags) {
+            Some(v) => **v,
+            None => self.compute_feature_vector(policy, weights, tags),
+        }
+    }
+
+    fn compute_feature_vector(
         &self,
         policy: &TagPolicy,
         weights: &KeyWeights,

@@ -27,7 +27,7 @@ use osmvec_model::params::SplitMix64;
 use serde::Serialize;
 
 use super::checkpoint::{Model, ModelConfig};
-use super::inputs::{Inputs, encode_batch};
+use super::inputs::{Inputs, encode_batch_training};
 use super::split::mix;
 use super::tags::{KeyWeights, TagVectors};
 
@@ -225,7 +225,7 @@ pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>) -> Result<TrainReport> {
         let coords: Vec<(f64, f64)> = tiles.iter().map(|t| point_in_tile(*t, &mut rng)).collect();
         let batch = inputs.batch(&store, &model, &tiles)?;
         let t_fwd = Instant::now();
-        let g = encode_batch(&model, &batch)?;
+        let g = encode_batch_training(&model, &batch)?;
         let loc = model.location.forward(&coords)?;
         let groups: Vec<u64> = (0..tiles.len() as u64).collect();
         let loss = model.loss.forward(&loc, &g.vectors, &groups, &g.present)?;

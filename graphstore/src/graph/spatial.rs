@@ -36,20 +36,19 @@ use crate::feature::FeatureKind;
 /// Adds the spatial edges of `nodes` (sorted by kind) to `edges`.
 /// `connected` are the polyline pairs (sorted) that share an OSM node: they
 /// get no `touches`/`crosses`.
+/// `outlines[i]` is [`outline_of`] `nodes[i]` (built by the caller, so that
+/// a feature shared by many tiles gets one outline).
 pub(super) fn spatial_edges(
-    nodes: &[Resolved],
+    nodes: &[&Resolved],
+    outlines: &[Option<&Outline>],
     connected: &[(usize, usize)],
     edges: &mut Vec<(usize, usize, EdgeKind)>,
 ) {
     let kind = |i: usize| nodes[i].feature.kind;
-    let mut outlines: Vec<Option<Outline>> = Vec::with_capacity(nodes.len());
     let mut items = Vec::new();
     for (i, r) in nodes.iter().enumerate() {
-        let outline = match (&r.geometry, kind(i)) {
-            (Some(g), FeatureKind::Polyline | FeatureKind::Polygon) => Outline::new(g),
-            _ => None,
-        };
-        let envelope = match (&outline, &r.geometry, kind(i)) {
+        let outline = outlines[i];
+        let envelope = match (outline, &r.geometry, kind(i)) {
             (Some(o), _, _) => Some(o.envelope),
             // A single-node line: no outline, but still a candidate.
             (None, Some(g), FeatureKind::Polyline) => g
@@ -63,7 +62,6 @@ pub(super) fn spatial_edges(
                 i,
             ));
         }
-        outlines.push(outline);
     }
     let tree = RTree::bulk_load(items);
 
@@ -75,7 +73,7 @@ pub(super) fn spatial_edges(
         };
         for c in tree.locate_in_envelope_intersecting(AABB::from_point([p.x(), p.y()])) {
             let j = c.data;
-            let inside = match (kind(j), &outlines[j], &nodes[j].geometry) {
+            let inside = match (kind(j), outlines[j], &nodes[j].geometry) {
                 (FeatureKind::Polygon, _, Some(g)) if exact_only => {
                     guarded(|| g.contains(p)) == Some(true)
                 }
@@ -109,7 +107,7 @@ pub(super) fn spatial_edges(
         if nodes[a].geometry.is_none() || nodes[b].geometry.is_none() {
             continue;
         }
-        let quick = match (&outlines[a], &outlines[b]) {
+        let quick = match (outlines[a], outlines[b]) {
             (Some(oa), Some(ob)) if !exact_only => decide(ka, oa, kb, ob),
             _ => None,
         };
@@ -227,8 +225,17 @@ enum Pos {
     Boundary,
 }
 
+/// The outline a feature's spatial predicates use: lines and polygons
+/// have one (unless they have no segment), points none.
+pub(super) fn outline_of(r: &Resolved) -> Option<Outline> {
+    match (&r.geometry, r.feature.kind) {
+        (Some(g), FeatureKind::Polyline | FeatureKind::Polygon) => Outline::new(g),
+        _ => None,
+    }
+}
+
 /// The segments of a line or of a polygon's rings.
-struct Outline {
+pub(super) struct Outline {
     envelope: AABB<[f64; 2]>,
     polygon: bool,
     segments: Vec<geo::Line>,

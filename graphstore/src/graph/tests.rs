@@ -1,4 +1,3 @@
-use std::cell::Cell;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -10,11 +9,21 @@ use super::*;
 use crate::element::{Meta, Node, Way};
 use crate::feature::{point_feature, way_feature};
 
-thread_local! {
-    /// Turns off the outline shortcut in `spatial_edges`, so that every
-    /// candidate pair goes through DE-9IM: the reference the shortcut must
-    /// agree with.
-    pub(super) static NO_SHORTCUT: Cell<bool> = const { Cell::new(false) };
+/// Turns off the outline shortcut in `spatial_edges`, so that every
+/// candidate pair goes through DE-9IM: the reference the shortcut must
+/// agree with. Process-wide (graphs are assembled on rayon's threads); a
+/// test running meanwhile only gets its graphs the slow, exact way.
+pub(super) static NO_SHORTCUT: Switch = Switch(std::sync::atomic::AtomicBool::new(false));
+
+pub(super) struct Switch(std::sync::atomic::AtomicBool);
+
+impl Switch {
+    pub fn set(&self, on: bool) {
+        self.0.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+    pub fn get(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 // ---------------------------------------------------------------- Delaunay
@@ -639,6 +648,35 @@ fn monaco_tile_graph() {
     let again = build_tile_graph(&store, tile, &unlimited()).unwrap();
     assert_eq!(edge_names(&again), edge_names(&g));
 
+    // The batch builder, with one feature cache for every tile of both
+    // zooms, gives exactly the graphs built tile by tile.
+    let all: Vec<TileId> = store.tiles().unwrap().into_keys().collect();
+    let mut cache = FeatureCache::default();
+    for chunk in all.chunks(37) {
+        let batch = build_tile_graphs(&store, chunk, &unlimited(), &mut cache).unwrap();
+        for (t, g) in chunk.iter().zip(&batch) {
+            let one = build_tile_graph(&store, *t, &unlimited()).unwrap();
+            assert_eq!(edge_names(g), edge_names(&one), "tile {t}");
+            assert_eq!(g.fingerprint(), one.fingerprint(), "tile {t}");
+            assert_eq!(g.sampled_from, one.sampled_from);
+        }
+    }
+    assert!(!cache.is_empty());
+    // A small cache is emptied between batches, never within one.
+    let mut small = FeatureCache {
+        max_features: 50,
+        ..FeatureCache::default()
+    };
+    let batch = build_tile_graphs(&store, &all[..20], &unlimited(), &mut small).unwrap();
+    for (t, g) in all[..20].iter().zip(&batch) {
+        assert_eq!(
+            g.fingerprint(),
+            build_tile_graph(&store, *t, &unlimited())
+                .unwrap()
+                .fingerprint()
+        );
+    }
+
     // The outline-based decisions agree with DE-9IM (`relate` on every
     // pair, `geo`'s point in polygon) on every tile, both zooms.
     for (t, _) in store.tiles().unwrap() {
@@ -796,4 +834,37 @@ fn monaco_timing() {
             g.graph.edge_count()
         );
     }
+}
+
+/// The fingerprint sees tags, geometry and edges, and nothing else.
+#[test]
+fn fingerprint_follows_what_an_encoder_reads() {
+    let (_dir, store) = monaco();
+    let (tile, _) = busiest_fine_tile(&store);
+    let g = build_tile_graph(&store, tile, &GraphConfig::default()).unwrap();
+    let fp = g.fingerprint();
+    assert_eq!(
+        fp,
+        build_tile_graph(&store, tile, &GraphConfig::default())
+            .unwrap()
+            .fingerprint()
+    );
+    let mut tagged = g.clone();
+    let n = tagged.graph.node_indices().next().unwrap();
+    tagged.graph[n].tags.push(("note".into(), "x".into()));
+    assert_ne!(tagged.fingerprint(), fp);
+    let mut moved = g.clone();
+    moved.graph[n].geom[0] += 1e-6;
+    assert_ne!(moved.fingerprint(), fp);
+    let mut fewer = g.clone();
+    let e = fewer.graph.edge_indices().next().unwrap();
+    fewer.graph.remove_edge(e);
+    assert_ne!(fewer.fingerprint(), fp);
+    let mut sampled = g.clone();
+    sampled.sampled_from += 1;
+    assert_eq!(
+        sampled.fingerprint(),
+        fp,
+        "the pre-sampling count is not read by encoders"
+    );
 }

@@ -43,9 +43,6 @@ pub(crate) struct TypeNodes {
 pub(crate) struct RelationBatch {
     pub relation: Relation,
     pub csr: Arc<EdgeCsr>,
-    /// First row of this relation's messages in its target type's stacked
-    /// messages.
-    pub offset: usize,
 }
 
 /// Several tile graphs, packed for [`super::Engine`].
@@ -63,7 +60,6 @@ pub struct PackedBatch {
     /// `[B, 3]` 0/1.
     pub(crate) present: Tensor,
     pub(crate) nonempty: Vec<bool>,
-    pub(crate) device: Device,
 }
 
 /// Exact identity of a shared part: its bits.
@@ -206,7 +202,6 @@ impl PackedBatch {
             relations.push(RelationBatch {
                 relation: rel,
                 csr: Arc::new(csr),
-                offset,
             });
         }
         let combine = std::array::from_fn(|t| {
@@ -226,7 +221,6 @@ impl PackedBatch {
             message_rows,
             present: crate::pool::presence_tensor(&present, crate::MODEL_DTYPE, device)?,
             nonempty,
-            device: device.clone(),
         })
     }
 

@@ -61,6 +61,7 @@ pub(crate) struct EdgeCsr {
     pub out_edges: Vec<u32>,
     /// Per edge (position in `src`): the index of its target in `targets`.
     pub edge_target: Vec<u32>,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     device: OnceLock<DeviceIndex>,
 }
 
@@ -135,6 +136,7 @@ impl EdgeCsr {
     }
 
     /// The index on `device` (uploaded on first use).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub fn on_device(&self, device: &Device) -> Result<&DeviceIndex> {
         if let Some(d) = self.device.get() {
             return Ok(d);
@@ -159,6 +161,7 @@ impl EdgeCsr {
 
 /// [`EdgeCsr`] on a device.
 #[derive(Debug)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) struct DeviceIndex {
     pub targets: Tensor,
     pub ptr: Tensor,
@@ -175,6 +178,7 @@ pub(crate) struct CombineIndex {
     pub ptr: Vec<u32>,
     pub rows: Vec<u32>,
     owner: OnceLock<Vec<u32>>,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     device: OnceLock<(Tensor, Tensor, Tensor)>,
 }
 
@@ -205,6 +209,7 @@ impl CombineIndex {
     }
 
     /// `(ptr, rows, owner)` on `device`.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub fn on_device(&self, device: &Device, m_rows: usize) -> Result<&(Tensor, Tensor, Tensor)> {
         if let Some(d) = self.device.get() {
             return Ok(d);
