@@ -3,7 +3,9 @@
 //! checkpoint. For every applied sequence, the tiles published with that
 //! sequence must be exactly the tiles whose content the diff changed —
 //! computed here independently, by fingerprinting every tile of a twin store
-//! before and after each diff; the compacted view of the embeddings topic
+//! before and after each diff (a coarse tile's children count only when its
+//! context graph, what the encoder reads, changed: context-dirty pruning);
+//! the compacted view of the embeddings topic
 //! must equal `osmvec embed --all` on the final store; every changed feature
 //! gets one change record. Then the same under SIGKILL (CBOR encoding) and
 //! with the broker stopped for part of the replay.
@@ -58,21 +60,56 @@ fn tile_fingerprints(store: &Path) -> BTreeMap<TileId, u64> {
     out
 }
 
+/// The fingerprint of every coarse tile's context graph as the model
+/// builds it (its caps from the checkpoint next to the twin store): a
+/// coarse tile's content can change without its context graph changing,
+/// when the edit is outside the graph's node sample.
+fn context_fingerprints(store: &Path) -> BTreeMap<TileId, u64> {
+    let ckpt = store.parent().unwrap().join("ckpt/checkpoint.json");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&ckpt).expect("the checkpoint next to the twin")).unwrap();
+    let cfg: osmvec_graphstore::graph::GraphConfig =
+        serde_json::from_value(meta["config"]["graphs"].clone()).unwrap();
+    let st = Store::open(store).unwrap();
+    let coarse = st.tile_config().coarse_zoom;
+    st.tiles()
+        .unwrap()
+        .into_keys()
+        .filter(|t| t.z == coarse)
+        .map(|t| (t, osmvec_graphstore::graph::build_tile_graph(&st, t, &cfg).unwrap().fingerprint()))
+        .collect()
+}
+
+/// Both fingerprints of a store state.
+type Prints = (BTreeMap<TileId, u64>, BTreeMap<TileId, u64>);
+
+fn prints_of(store: &Path) -> Prints {
+    (tile_fingerprints(store), context_fingerprints(store))
+}
+
 /// What diff k must publish, from the fingerprints before and after it:
 /// (fine tiles with features after k = an embedding with sequence k, fine
-/// tiles left without features = a tombstone).
+/// tiles left without features = a tombstone). A fine tile is re-embedded
+/// when its own content changed or its coarse parent's context graph did.
 fn expected_tiles(
-    before: &BTreeMap<TileId, u64>,
-    after: &BTreeMap<TileId, u64>,
+    (before, ctx_before): &Prints,
+    (after, ctx_after): &Prints,
     fine: u8,
     coarse: u8,
 ) -> (BTreeSet<String>, BTreeSet<String>) {
-    let changed: BTreeSet<TileId> = before
+    let mut changed: BTreeSet<TileId> = before
         .keys()
         .chain(after.keys())
-        .filter(|t| before.get(t) != after.get(t))
+        .filter(|t| t.z == fine && before.get(t) != after.get(t))
         .copied()
         .collect();
+    changed.extend(
+        ctx_before
+            .keys()
+            .chain(ctx_after.keys())
+            .filter(|t| ctx_before.get(t) != ctx_after.get(t))
+            .copied(),
+    );
     let mut live = BTreeSet::new();
     let mut dead = BTreeSet::new();
     for t in changed.iter().filter(|t| t.z == fine) {
@@ -272,10 +309,8 @@ fn check_changes(r: &Replay, repeats_allowed: bool) {
 
 #[test]
 fn each_diff_publishes_exactly_the_tiles_it_changed() {
-    let mut prints: Vec<BTreeMap<TileId, u64>> = Vec::new();
-    let r = prepare(Broker::start(), |_, twin| {
-        prints.push(tile_fingerprints(twin))
-    });
+    let mut prints: Vec<Prints> = Vec::new();
+    let r = prepare(Broker::start(), |_, twin| prints.push(prints_of(twin)));
     let tc = Store::open(&r.store).unwrap().tile_config();
     // First the import backlog alone (the source shows sequence 0 only),
     // then the 35 diffs, one cycle each (no debounce, no cycle limit).
@@ -520,5 +555,263 @@ fn tombstone_for_a_tile_that_loses_its_last_feature(r: &Replay, url: &str) {
     assert!(
         last.1.is_none(),
         "tile {tile} lost its last feature but got no tombstone"
+    );
+}
+
+// Poison records and an unreachable source (issue 14).
+
+/// A feed of two diffs over the Maldives: diff 1 creates a café whose
+/// `description` is 2 MB long (and an `amenity` value of 2 MB, which the
+/// model reads, so a job of its tile carries it too); diff 2 gives the café
+/// ordinary tags.
+fn poison_feed(dir: &Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let feed = dir.join("poison-feed");
+    std::fs::create_dir_all(feed.join("000/000")).unwrap();
+    let src = data("replication/maldives/minute/000/000");
+    for s in ["000", "001", "002"] {
+        std::fs::copy(
+            src.join(format!("{s}.state.txt")),
+            feed.join(format!("000/000/{s}.state.txt")),
+        )
+        .unwrap();
+    }
+    std::fs::copy(src.join("002.state.txt"), feed.join("state.txt")).unwrap();
+    let big = "x".repeat(2 << 20);
+    let node = |version: u32, tags: &str| {
+        format!(
+            "<osmChange version=\"0.6\"><{action}><node id=\"9000000001\" version=\"{version}\" \
+             timestamp=\"2017-03-01T07:50:00Z\" lat=\"4.1755\" lon=\"73.5093\">{tags}</node>\
+             </{action}></osmChange>",
+            action = if version == 1 { "create" } else { "modify" }
+        )
+    };
+    let diffs = [
+        node(
+            1,
+            &format!("<tag k=\"amenity\" v=\"cafe{big}\"/><tag k=\"description\" v=\"{big}\"/>"),
+        ),
+        node(
+            2,
+            "<tag k=\"amenity\" v=\"cafe\"/><tag k=\"name\" v=\"Seagull\"/>",
+        ),
+    ];
+    for (i, d) in diffs.iter().enumerate() {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(d.as_bytes()).unwrap();
+        std::fs::write(
+            feed.join(format!("000/000/00{}.osc.gz", i + 1)),
+            gz.finish().unwrap(),
+        )
+        .unwrap();
+    }
+    feed
+}
+
+/// `osmvec run` on a copy of `base`, until caught up; returns the copy and
+/// the process's output.
+fn run_on_copy(
+    base: &Path,
+    ckpt: &Path,
+    feed: &Path,
+    broker: &str,
+    name: &str,
+    extra: &[&str],
+) -> (std::path::PathBuf, std::process::Output) {
+    let store = base.parent().unwrap().join(name);
+    copy_dir(base, &store);
+    let mut args = vec![
+        "run",
+        "--store",
+        path_str(&store),
+        "--source",
+        path_str(feed),
+        "--checkpoint",
+        path_str(ckpt),
+        "--brokers",
+        broker,
+        "--until-caught-up",
+        "--json",
+        "--http-listen",
+        "off",
+    ];
+    args.extend_from_slice(extra);
+    let out = osmvec(&args);
+    (store, out)
+}
+
+/// Defect 3 of issue 14: a diff creating a node with a 2 MB tag value made
+/// `osmvec run` exit with MessageSizeTooLarge on every start, the store at
+/// the new sequence and nothing after it ever published. Now: the change
+/// record is cut to fit (`truncated: true`), the pipeline goes on with the
+/// next diff, and in ingest mode the job the broker refuses goes to the
+/// dead-letter topic — or, when that refuses it too, into the store.
+#[test]
+fn a_poison_record_is_cut_or_dead_lettered_and_the_daemon_goes_on() {
+    let (dir, base, ckpt) =
+        store_and_model(&data("replication/maldives/base-2017-03-01T0749Z.osm.pbf"));
+    // The import embedded first, as a deployment would: the feed's tiles are
+    // then what each run publishes.
+    osmvec_ok(&[
+        "embed",
+        "--store",
+        path_str(&base),
+        "--checkpoint",
+        path_str(&ckpt),
+        "--all",
+    ]);
+    let feed = poison_feed(dir.path());
+    let changes_of = |broker: &str| -> Vec<serde_json::Value> {
+        consume(broker, "osmvec.changes", Duration::from_secs(3))
+            .into_iter()
+            .filter(|(k, _)| k == "node/9000000001")
+            .map(|(_, v)| v.unwrap())
+            .collect()
+    };
+
+    // Embed mode: both diffs applied and published.
+    let broker = Broker::start();
+    let (store, out) = run_on_copy(&base, &ckpt, &feed, &broker.addr, "embed", &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stats(&store)["sequence"], 2);
+    let records = changes_of(&broker.addr);
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert_eq!(records[0]["version"], 1);
+    assert_eq!(records[0]["truncated"], true);
+    let d = records[0]["tags_after"]["description"].as_str().unwrap();
+    assert!(d.ends_with('…') && d.len() < 300, "{} bytes", d.len());
+    // Version 2's record is cut too (its tags_before hold the 2 MB values);
+    // its short tags are whole.
+    assert_eq!(records[1]["version"], 2);
+    assert_eq!(records[1]["truncated"], true);
+    assert_eq!(records[1]["tags_after"]["name"], "Seagull");
+    assert_eq!(records[1]["tags_after"]["amenity"], "cafe");
+    assert_eq!(Store::open(&store).unwrap().outbox_len().unwrap(), 0);
+    // A restart is an ordinary start (no crash loop): caught up, exit 0.
+    let again = osmvec(&[
+        "run",
+        "--store",
+        path_str(&store),
+        "--source",
+        path_str(&feed),
+        "--checkpoint",
+        path_str(&ckpt),
+        "--brokers",
+        &broker.addr,
+        "--until-caught-up",
+        "--http-listen",
+        "off",
+    ]);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
+    // Ingest mode, each diff in a cycle of its own (no debounce): the
+    // café's tile job after diff 1 carries the 2 MB values and is refused
+    // for its size: a dead letter names it; diff 2's job of the same tile is
+    // published.
+    let broker = Broker::start();
+    let ingest = ["--mode", "ingest", "--debounce", "0"];
+    let (store, out) = run_on_copy(&base, &ckpt, &feed, &broker.addr, "ingest", &ingest);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stats(&store)["sequence"], 2);
+    let dead = consume(&broker.addr, "osmvec.dead-letters", Duration::from_secs(3));
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let letter = dead[0].1.as_ref().unwrap();
+    assert_eq!(letter["topic"], "osmvec.tile-jobs");
+    assert!(
+        letter["error"].as_str().unwrap().contains("too large"),
+        "{letter}"
+    );
+    assert!(letter["payload_bytes"].as_u64().unwrap() > 2 << 20);
+    let tile = letter["key"].as_str().unwrap().to_string();
+    let jobs = consume(&broker.addr, "osmvec.tile-jobs", Duration::from_secs(3));
+    assert!(
+        jobs.iter().any(|(k, _)| *k == tile),
+        "diff 2's job of {tile} is missing"
+    );
+    assert_eq!(Store::open(&store).unwrap().outbox_len().unwrap(), 0);
+    assert_eq!(Store::open(&store).unwrap().dead_letters_len().unwrap(), 0);
+
+    // The dead-letter topic refuses too (records over 20,000 bytes are
+    // refused, and a dead letter carries 16 KiB of the record, hex): the
+    // store keeps the dead letters, the outbox still drains.
+    let broker = Broker::start();
+    let (store, out) = run_on_copy(
+        &base,
+        &ckpt,
+        &feed,
+        &broker.addr,
+        "fallback",
+        &[&ingest[..], &["--max-message-bytes", "20000"]].concat(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let st = Store::open(&store).unwrap();
+    assert_eq!(st.outbox_len().unwrap(), 0);
+    let kept = st.dead_letters(usize::MAX).unwrap();
+    assert!(!kept.is_empty());
+    for (_, v) in &kept {
+        let v: serde_json::Value = serde_json::from_slice(v).unwrap();
+        assert_eq!(v["topic"], "osmvec.tile-jobs");
+        assert!(v["payload_bytes"].as_u64().unwrap() > 20_000, "{v}");
+    }
+    assert!(stderr.contains("it stays in the store"), "{stderr}");
+    eprintln!(
+        "poison: change record cut in embed mode; 1 dead letter on the topic in ingest mode; {} kept in the store at 20,000 bytes per record",
+        kept.len()
+    );
+}
+
+/// Defect 4 of issue 14 (`run`): with the source unreachable, the loop
+/// slept between retries: it neither embedded nor drained, and ignored
+/// SIGTERM. Now the fetch retries on its own thread: a fresh store's
+/// backlog is embedded and published meanwhile, and SIGTERM ends the
+/// daemon at once (the retries back off up to 5 minutes apart).
+#[test]
+fn an_unreachable_source_neither_stops_the_pipeline_nor_a_sigterm() {
+    let (_dir, store, ckpt) =
+        store_and_model(&data("replication/maldives/base-2017-03-01T0749Z.osm.pbf"));
+    let broker = Broker::start();
+    let port = free_port();
+    let (mut daemon, url, _) = start_daemon(
+        &store,
+        &ckpt,
+        &format!("http://127.0.0.1:{port}/minute"),
+        &broker.addr,
+        &[],
+    );
+    let metrics = || http("GET", &format!("{url}/metrics"), None).1;
+    wait_for(
+        "the backlog embedded and published",
+        Duration::from_secs(300),
+        || {
+            let m = metrics();
+            sample(&m, "osmvec_dirty_tiles") == Some(0.0)
+                && sample(&m, "osmvec_outbox_entries") == Some(0.0)
+                && sample(&m, "osmvec_tiles_embedded_total").is_some_and(|n| n > 0.0)
+        },
+    );
+    let m = metrics();
+    assert!(
+        sample(&m, "osmvec_replication_fetch_errors_total").is_some_and(|n| n >= 1.0),
+        "{m}"
+    );
+    let embedded = sample(&m, "osmvec_tiles_embedded_total").unwrap() as usize;
+    let published = consume(
+        &broker.addr,
+        "osmvec.tile-embeddings",
+        Duration::from_secs(3),
+    );
+    assert_eq!(published.len(), embedded, "every tile published");
+    let t0 = std::time::Instant::now();
+    daemon.stop(); // SIGTERM, and insists on exit 0
+    eprintln!(
+        "run stopped {:.3} s after SIGTERM with the source unreachable; {embedded} tiles published meanwhile",
+        t0.elapsed().as_secs_f64()
     );
 }

@@ -633,3 +633,220 @@ fn sigterm_stops_replication_cleanly() {
         "after SIGTERMs",
     );
 }
+
+/// Runs `osmvec args…` to its end and returns its exit status, stderr and
+/// peak resident set size in bytes (getrusage of exactly this child, via
+/// wait4: the peak over the process's whole life, `VmHWM`). The child is
+/// reaped by that wait4, which std's `Child` does not know about.
+#[allow(clippy::zombie_processes)]
+fn run_measured(args: &[&str]) -> (std::process::ExitStatus, String, u64) {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new(bin())
+        .args(args)
+        .env("OSMVEC_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("osmvec runs");
+    let mut err = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut err, &mut s).unwrap();
+        s
+    });
+    let mut status = 0;
+    // SAFETY: a plain wait4 on our own child, into locals.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = child.id() as libc::pid_t;
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid, "wait4 failed");
+    let stderr = reader.join().unwrap();
+    // ru_maxrss is in kilobytes on Linux.
+    (
+        std::process::ExitStatus::from_raw(status),
+        stderr,
+        usage.ru_maxrss as u64 * 1024,
+    )
+}
+
+/// A private copy of the Maldives feed in which diff 1 is `diff` and the
+/// latest published sequence is 1.
+fn feed_with_first_diff(dir: &Path, diff: &[u8]) -> PathBuf {
+    let feed = dir.join("feed");
+    std::fs::create_dir_all(feed.join("000/000")).unwrap();
+    for f in ["000.state.txt", "001.state.txt"] {
+        std::fs::copy(
+            maldives_feed().join("000/000").join(f),
+            feed.join("000/000").join(f),
+        )
+        .unwrap();
+    }
+    std::fs::copy(
+        maldives_feed().join("000/000/001.state.txt"),
+        feed.join("state.txt"),
+    )
+    .unwrap();
+    std::fs::write(feed.join("000/000/001.osc.gz"), diff).unwrap();
+    feed
+}
+
+/// Gzips `head`, then `n` copies of `filler`, then `tail`, streaming (the
+/// text is never in memory whole).
+fn gzip_stream(head: &[u8], filler: &[u8], n: usize, tail: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    enc.write_all(head).unwrap();
+    let chunk = filler.repeat((1 << 20) / filler.len());
+    let mut left = n * filler.len();
+    while left > 0 {
+        let take = left.min(chunk.len());
+        enc.write_all(&chunk[..take]).unwrap();
+        left -= take;
+    }
+    enc.write_all(tail).unwrap();
+    enc.finish().unwrap()
+}
+
+/// The bound this test holds the reader to, for every bomb below.
+const BOMB_RSS_BOUND: u64 = 200 << 20;
+
+/// Defect 5 of issue 14: an osmChange of 900 MB of newlines inside
+/// `<modify>` (855 KB of gzip, under the 1 GiB cap) made `osmvec replicate`
+/// peak at 7.9 GB. Memory is now O(one element): the same bomb stays under
+/// 200 MB (measured in the child), and the diff — valid, if empty — is
+/// applied. A bomb inside one tag is refused at the event cap, also under
+/// 200 MB.
+#[test]
+fn a_900_mb_whitespace_bomb_stays_under_200_mb() {
+    let dir = tempdir();
+    let store = dir.path().join("s");
+    import(&store, &maldives_base());
+    let mb = 900 << 20;
+    let bomb = gzip_stream(
+        b"<osmChange version=\"0.6\"><modify>",
+        b"\n",
+        mb,
+        b"</modify></osmChange>",
+    );
+    eprintln!(
+        "bomb 1: {} bytes of gzip, {mb} bytes of newlines",
+        bomb.len()
+    );
+    assert!(bomb.len() < 2 << 20);
+    let feed = feed_with_first_diff(dir.path(), &bomb);
+    let t0 = Instant::now();
+    let (status, stderr, rss) = run_measured(&[
+        "replicate",
+        "--store",
+        path_str(&store),
+        "--source",
+        path_str(&feed),
+        "--until-caught-up",
+        "--max-attempts",
+        "1",
+    ]);
+    eprintln!(
+        "newlines between elements: peak RSS {:.1} MB, {:.1} s, {status}",
+        rss as f64 / 1e6,
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(status.success(), "{stderr}");
+    assert!(rss < BOMB_RSS_BOUND, "peak RSS {rss} bytes");
+    assert_eq!(stats(&store)["sequence"], 1);
+
+    // Whitespace inside one start tag: refused at the 4 MiB event cap,
+    // naming the place; the store stays where it was.
+    let store2 = dir.path().join("s2");
+    import(&store2, &maldives_base());
+    let bomb = gzip_stream(
+        b"<osmChange version=\"0.6\"><modify>\n<node id=\"1\" version=\"2\"",
+        b" \n",
+        mb / 2,
+        b" lat=\"1\" lon=\"1\"/></modify></osmChange>",
+    );
+    let feed = feed_with_first_diff(&dir.path().join("2"), &bomb);
+    let (status, stderr, rss) = run_measured(&[
+        "replicate",
+        "--store",
+        path_str(&store2),
+        "--source",
+        path_str(&feed),
+        "--until-caught-up",
+        "--max-attempts",
+        "1",
+    ]);
+    eprintln!(
+        "whitespace inside a tag: peak RSS {:.1} MB, {status}",
+        rss as f64 / 1e6
+    );
+    assert!(!status.success());
+    assert!(
+        stderr.contains("line 2, column 1: one XML tag, comment or text exceeds osmvec's limit"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("diff 1 is unreadable"), "{stderr}");
+    assert!(rss < BOMB_RSS_BOUND, "peak RSS {rss} bytes");
+    assert_eq!(stats(&store2)["sequence"], 0, "the base's own sequence");
+}
+
+/// Defect 4 of issue 14 (`replicate`): with the source on a closed port,
+/// the process slept between retries and ignored SIGTERM. Retries are an
+/// hour apart here; SIGTERM still ends it at once, exit 0, store untouched.
+#[test]
+fn sigterm_ends_replicate_while_the_source_is_unreachable() {
+    let dir = tempdir();
+    let store = dir.path().join("s");
+    import(&store, &maldives_base());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(bin())
+        .args(["replicate", "--store", path_str(&store)])
+        .args(["--source", &format!("http://127.0.0.1:{port}/feed")])
+        .args(["--retry-initial", "3600", "--retry-max", "3600"])
+        .env("OSMVEC_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until it has failed once and is waiting to retry.
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while err.read_line(&mut line).unwrap() > 0 && !line.contains("retrying") {
+        line.clear();
+    }
+    assert!(line.contains("retrying"), "no retry logged");
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    let t0 = Instant::now();
+    sigterm(&child);
+    let status = wait_for(&mut child, Duration::from_secs(60));
+    eprintln!(
+        "replicate stopped {:.3} s after SIGTERM (next retry was up to an hour away)",
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(status.success(), "{status}");
+    assert_eq!(stats(&store)["sequence"], 0, "the base's own sequence");
+}
+
+/// Defect 7 of issue 14: a source behind the store (store at 180, the
+/// source's state.txt at 100) looked like "caught up": exit 0, applied=0,
+/// no warning. It is an error now, naming both sequences.
+#[test]
+fn a_source_behind_the_store_is_an_error() {
+    let dir = tempdir();
+    let store = dir.path().join("s");
+    import(&store, &maldives_base());
+    replicate_ok(&store, path_str(&maldives_feed()), &[]);
+    assert_eq!(stats(&store)["sequence"], 180);
+    let server = HttpSource::start(&maldives_feed(), &["--hide-after", "100"]);
+    let out = replicate(&store, &server.url, &["--max-attempts", "2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "exit 0 while the source is behind");
+    assert!(
+        stderr
+            .contains("is behind the store: its newest sequence is 100, the store has applied 180"),
+        "{stderr}"
+    );
+    assert_eq!(stats(&store)["sequence"], 180);
+}

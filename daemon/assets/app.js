@@ -1,7 +1,7 @@
 /*
  * osmvec drift page.
  *
- * Polls GET /v1/drift and GET /v1/tiles (docs/observability.md) every
+ * Polls GET /v1/drift and every page of GET /v1/tiles (docs/observability.md) every
  * REFRESH_MS and shows:
  *   - a header with model version, replication sequence, lag, drifted share;
  *   - a Leaflet map with one rectangle per stored tile, coloured by drift;
@@ -75,6 +75,21 @@
   // fetch() a JSON document; rejects with a readable message on HTTP errors
   // (using the API's {"error": "..."} body when there is one), bad JSON,
   // network failures and timeouts.
+  // Every page of GET /v1/tiles (paginated: ?after=z/x/y&limit=N, `next`
+  // names the next page), as one { tiles: [...] } answer.
+  function getAllTiles() {
+    var rows = [];
+    function page(after) {
+      var path = '/v1/tiles?limit=10000' + (after ? '&after=' + encodeURIComponent(after) : '');
+      return getJSON(path).then(function (d) {
+        if (!d || !Array.isArray(d.tiles)) return d;
+        rows = rows.concat(d.tiles);
+        return d.next ? page(d.next) : { tiles: rows, total: d.total };
+      });
+    }
+    return page(null);
+  }
+
   function getJSON(path) {
     var ctrl = typeof AbortController === 'function' ? new AbortController() : null;
     var timer = ctrl ? setTimeout(function () { ctrl.abort(); }, FETCH_TIMEOUT_MS) : null;
@@ -627,7 +642,7 @@
     var errors = [];
     return Promise.all([
       getJSON('/v1/drift').then(function (d) { return { ok: d }; }, function (e) { return { err: e }; }),
-      getJSON('/v1/tiles').then(function (d) { return { ok: d }; }, function (e) { return { err: e }; })
+      getAllTiles().then(function (d) { return { ok: d }; }, function (e) { return { err: e }; })
     ]).then(function (res) {
       var driftRes = res[0], tilesRes = res[1];
       if (driftRes.err) {

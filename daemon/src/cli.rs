@@ -192,6 +192,31 @@ pub fn apply(store: &Path, files: &[PathBuf], json: bool) -> Result<()> {
     Ok(())
 }
 
+/// The longest duration any flag or setting accepts: one year. Longer
+/// values (or negative ones, NaN, infinity) are refused with a message
+/// rather than overflowing a timer.
+pub const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
+
+/// Parses a duration given in seconds (`0.5`, `30`, `1e3`): finite, ≥ 0 and
+/// at most [`MAX_SECONDS`].
+pub fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let v: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    seconds(v).map_err(|e| format!("{text:?}: {e}"))
+}
+
+/// `v` seconds as a duration, if finite, ≥ 0 and at most [`MAX_SECONDS`].
+pub fn seconds(v: f64) -> Result<Duration, String> {
+    if !(v.is_finite() && (0.0..=MAX_SECONDS).contains(&v)) {
+        return Err(format!(
+            "a duration must be between 0 and {MAX_SECONDS} seconds (one year), not {v}"
+        ));
+    }
+    Duration::try_from_secs_f64(v).map_err(|e| e.to_string())
+}
+
 pub struct ReplicateArgs {
     pub store: PathBuf,
     pub source: String,
@@ -201,6 +226,7 @@ pub struct ReplicateArgs {
     pub max_attempts: Option<u32>,
     pub retry_initial: Duration,
     pub retry_max: Duration,
+    pub fetch_timeout: Duration,
     pub max_diff_bytes: u64,
     pub json: bool,
 }
@@ -225,13 +251,20 @@ pub fn replicate(a: ReplicateArgs) -> Result<()> {
         },
         osc: OscOptions {
             max_decompressed_bytes: a.max_diff_bytes,
+            ..OscOptions::default()
         },
     };
-    let source =
-        crate::replication::open_source(&a.source, &crate::replication::SourceOptions::default())
-            .with_context(|| format!("cannot open replication source {}", a.source))?;
+    let source = crate::replication::open_source(
+        &a.source,
+        &crate::replication::SourceOptions {
+            max_diff_bytes: a.max_diff_bytes,
+            fetch_timeout: a.fetch_timeout,
+            ..Default::default()
+        },
+    )
+    .with_context(|| format!("cannot open replication source {}", a.source))?;
     let json = a.json;
-    let outcome = follow::follow(&st, source.as_ref(), &opts, &mut |r| {
+    let outcome = follow::follow(&st, source, &opts, &mut |r| {
         if json {
             let mut v = serde_json::to_value(r).unwrap_or_default();
             if let Some(o) = v.as_object_mut() {

@@ -26,6 +26,12 @@ pub struct FileConfig {
     pub max_tiles_per_cycle: Option<usize>,
     pub sweep_tiles_per_cycle: Option<usize>,
     pub mode: Option<Mode>,
+    /// Largest diff accepted (download and decompressed text), bytes.
+    pub max_diff_bytes: Option<u64>,
+    /// Longest one HTTP request to the source may take in all, seconds.
+    pub fetch_timeout_seconds: Option<f64>,
+    /// PEM file of the CA certificates to trust for an https:// source.
+    pub source_ca_file: Option<PathBuf>,
     #[serde(default)]
     pub kafka: FileKafka,
     #[serde(default)]
@@ -105,6 +111,7 @@ pub fn merge_worker(
             changes: t.changes.unwrap_or(dt.changes),
             models: t.models.unwrap_or(dt.models),
             jobs: t.jobs.unwrap_or(dt.jobs),
+            dead_letters: t.dead_letters.unwrap_or(dt.dead_letters),
         },
         encoding: o.encoding.or(f.kafka.encoding).unwrap_or_default(),
         checkpoint: o.checkpoint.or(f.checkpoint).ok_or_else(|| {
@@ -144,6 +151,9 @@ pub struct FileKafka {
     pub replication_factor: Option<i32>,
     pub message_timeout_seconds: Option<u64>,
     pub encoding: Option<Encoding>,
+    /// Largest record sent (librdkafka `message.max.bytes`; keep it at or
+    /// below the broker's limit).
+    pub max_message_bytes: Option<usize>,
     #[serde(default)]
     pub topics: FileTopics,
 }
@@ -155,6 +165,7 @@ pub struct FileTopics {
     pub changes: Option<String>,
     pub models: Option<String>,
     pub jobs: Option<String>,
+    pub dead_letters: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -217,6 +228,22 @@ pub struct RunOverrides {
     /// [default: osmvec.tile-jobs]
     #[arg(long, env = "OSMVEC_TOPIC_JOBS")]
     pub topic_jobs: Option<String>,
+    /// Records the broker refuses for good go here [default:
+    /// osmvec.dead-letters].
+    #[arg(long, env = "OSMVEC_TOPIC_DEAD_LETTERS")]
+    pub topic_dead_letters: Option<String>,
+    /// Largest record sent, bytes (librdkafka message.max.bytes; at most the
+    /// broker's limit) [default: 1000000].
+    #[arg(long, env = "OSMVEC_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// Largest diff accepted, downloaded and decompressed, bytes [default:
+    /// 1073741824].
+    #[arg(long, env = "OSMVEC_MAX_DIFF_BYTES")]
+    pub max_diff_bytes: Option<u64>,
+    /// Longest one request to the replication source may take, seconds
+    /// [default: 600].
+    #[arg(long, env = "OSMVEC_FETCH_TIMEOUT")]
+    pub fetch_timeout: Option<f64>,
     /// embed: this process embeds; ingest: it publishes one job per dirty
     /// tile for `osmvec worker`s (docs/scaling.md) [default: embed].
     #[arg(long, env = "OSMVEC_MODE")]
@@ -311,6 +338,9 @@ pub struct RunSettings {
     pub max_tiles_per_cycle: usize,
     pub sweep_tiles_per_cycle: usize,
     pub mode: Mode,
+    pub max_diff_bytes: u64,
+    pub fetch_timeout_seconds: f64,
+    pub source_ca_file: Option<PathBuf>,
     /// None: no HTTP listener.
     pub http_listen: Option<String>,
     pub http_token: Option<String>,
@@ -355,7 +385,15 @@ pub fn merge(o: RunOverrides, f: FileConfig) -> Result<RunSettings> {
                     .or(f.kafka.topics.models)
                     .unwrap_or(dt.models),
                 jobs: o.topic_jobs.or(f.kafka.topics.jobs).unwrap_or(dt.jobs),
+                dead_letters: o
+                    .topic_dead_letters
+                    .or(f.kafka.topics.dead_letters)
+                    .unwrap_or(dt.dead_letters),
             },
+            max_message_bytes: o
+                .max_message_bytes
+                .or(f.kafka.max_message_bytes)
+                .unwrap_or(d.max_message_bytes),
             partitions: o.partitions.or(f.kafka.partitions).unwrap_or(d.partitions),
             replication_factor: o
                 .replication_factor
@@ -380,6 +418,9 @@ pub fn merge(o: RunOverrides, f: FileConfig) -> Result<RunSettings> {
             .or(f.sweep_tiles_per_cycle)
             .unwrap_or(256),
         mode: o.mode.or(f.mode).unwrap_or_default(),
+        max_diff_bytes: o.max_diff_bytes.or(f.max_diff_bytes).unwrap_or(1 << 30),
+        fetch_timeout_seconds: o.fetch_timeout.or(f.fetch_timeout_seconds).unwrap_or(600.0),
+        source_ca_file: f.source_ca_file,
         http_listen: match o
             .http_listen
             .or(f.http.listen)
@@ -412,6 +453,7 @@ pub fn merge(o: RunOverrides, f: FileConfig) -> Result<RunSettings> {
         ("debounce_seconds", s.debounce_seconds, true),
         ("drift.threshold", s.drift_threshold, true),
         ("drift.window_seconds", s.drift_window_seconds, false),
+        ("fetch_timeout_seconds", s.fetch_timeout_seconds, false),
     ] {
         if !(v.is_finite() && (v > 0.0 || (zero_ok && v == 0.0))) {
             bail!(
@@ -419,6 +461,32 @@ pub fn merge(o: RunOverrides, f: FileConfig) -> Result<RunSettings> {
                 if zero_ok { "≥ 0" } else { "positive" }
             );
         }
+    }
+    // Durations become timers: at most a year (1e20 s would overflow one).
+    for (name, v) in [
+        (
+            "poll_interval_seconds (--poll-interval)",
+            s.poll_interval_seconds,
+        ),
+        ("debounce_seconds (--debounce)", s.debounce_seconds),
+        (
+            "fetch_timeout_seconds (--fetch-timeout)",
+            s.fetch_timeout_seconds,
+        ),
+    ] {
+        crate::cli::seconds(v).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+    }
+    if s.max_diff_bytes < 1024 {
+        bail!(
+            "max_diff_bytes must be at least 1024, not {}",
+            s.max_diff_bytes
+        );
+    }
+    if !(1_000..=1_000_000_000).contains(&s.kafka.max_message_bytes) {
+        bail!(
+            "kafka.max_message_bytes must be between 1000 and 1000000000 (librdkafka's range), not {}",
+            s.kafka.max_message_bytes
+        );
     }
     if s.kafka.partitions < 1 || s.kafka.replication_factor < 1 {
         bail!("kafka.partitions and kafka.replication_factor must be at least 1");
@@ -483,6 +551,74 @@ mod tests {
         assert_eq!(o.http_listen, None);
         let e = merge_worker(WorkerOverrides::default(), FileConfig::default()).unwrap_err();
         assert!(e.to_string().contains("--checkpoint"), "{e}");
+    }
+
+    #[test]
+    fn durations_beyond_a_year_are_refused_not_a_panic() {
+        for (o, name) in [
+            (
+                RunOverrides {
+                    poll_interval: Some(1e20),
+                    ..required()
+                },
+                "poll_interval_seconds",
+            ),
+            (
+                RunOverrides {
+                    debounce: Some(1e12),
+                    ..required()
+                },
+                "debounce_seconds",
+            ),
+            (
+                RunOverrides {
+                    fetch_timeout: Some(f64::INFINITY),
+                    ..required()
+                },
+                "fetch_timeout_seconds",
+            ),
+        ] {
+            let e = merge(o, FileConfig::default()).unwrap_err().to_string();
+            assert!(e.contains(name), "{e}");
+        }
+        // What merge accepts, RunOptions turns into timers without panicking.
+        let s = merge(
+            RunOverrides {
+                poll_interval: Some(crate::cli::MAX_SECONDS),
+                ..required()
+            },
+            FileConfig::default(),
+        )
+        .unwrap();
+        let o = crate::run::RunOptions::new(s, osmvec_model::Device::Cpu, PathBuf::new());
+        assert_eq!(o.poll_interval.as_secs_f64(), crate::cli::MAX_SECONDS);
+    }
+
+    #[test]
+    fn run_takes_max_diff_bytes_for_download_and_text() {
+        let s = merge(
+            RunOverrides {
+                max_diff_bytes: Some(5000),
+                ..required()
+            },
+            FileConfig::default(),
+        )
+        .unwrap();
+        let o = crate::run::RunOptions::new(s, osmvec_model::Device::Cpu, PathBuf::new());
+        assert_eq!(o.osc.max_decompressed_bytes, 5000);
+        assert_eq!(o.source_options.max_diff_bytes, 5000);
+        let f: FileConfig = toml::from_str("max_diff_bytes = 7000\n").unwrap();
+        let s = merge(required(), f).unwrap();
+        assert_eq!(s.max_diff_bytes, 7000);
+    }
+
+    fn required() -> RunOverrides {
+        RunOverrides {
+            store: Some("s".into()),
+            source: Some("x".into()),
+            checkpoint: Some("c".into()),
+            ..Default::default()
+        }
     }
 
     #[test]

@@ -5,9 +5,17 @@
 //! applied, in the same write batch, and N is always the stored sequence + 1.
 //! Nothing is skipped: a diff that cannot be fetched or parsed stops the loop
 //! (after retries) with an error naming the sequence.
+//!
+//! Fetching runs on a thread of its own ([`Fetcher`]): the thread that owns
+//! the store asks for sequence N and goes on with its own work (the daemon
+//! embeds and drains the outbox meanwhile); the fetcher retries on its own
+//! schedule, and every one of its waits ends when a stop is requested. The
+//! caller never waits for a download: on a stop it returns at once, and a
+//! request still in flight dies with the process (it wrote nothing).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
@@ -18,7 +26,10 @@ use osmvec_graphstore::read::OscOptions;
 use osmvec_graphstore::store::format_timestamp;
 
 use crate::cli::read_diff_into;
-use crate::replication::{Backoff, ReplicationError, Source, sequence_for_timestamp, with_retry};
+use crate::replication::{
+    Backoff, ReplicationError, ReplicationState, Source, sequence_for_timestamp,
+    sleep_unless_stopped, with_retry_until_stopped,
+};
 
 pub struct FollowOptions {
     /// Return once the source has nothing newer.
@@ -45,163 +56,464 @@ pub struct FollowOutcome {
 
 /// Attempts at parsing a downloaded diff: a parse error can be a download
 /// cut short, so it is fetched again a few times before the loop stops.
-const PARSE_ATTEMPTS: u32 = 3;
+pub const PARSE_ATTEMPTS: u32 = 3;
 
-pub fn follow(
-    store: &Store,
-    source: &dyn Source,
-    opts: &FollowOptions,
-    on_applied: &mut dyn FnMut(&ApplyReport),
-) -> Result<FollowOutcome> {
-    store.ensure_consistent()?;
-    let backoff = &opts.backoff;
-    let (seq, ts) = store.replication_state()?;
-    let mut current = match seq {
-        Some(s) => s,
-        None => {
-            let ts = ts.ok_or_else(|| {
-                anyhow!(
-                    "the store has neither a replication sequence nor a timestamp; import an extract whose header has osmosis_replication_timestamp"
-                )
-            })?;
-            let s = with_retry(backoff, "finding the start sequence", || {
-                sequence_for_timestamp(source, ts)
-            })
-            .with_context(|| {
-                format!(
-                    "cannot find the sequence for {} on {}",
-                    format_timestamp(ts),
-                    source.describe()
-                )
-            })?;
-            tracing::info!(
-                timestamp = %format_timestamp(ts),
-                sequence = s,
-                "starting replication after the extract's timestamp"
-            );
-            s
-        }
-    };
-    let mut applied = 0u64;
-    loop {
-        let latest = with_retry(backoff, "fetching the latest state", || {
-            source.latest_state()
-        })
-        .with_context(|| format!("cannot read the latest state of {}", source.describe()))?;
-        while current < latest.sequence {
-            if opts.max_diffs.is_some_and(|m| applied >= m) || stopping(opts) {
-                return Ok(FollowOutcome {
-                    applied,
-                    sequence: Some(current),
-                    behind: true,
-                });
-            }
-            let next = current + 1;
-            let report = apply_one(store, source, next, opts, backoff)?;
-            applied += 1;
-            on_applied(&report);
-            current = next;
-        }
-        if opts.until_caught_up {
-            if applied > 0 {
-                tracing::info!(sequence = current, "caught up");
-            }
-            return Ok(FollowOutcome {
-                applied,
-                sequence: Some(current),
-                behind: false,
-            });
-        }
-        if stopping(opts) {
-            return Ok(FollowOutcome {
-                applied,
-                sequence: Some(current),
-                behind: false,
-            });
-        }
-        // Sleep in short steps so that a stop request is seen promptly.
-        let until = Instant::now() + opts.poll_interval;
-        while Instant::now() < until && !stopping(opts) {
-            std::thread::sleep(Duration::from_millis(100).min(until - Instant::now()));
-        }
-    }
+/// Where following starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// After this applied sequence.
+    After(u64),
+    /// After the newest sequence at or before this time (a fresh extract).
+    Timestamp(i64),
 }
 
-fn stopping(opts: &FollowOptions) -> bool {
-    let stop = opts.stop.load(Ordering::Relaxed);
-    if stop {
-        tracing::info!("stop requested; the last diff was applied whole");
+/// What the fetcher thread reports.
+#[derive(Debug)]
+pub enum Fetched {
+    /// The sequence the store is at, found from its timestamp.
+    StartsAfter(u64),
+    /// Diff `seq`, fetched whole; `latest` is the newest sequence the source
+    /// announced when it was fetched.
+    Diff {
+        seq: u64,
+        state: ReplicationState,
+        bytes: Vec<u8>,
+        latest: u64,
+    },
+    /// Nothing after `wanted - 1` is published yet. The fetcher keeps
+    /// asking every poll interval (a `Diff` follows once there is one).
+    NotYet { wanted: u64, latest: u64 },
+    /// The source's newest sequence is below the one the store has applied
+    /// (`wanted - 1`); it keeps asking every poll interval.
+    Behind { wanted: u64, latest: u64 },
+    /// A request failed for good (a fatal error, or retries exhausted).
+    Failed(anyhow::Error),
+}
+
+enum Request {
+    Start(Start),
+    /// Diff `seq`, after waiting `after` (a refetch of a diff that did not
+    /// parse waits a little first).
+    Diff {
+        seq: u64,
+        after: Duration,
+    },
+}
+
+/// Counters of the fetcher, readable while it runs.
+#[derive(Debug, Default)]
+pub struct FetchStats {
+    /// Failed requests (each retry counts).
+    pub errors: AtomicU64,
+    /// The newest sequence the source announced (0 before the first answer).
+    pub latest: AtomicU64,
+}
+
+/// The source on a thread of its own (see the module docs).
+pub struct Fetcher {
+    requests: mpsc::Sender<Request>,
+    results: mpsc::Receiver<Fetched>,
+    pub stats: Arc<FetchStats>,
+    describe: String,
+}
+
+impl Fetcher {
+    /// Starts the thread; it owns `source` from here on.
+    pub fn spawn(
+        source: Box<dyn Source>,
+        backoff: Backoff,
+        poll_interval: Duration,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Fetcher> {
+        let (requests, rx) = mpsc::channel::<Request>();
+        let (tx, results) = mpsc::sync_channel::<Fetched>(1);
+        let stats = Arc::new(FetchStats::default());
+        let describe = source.describe();
+        let st = stats.clone();
+        std::thread::Builder::new()
+            .name("osmvec-fetch".into())
+            .spawn(move || {
+                fetch_loop(
+                    source.as_ref(),
+                    &backoff,
+                    poll_interval,
+                    &stop,
+                    &st,
+                    &rx,
+                    &tx,
+                )
+            })
+            .context("starting the replication fetcher thread")?;
+        Ok(Fetcher {
+            requests,
+            results,
+            stats,
+            describe,
+        })
     }
-    stop
+
+    pub fn describe(&self) -> &str {
+        &self.describe
+    }
+
+    pub fn start(&self, start: Start) -> Result<()> {
+        self.send(Request::Start(start))
+    }
+
+    /// Asks for diff `seq` (after `after`); the answer comes through
+    /// [`Fetcher::try_take`] / [`Fetcher::take`].
+    pub fn want(&self, seq: u64, after: Duration) -> Result<()> {
+        self.send(Request::Diff { seq, after })
+    }
+
+    fn send(&self, r: Request) -> Result<()> {
+        self.requests
+            .send(r)
+            .map_err(|_| anyhow!("the replication fetcher thread ended"))
+    }
+
+    /// The next report, if one is ready.
+    pub fn try_take(&self) -> Option<Fetched> {
+        match self.results.try_recv() {
+            Ok(f) => Some(f),
+            Err(mpsc::TryRecvError::Empty) => None,
+            Err(mpsc::TryRecvError::Disconnected) => Some(Fetched::Failed(anyhow!(
+                "the replication fetcher thread ended"
+            ))),
+        }
+    }
+
+    /// Waits up to `timeout` for the next report.
+    pub fn take(&self, timeout: Duration) -> Option<Fetched> {
+        match self.results.recv_timeout(timeout) {
+            Ok(f) => Some(f),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => Some(Fetched::Failed(anyhow!(
+                "the replication fetcher thread ended"
+            ))),
+        }
+    }
 }
 
 fn not_yet(what: String) -> ReplicationError {
     ReplicationError::not_published(what)
 }
 
-fn apply_one(
-    store: &Store,
+/// The fetcher thread: serves requests until a stop, or until the caller
+/// dropped its end.
+fn fetch_loop(
     source: &dyn Source,
-    seq: u64,
-    opts: &FollowOptions,
     backoff: &Backoff,
-) -> Result<ApplyReport> {
-    let started = Instant::now();
-    let state = with_retry(backoff, &format!("state of sequence {seq}"), || {
-        source
-            .state(seq)?
-            .ok_or_else(|| not_yet(format!("state of sequence {seq}")))
-    })
-    .with_context(|| {
-        format!(
-            "cannot fetch the state of sequence {seq} from {}",
-            source.describe()
-        )
-    })?;
-    if state.sequence != seq {
-        anyhow::bail!(
-            "state file of sequence {seq} on {} says sequence {}",
-            source.describe(),
-            state.sequence
-        );
+    poll_interval: Duration,
+    stop: &AtomicBool,
+    stats: &FetchStats,
+    requests: &mpsc::Receiver<Request>,
+    results: &mpsc::SyncSender<Fetched>,
+) {
+    let counted = |r: Result<ReplicationState, ReplicationError>| {
+        if r.is_err() {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    };
+    // Sends one report; false when the caller is gone or a stop came.
+    let report = |f: Fetched| -> bool {
+        let mut f = f;
+        loop {
+            match results.try_send(f) {
+                Ok(()) => return true,
+                Err(mpsc::TrySendError::Disconnected(_)) => return false,
+                Err(mpsc::TrySendError::Full(back)) => {
+                    if sleep_unless_stopped(stop, Duration::from_millis(20)) {
+                        return false;
+                    }
+                    f = back;
+                }
+            }
+        }
+    };
+    while !stop.load(Ordering::Relaxed) {
+        let request = match requests.recv_timeout(Duration::from_millis(50)) {
+            Ok(r) => r,
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        let outcome = match request {
+            Request::Start(Start::After(s)) => Fetched::StartsAfter(s),
+            Request::Start(Start::Timestamp(ts)) => {
+                match with_retry_until_stopped(backoff, "finding the start sequence", stop, || {
+                    let r = sequence_for_timestamp(source, ts);
+                    if r.is_err() {
+                        stats.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    r
+                }) {
+                    Ok(s) => Fetched::StartsAfter(s),
+                    Err(e) => Fetched::Failed(anyhow::Error::new(e).context(format!(
+                        "cannot find the sequence for {} on {}",
+                        format_timestamp(ts),
+                        source.describe()
+                    ))),
+                }
+            }
+            Request::Diff { seq, after } => {
+                if sleep_unless_stopped(stop, after) {
+                    return;
+                }
+                match fetch_diff(
+                    source,
+                    backoff,
+                    poll_interval,
+                    stop,
+                    stats,
+                    seq,
+                    &counted,
+                    &report,
+                ) {
+                    Some(f) => f,
+                    None => return,
+                }
+            }
+        };
+        if !report(outcome) {
+            return;
+        }
     }
-    let name = format!("sequence {seq} from {}", source.describe());
-    let mut attempt = 0;
+}
+
+/// Fetches diff `seq`, reporting `NotYet` / `Behind` and polling while it
+/// is not published. None: stopped (or the caller is gone).
+#[allow(clippy::too_many_arguments)]
+fn fetch_diff(
+    source: &dyn Source,
+    backoff: &Backoff,
+    poll_interval: Duration,
+    stop: &AtomicBool,
+    stats: &FetchStats,
+    seq: u64,
+    counted: &dyn Fn(
+        Result<ReplicationState, ReplicationError>,
+    ) -> Result<ReplicationState, ReplicationError>,
+    report: &dyn Fn(Fetched) -> bool,
+) -> Option<Fetched> {
+    let describe = source.describe();
+    let stopped = |e: &ReplicationError| matches!(e, ReplicationError::Stopped { .. });
     loop {
-        attempt += 1;
-        let bytes = with_retry(backoff, &format!("diff of sequence {seq}"), || {
-            source
-                .diff(seq)?
-                .ok_or_else(|| not_yet(format!("diff of sequence {seq}")))
-        })
-        .with_context(|| format!("cannot fetch diff {seq} from {}", source.describe()))?;
-        let mut applier = DiffApplier::new(store, name.clone())?;
-        // Decide by content, not by name: a server may already have undone
-        // the gzip (Content-Encoding), and a directory may hold plain XML.
-        let gzip = bytes.starts_with(&[0x1f, 0x8b]);
-        match read_diff_into(&mut applier, &name, bytes.as_slice(), gzip, &opts.osc) {
-            Ok(()) => {
-                let report = applier.commit(Some(seq), Some(state.timestamp), true)?;
-                tracing::info!(
-                    sequence = seq,
-                    timestamp = %format_timestamp(state.timestamp),
-                    changes = report.changes.total(),
-                    dirty_tiles = report.dirty_tiles.len(),
-                    ms = started.elapsed().as_millis() as u64,
-                    "applied diff"
-                );
-                return Ok(report);
+        let latest =
+            match with_retry_until_stopped(backoff, "fetching the latest state", stop, || {
+                counted(source.latest_state())
+            }) {
+                Ok(l) => l,
+                Err(e) if stopped(&e) => return None,
+                Err(e) => {
+                    return Some(Fetched::Failed(
+                        anyhow::Error::new(e)
+                            .context(format!("cannot read the latest state of {describe}")),
+                    ));
+                }
+            };
+        stats.latest.store(latest.sequence, Ordering::Relaxed);
+        if latest.sequence >= seq {
+            break;
+        }
+        let f = if latest.sequence + 1 < seq {
+            Fetched::Behind {
+                wanted: seq,
+                latest: latest.sequence,
             }
-            Err(e) if attempt < PARSE_ATTEMPTS => {
-                tracing::warn!(sequence = seq, attempt, error = %e, "diff unreadable, fetching it again");
-                std::thread::sleep(backoff.initial * attempt);
+        } else {
+            Fetched::NotYet {
+                wanted: seq,
+                latest: latest.sequence,
             }
-            Err(e) => {
-                return Err(anyhow::Error::new(e).context(format!(
-                    "diff {seq} is unreadable after {attempt} downloads; the store stays at sequence {}",
-                    seq - 1
-                )));
+        };
+        if !report(f) || sleep_unless_stopped(stop, poll_interval) {
+            return None;
+        }
+    }
+    let latest = stats.latest.load(Ordering::Relaxed);
+    let state =
+        with_retry_until_stopped(backoff, &format!("state of sequence {seq}"), stop, || {
+            counted(
+                source
+                    .state(seq)?
+                    .ok_or_else(|| not_yet(format!("state of sequence {seq}"))),
+            )
+        });
+    let state = match state {
+        Ok(s) if s.sequence == seq => s,
+        Ok(s) => {
+            return Some(Fetched::Failed(anyhow!(
+                "state file of sequence {seq} on {describe} says sequence {}",
+                s.sequence
+            )));
+        }
+        Err(e) if stopped(&e) => return None,
+        Err(e) => {
+            return Some(Fetched::Failed(anyhow::Error::new(e).context(format!(
+                "cannot fetch the state of sequence {seq} from {describe}"
+            ))));
+        }
+    };
+    let bytes = with_retry_until_stopped(backoff, &format!("diff of sequence {seq}"), stop, || {
+        let r = source
+            .diff(seq)?
+            .ok_or_else(|| not_yet(format!("diff of sequence {seq}")));
+        if r.is_err() {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    });
+    match bytes {
+        Ok(bytes) => Some(Fetched::Diff {
+            seq,
+            state,
+            bytes,
+            latest,
+        }),
+        Err(e) if stopped(&e) => None,
+        Err(e) => Some(Fetched::Failed(
+            anyhow::Error::new(e).context(format!("cannot fetch diff {seq} from {describe}")),
+        )),
+    }
+}
+
+/// Where the store says following starts.
+pub fn start_of(store: &Store) -> Result<Start> {
+    let (seq, ts) = store.replication_state()?;
+    match (seq, ts) {
+        (Some(s), _) => Ok(Start::After(s)),
+        (None, Some(ts)) => Ok(Start::Timestamp(ts)),
+        (None, None) => Err(anyhow!(
+            "the store has neither a replication sequence nor a timestamp; import an extract whose header has osmosis_replication_timestamp"
+        )),
+    }
+}
+
+/// Parses a downloaded diff and commits it as sequence `seq`. `Ok(None)`: it
+/// did not parse (the store is untouched; the error is returned for the log).
+pub fn apply_fetched(
+    store: &Store,
+    describe: &str,
+    seq: u64,
+    state: &ReplicationState,
+    bytes: &[u8],
+    osc: &OscOptions,
+) -> Result<std::result::Result<ApplyReport, osmvec_graphstore::StoreError>> {
+    let started = Instant::now();
+    let name = format!("sequence {seq} from {describe}");
+    let mut applier = DiffApplier::new(store, name.clone())?;
+    // Decide by content, not by name: a server may already have undone the
+    // gzip (Content-Encoding), and a directory may hold plain XML.
+    let gzip = bytes.starts_with(&[0x1f, 0x8b]);
+    if let Err(e) = read_diff_into(&mut applier, &name, bytes, gzip, osc) {
+        return Ok(Err(e));
+    }
+    let report = applier.commit(Some(seq), Some(state.timestamp), true)?;
+    tracing::info!(
+        sequence = seq,
+        timestamp = %format_timestamp(state.timestamp),
+        changes = report.changes.total(),
+        dirty_tiles = report.dirty_tiles.len(),
+        ms = started.elapsed().as_millis() as u64,
+        "applied diff"
+    );
+    Ok(Ok(report))
+}
+
+/// `osmvec replicate`'s loop: applies every diff after the stored sequence,
+/// in order, until caught up (with `until_caught_up`), `max_diffs`, a stop,
+/// or an error.
+pub fn follow(
+    store: &Store,
+    source: Box<dyn Source>,
+    opts: &FollowOptions,
+    on_applied: &mut dyn FnMut(&ApplyReport),
+) -> Result<FollowOutcome> {
+    store.ensure_consistent()?;
+    let fetcher = Fetcher::spawn(source, opts.backoff, opts.poll_interval, opts.stop.clone())?;
+    let describe = fetcher.describe().to_string();
+    fetcher.start(start_of(store)?)?;
+    let mut applied = 0u64;
+    let mut current: Option<u64> = None;
+    let mut parse_attempt = 0u32;
+    let mut behind_warned = None;
+    let stopping = || opts.stop.load(Ordering::Relaxed);
+    let outcome = |applied, current, behind| FollowOutcome {
+        applied,
+        sequence: current,
+        behind,
+    };
+    loop {
+        if stopping() {
+            tracing::info!("stop requested; the last diff was applied whole");
+            return Ok(outcome(applied, current, false));
+        }
+        let Some(f) = fetcher.take(Duration::from_millis(50)) else {
+            continue;
+        };
+        match f {
+            Fetched::StartsAfter(s) => {
+                if store.replication_state()?.0.is_none() {
+                    tracing::info!(
+                        sequence = s,
+                        "starting replication after the extract's timestamp"
+                    );
+                }
+                current = Some(s);
+                fetcher.want(s + 1, Duration::ZERO)?;
             }
+            Fetched::Diff {
+                seq,
+                state,
+                bytes,
+                latest,
+            } => match apply_fetched(store, &describe, seq, &state, &bytes, &opts.osc)? {
+                Ok(report) => {
+                    parse_attempt = 0;
+                    applied += 1;
+                    on_applied(&report);
+                    current = Some(seq);
+                    if opts.max_diffs.is_some_and(|m| applied >= m) {
+                        return Ok(outcome(applied, current, latest > seq));
+                    }
+                    fetcher.want(seq + 1, Duration::ZERO)?;
+                }
+                Err(e) => {
+                    parse_attempt += 1;
+                    if parse_attempt >= PARSE_ATTEMPTS {
+                        return Err(anyhow::Error::new(e).context(format!(
+                            "diff {seq} is unreadable after {parse_attempt} downloads; the store stays at sequence {}",
+                            seq - 1
+                        )));
+                    }
+                    tracing::warn!(sequence = seq, attempt = parse_attempt, error = %e, "diff unreadable, fetching it again");
+                    fetcher.want(seq, opts.backoff.initial * parse_attempt)?;
+                }
+            },
+            Fetched::NotYet { wanted, .. } => {
+                if opts.until_caught_up {
+                    if applied > 0 {
+                        tracing::info!(sequence = wanted - 1, "caught up");
+                    }
+                    return Ok(outcome(applied, current, false));
+                }
+            }
+            Fetched::Behind { wanted, latest } => {
+                let e = ReplicationError::Behind {
+                    source: describe.clone(),
+                    latest,
+                    stored: wanted - 1,
+                };
+                if opts.until_caught_up {
+                    return Err(e.into());
+                }
+                if behind_warned != Some(latest) {
+                    tracing::error!(error = %e, "waiting for the source to pass the store");
+                    behind_warned = Some(latest);
+                }
+            }
+            Fetched::Failed(e) => return Err(e),
         }
     }
 }

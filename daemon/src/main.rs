@@ -89,8 +89,8 @@ enum Command {
         #[arg(long)]
         until_caught_up: bool,
         /// Seconds between polls once caught up.
-        #[arg(long, default_value_t = 30.0)]
-        poll_interval: f64,
+        #[arg(long, default_value = "30", value_parser = cli::parse_seconds)]
+        poll_interval: std::time::Duration,
         /// Stop after this many diffs (for tests and benchmarks).
         #[arg(long)]
         max_diffs: Option<u64>,
@@ -98,12 +98,16 @@ enum Command {
         #[arg(long)]
         max_attempts: Option<u32>,
         /// First retry delay in seconds (doubles per attempt, with jitter).
-        #[arg(long, default_value_t = 1.0)]
-        retry_initial: f64,
+        #[arg(long, default_value = "1", value_parser = cli::parse_seconds)]
+        retry_initial: std::time::Duration,
         /// Longest retry delay in seconds.
-        #[arg(long, default_value_t = 300.0)]
-        retry_max: f64,
-        /// Largest decompressed diff accepted, bytes (guards against gzip bombs).
+        #[arg(long, default_value = "300", value_parser = cli::parse_seconds)]
+        retry_max: std::time::Duration,
+        /// Longest time one HTTP request may take in all, seconds.
+        #[arg(long, default_value = "600", value_parser = cli::parse_seconds)]
+        fetch_timeout: std::time::Duration,
+        /// Largest diff accepted, bytes, downloaded and decompressed (guards
+        /// against gzip bombs).
         #[arg(long, default_value_t = 1 << 30)]
         max_diff_bytes: u64,
         /// Print one JSON line per applied diff on stdout.
@@ -162,6 +166,10 @@ enum Command {
         /// Tiles per encoder batch.
         #[arg(long, default_value_t = 64)]
         batch_size: usize,
+        /// Use the reference forward pass (the op-by-op encoder engine v2 is
+        /// checked against) instead of engine v2: same vectors, slower.
+        #[arg(long)]
+        reference: bool,
         #[command(flatten)]
         model: ModelArgs,
         /// Print the summary as JSON.
@@ -320,15 +328,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_attempts,
             retry_initial,
             retry_max,
+            fetch_timeout,
             max_diff_bytes,
             json,
         } => cli::replicate(cli::ReplicateArgs {
-            retry_initial: std::time::Duration::from_secs_f64(retry_initial),
-            retry_max: std::time::Duration::from_secs_f64(retry_max),
+            retry_initial,
+            retry_max,
+            fetch_timeout,
             store,
             source,
             until_caught_up,
-            poll_interval: std::time::Duration::from_secs_f64(poll_interval),
+            poll_interval,
             max_diffs,
             max_attempts,
             max_diff_bytes,
@@ -375,6 +385,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             all,
             dirty: _,
             batch_size,
+            reference,
             model,
             json,
         } => {
@@ -386,6 +397,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 batch_size,
                 model_dir,
                 device,
+                reference,
             })?;
             print_report(&report, json)
         }

@@ -41,14 +41,14 @@ use crate::embedding::embed::{EmbedReport, embed_tiles, same_space, tiles_to_emb
 use crate::embedding::finetune::{FinetuneConfig, FinetuneReport};
 use crate::embedding::inputs::Inputs;
 use crate::embedding::tags::TagVectors;
-use crate::follow::{FollowOptions, follow};
+use crate::follow::{Fetched, Fetcher, apply_fetched, start_of};
 use crate::jobs::TileJob;
 use crate::observe::api::{Shared, TileState, now_unix, serve};
 use crate::observe::drift::{DriftWindow, ModelDrift};
 use crate::observe::metrics::Metrics;
 use crate::publish::kafka::{KafkaConfig, Publisher};
-use crate::publish::messages::{ModelMessage, rfc3339};
-use crate::replication::{Backoff, SourceOptions, open_source};
+use crate::publish::messages::{ModelMessage, longest_tile_record, rfc3339};
+use crate::replication::{Backoff, ReplicationError, SourceOptions, open_source};
 use crate::tuner::{Tuner, TunerEvent, version_drift};
 
 #[derive(Debug, Clone)]
@@ -69,6 +69,8 @@ pub struct RunOptions {
     pub shutdown_flush: Duration,
     pub backoff: Backoff,
     pub osc: OscOptions,
+    /// How the replication source is read (timeouts, download cap).
+    pub source_options: SourceOptions,
     pub model_dir: PathBuf,
     pub device: Device,
     /// Print one JSON line per cycle that did something on stdout.
@@ -90,8 +92,10 @@ impl RunOptions {
             checkpoint: s.checkpoint,
             kafka: s.kafka,
             until_caught_up: false,
-            poll_interval: Duration::from_secs_f64(s.poll_interval_seconds),
-            debounce: Duration::from_secs_f64(s.debounce_seconds),
+            // `merge` has checked both (finite, ≥ 0, at most a year).
+            poll_interval: crate::cli::seconds(s.poll_interval_seconds)
+                .unwrap_or(Duration::from_secs(30)),
+            debounce: crate::cli::seconds(s.debounce_seconds).unwrap_or(Duration::from_secs(2)),
             embed_batch: s.embed_batch,
             max_tiles_per_cycle: s.max_tiles_per_cycle,
             sweep_tiles_per_cycle: s.sweep_tiles_per_cycle,
@@ -103,7 +107,17 @@ impl RunOptions {
                 max: Duration::from_secs(300),
                 max_attempts: None,
             },
-            osc: OscOptions::default(),
+            osc: OscOptions {
+                max_decompressed_bytes: s.max_diff_bytes,
+                ..OscOptions::default()
+            },
+            source_options: SourceOptions {
+                max_diff_bytes: s.max_diff_bytes,
+                fetch_timeout: crate::cli::seconds(s.fetch_timeout_seconds)
+                    .unwrap_or(Duration::from_secs(600)),
+                ca_file: s.source_ca_file.clone(),
+                ..SourceOptions::default()
+            },
             model_dir,
             device,
             json: false,
@@ -143,7 +157,7 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
     store.ensure_consistent()?;
     store.set_outbox_enabled(true)?;
     let model = Arc::new(Model::load(&o.checkpoint, &o.device)?);
-    let source = open_source(&o.source, &SourceOptions::default())
+    let source = open_source(&o.source, &o.source_options)
         .with_context(|| format!("cannot open replication source {}", o.source))?;
     let shared = Arc::new(Shared {
         metrics: Metrics::new(&o.kafka.topics, git_revision())?,
@@ -157,6 +171,7 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         last_finetune: Mutex::new(None),
         token: o.http_token.clone(),
         ingest_only: o.mode == Mode::Ingest,
+        embed_slots: tokio::sync::Semaphore::new(crate::observe::api::EMBED_CONCURRENCY),
     });
     let m = &shared.metrics;
     m.model_info
@@ -171,6 +186,7 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         m.replication_timestamp_seconds.set(ts as f64);
     }
     m.outbox_entries.set(store.outbox_len()? as i64);
+    m.dead_letters_stored.set(store.dead_letters_len()? as i64);
     // The tile layer of the API and the drift page (ingest mode serves none).
     if o.mode == Mode::Embed {
         shared.load_tiles()?;
@@ -186,14 +202,38 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         serve(addr, shared.clone())?;
     }
     compare_with_served_model(&shared, &o.checkpoint, &o.device)?;
+    // An embedding record has a fixed shape (the model's output width), so
+    // its largest size is known now: one that cannot fit the record size
+    // is a configuration error at start, never a record refused later.
+    let longest = longest_tile_record(
+        o.kafka.encoding,
+        model.meta.config.graph.out_dim,
+        &model.meta.model_version,
+    )?;
+    if longest + 4096 > o.kafka.max_message_bytes {
+        anyhow::bail!(
+            "kafka.max_message_bytes = {} cannot hold this model's embedding records (up to {longest} bytes plus headers); raise it",
+            o.kafka.max_message_bytes
+        );
+    }
     let mut publisher = Publisher::new(&o.kafka)?;
     if o.mode == Mode::Ingest {
         let (cfg, policy) = (model.meta.config.graphs, model.meta.config.tags.clone());
         publisher.set_job_builder(Box::new(move |store, tile| {
             let job = TileJob::build(store, tile, &cfg, &policy)?;
             Ok((job.encode()?, job.seq))
-        }));
+        }))?;
         tracing::info!(topic = %o.kafka.topics.jobs, "ingest mode: dirty tiles become jobs for osmvec worker");
+    } else {
+        // Jobs queued by an earlier run in ingest mode are tiles this
+        // process must embed now.
+        let n = store.jobs_to_dirty_marks()?;
+        if n > 0 {
+            tracing::info!(
+                tiles = n,
+                "job entries of an earlier ingest run are dirty tiles again"
+            );
+        }
     }
     publisher.announce_model(&model_message(&model, "loaded", &o.checkpoint))?;
     tracing::info!(
@@ -202,6 +242,13 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         source = %source.describe(),
         "daemon started"
     );
+    // The source is read on a thread of its own: retries and slow servers
+    // never hold this loop (it keeps embedding and draining) nor a stop.
+    let fetcher = Fetcher::spawn(source, o.backoff, o.poll_interval, stop.clone())?;
+    fetcher.start(start_of(&store)?)?;
+    let mut next_fetched: Option<Fetched> = None;
+    let mut parse_attempt = 0u32;
+    let mut behind_warned: Option<u64> = None;
     let mut inputs = Inputs::new(
         TagVectors::new(o.model_dir.clone(), o.device.clone()),
         false,
@@ -222,7 +269,7 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         o.device.clone(),
     );
     let mut caught_up = false;
-    let mut last_poll: Option<Instant> = None;
+    let mut dead_stored_seen = 0i64;
     let mut broker_warned = false;
     // When the oldest diff whose tiles are not embedded yet was applied.
     let mut pending_since: Option<Instant> = None;
@@ -233,34 +280,85 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         let t0 = Instant::now();
         let mut cycle = CycleReport::default();
         let paused = shared.paused.load(Ordering::Relaxed);
-        // 1. At most one diff (once caught up, ask the source again every
-        // poll interval).
-        let poll_due = !caught_up || last_poll.is_none_or(|t| t.elapsed() >= o.poll_interval);
-        if poll_due && !paused {
-            last_poll = Some(Instant::now());
-            let fo = FollowOptions {
-                until_caught_up: true,
-                poll_interval: o.poll_interval,
-                max_diffs: Some(1),
-                backoff: o.backoff,
-                osc: o.osc.clone(),
-                stop: stop.clone(),
-            };
-            let out = follow(&store, source.as_ref(), &fo, &mut |r| record_diff(m, r))?;
-            if out.applied > 0 {
-                m.diff_apply_duration_seconds
-                    .observe(last_poll.map_or(0.0, |t| t.elapsed().as_secs_f64()));
-            }
-            cycle.diffs_applied = out.applied;
-            cycle.sequence = out.sequence;
-            caught_up = !out.behind;
-            if out.applied > 0 && pending_since.is_none() {
-                pending_since = Some(Instant::now());
+        m.replication_fetch_errors_total.inc_by(
+            fetcher.stats.errors.load(Ordering::Relaxed) - m.replication_fetch_errors_total.get(),
+        );
+        let latest = fetcher.stats.latest.load(Ordering::Relaxed);
+        if latest > 0 {
+            m.replication_source_sequence.set(latest as i64);
+        }
+        // 1. At most one diff, if the fetcher has one (it polls the source
+        // every poll interval by itself once caught up).
+        if !paused {
+            let f = next_fetched.take().or_else(|| fetcher.try_take());
+            match f {
+                None => {}
+                Some(Fetched::StartsAfter(s)) => fetcher.want(s + 1, Duration::ZERO)?,
+                Some(Fetched::Diff {
+                    seq,
+                    state,
+                    bytes,
+                    latest,
+                }) => {
+                    let ta = Instant::now();
+                    match apply_fetched(&store, fetcher.describe(), seq, &state, &bytes, &o.osc)? {
+                        Ok(report) => {
+                            drop(bytes);
+                            parse_attempt = 0;
+                            record_diff(m, &report);
+                            m.diff_apply_duration_seconds
+                                .observe(ta.elapsed().as_secs_f64());
+                            cycle.diffs_applied = 1;
+                            cycle.sequence = Some(seq);
+                            caught_up = latest <= seq;
+                            if pending_since.is_none() {
+                                pending_since = Some(Instant::now());
+                            }
+                            fetcher.want(seq + 1, Duration::ZERO)?;
+                        }
+                        Err(e) => {
+                            parse_attempt += 1;
+                            if parse_attempt >= crate::follow::PARSE_ATTEMPTS {
+                                return Err(anyhow::Error::new(e).context(format!(
+                                    "diff {seq} is unreadable after {parse_attempt} downloads; the store stays at sequence {}",
+                                    seq - 1
+                                )));
+                            }
+                            tracing::warn!(sequence = seq, attempt = parse_attempt, error = %e, "diff unreadable, fetching it again");
+                            fetcher.want(seq, o.backoff.initial * parse_attempt)?;
+                        }
+                    }
+                }
+                Some(Fetched::NotYet { .. }) => caught_up = true,
+                Some(Fetched::Behind { wanted, latest }) => {
+                    let e = ReplicationError::Behind {
+                        source: fetcher.describe().to_string(),
+                        latest,
+                        stored: wanted - 1,
+                    };
+                    if o.until_caught_up {
+                        return Err(e.into());
+                    }
+                    if behind_warned != Some(latest) {
+                        tracing::error!(error = %e, "waiting for the source to pass the store");
+                        behind_warned = Some(latest);
+                    }
+                    caught_up = true;
+                }
+                Some(Fetched::Failed(e)) => return Err(e),
             }
         }
         // 2. Dirty tiles (coarse marks expanded into their children first),
         // oldest first, bounded.
-        let (work, marks) = tiles_to_embed(&store)?;
+        // Reads only the marks the cycle can take; in embed mode a dirty
+        // coarse tile marks only the children whose context really changed.
+        let (work, marks, _contexts) = tiles_to_embed(
+            &store,
+            &model,
+            &mut inputs,
+            o.max_tiles_per_cycle.max(1),
+            o.mode == Mode::Embed,
+        )?;
         let by_tile: std::collections::HashMap<TileId, DirtyMark> = marks.into_iter().collect();
         let wait_for_more = !caught_up
             && work.len() < o.max_tiles_per_cycle
@@ -331,7 +429,7 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         inputs.clear();
         cycle.tiles_embedded = er.embedded;
         cycle.tiles_removed = er.removed;
-        cycle.dirty_left = work.len() - dirty_done.min(work.len());
+        cycle.dirty_left = store.dirty_count()? as usize;
         if take > 0 && cycle.dirty_left == 0 {
             pending_since = None;
         }
@@ -350,6 +448,10 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         }
         cycle.drifted = er.drifted;
         m.dirty_tiles.set(cycle.dirty_left as i64);
+        if dr.dead_lettered > 0 || publisher.stats.dead_letters_store as i64 != dead_stored_seen {
+            dead_stored_seen = publisher.stats.dead_letters_store as i64;
+            m.dead_letters_stored.set(store.dead_letters_len()? as i64);
+        }
         m.observe_publisher(&publisher.stats);
         if cycle.diffs_applied > 0 || er.tiles > 0 {
             record_embeddings(&shared, &er, &cycle)?;
@@ -369,10 +471,12 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         let busy = cycle.diffs_applied > 0
             || er.tiles > 0
             || dr.delivered > 0
+            || dr.dead_lettered > 0
             || (dr.sent > 0 && !stalled);
+        // A counter kept with the entries: O(1), so every cycle.
+        cycle.outbox = store.outbox_len()?;
+        m.outbox_entries.set(cycle.outbox as i64);
         if busy {
-            cycle.outbox = store.outbox_len()?;
-            m.outbox_entries.set(cycle.outbox as i64);
             cycle.sequence = store.replication_state()?.0;
             tracing::info!(
                 sequence = ?cycle.sequence,
@@ -416,14 +520,29 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
             tracing::info!("caught up: nothing left to apply, embed or publish");
             break;
         }
-        if !busy {
-            // Waiting for the source or the broker: do not spin.
-            std::thread::sleep(Duration::from_millis(if stalled { 1000 } else { 100 }));
+        if !busy && next_fetched.is_none() {
+            // Waiting for the source or the broker: do not spin, but wake at
+            // once for a fetched diff or a stop.
+            let until = Instant::now() + Duration::from_millis(if stalled { 1000 } else { 100 });
+            while next_fetched.is_none() && !stop.load(Ordering::Relaxed) {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                if !paused {
+                    next_fetched = fetcher.take(left.min(Duration::from_millis(50)));
+                } else {
+                    std::thread::sleep(left.min(Duration::from_millis(50)));
+                }
+            }
         }
     }
     tuner.shutdown();
+    // In-flight records get up to `shutdown_flush` to be acknowledged (what
+    // is not stays in the outbox); a broker known to be down gets no wait.
     let deadline = Instant::now() + o.shutdown_flush;
-    while publisher.in_flight() > 0 && Instant::now() < deadline {
+    while publisher.in_flight() > 0 && publisher.stats.broker_reachable && Instant::now() < deadline
+    {
         publisher.drain(&store, 0, Duration::from_millis(200))?;
     }
     m.observe_publisher(&publisher.stats);

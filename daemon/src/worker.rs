@@ -86,6 +86,251 @@ pub struct BatchReport {
     pub tiles_per_second: f64,
 }
 
+/// Most tiles whose last published job (sequence, model version, vector)
+/// a worker remembers, for superseding and drift: a planet has about 100 M
+/// fine tiles, so the map is bounded; the oldest entries go first (an evicted
+/// tile's next embedding has `drift: null`, as after a restart).
+pub const RECENT_TILES: usize = 200_000;
+
+/// Tag texts a worker keeps vectors of (about 1.6 KB each) before it starts a
+/// fresh cache (the text model is then loaded again when a text is missing).
+pub const TAG_TEXTS: u64 = 100_000;
+
+/// A job read from the topic and checked: its tile, graphs and where it came
+/// from.
+#[derive(Debug, Clone)]
+pub struct Polled {
+    pub partition: i32,
+    pub offset: i64,
+    pub tile: TileId,
+    pub job: TileJob,
+    pub graph: StoreGraph,
+    pub context: StoreGraph,
+}
+
+/// Why a record of the jobs topic was not a usable job.
+#[derive(Debug)]
+pub enum Unusable {
+    /// Not a job at all (not CBOR, another schema version).
+    Undecodable(anyhow::Error),
+    /// A job, but one that cannot be embedded: bad tile id, wrong geometry
+    /// length, an edge outside the node list, unknown kinds.
+    Invalid(anyhow::Error),
+}
+
+/// Decodes and checks a job payload; never fails the worker.
+pub fn read_job(partition: i32, offset: i64, payload: &[u8]) -> Result<Polled, Unusable> {
+    let job = TileJob::decode(payload).map_err(Unusable::Undecodable)?;
+    let checked = (|| -> Result<(TileId, StoreGraph, StoreGraph)> {
+        let tile = job.tile_id()?;
+        let graph = job.g.to_store().context("the tile's graph")?;
+        let context = job.ctx.to_store().context("the context graph")?;
+        if graph.tile != tile {
+            bail!("the graph is of tile {}, the job of {tile}", graph.tile);
+        }
+        if context.tile.z >= tile.z || tile.parent_at(context.tile.z) != context.tile {
+            bail!(
+                "the context graph is of tile {}, which does not contain {tile}",
+                context.tile
+            );
+        }
+        Ok((tile, graph, context))
+    })();
+    let (tile, graph, context) = checked.map_err(Unusable::Invalid)?;
+    Ok(Polled {
+        partition,
+        offset,
+        tile,
+        job,
+        graph,
+        context,
+    })
+}
+
+/// A map from tiles to what was last published for them, holding at most
+/// `cap` tiles (the least recently inserted go first).
+pub struct Recent<V> {
+    cap: usize,
+    stamp: u64,
+    map: HashMap<TileId, (u64, V)>,
+    order: std::collections::VecDeque<(u64, TileId)>,
+}
+
+impl<V> Recent<V> {
+    pub fn new(cap: usize) -> Self {
+        Recent {
+            cap: cap.max(1),
+            stamp: 0,
+            map: HashMap::new(),
+            order: Default::default(),
+        }
+    }
+
+    pub fn get(&self, t: &TileId) -> Option<&V> {
+        self.map.get(t).map(|(_, v)| v)
+    }
+
+    pub fn insert(&mut self, t: TileId, v: V) {
+        self.stamp += 1;
+        self.map.insert(t, (self.stamp, v));
+        self.order.push_back((self.stamp, t));
+        while self.map.len() > self.cap {
+            let Some((stamp, old)) = self.order.pop_front() else {
+                break;
+            };
+            if self.map.get(&old).is_some_and(|(s, _)| *s == stamp) {
+                self.map.remove(&old);
+            }
+        }
+        // Stale order entries (tiles inserted again later) are dropped
+        // lazily; keep the queue within twice the map.
+        if self.order.len() > 2 * self.cap {
+            let map = &self.map;
+            self.order
+                .retain(|(s, t)| map.get(t).is_some_and(|(cur, _)| cur == s));
+        }
+    }
+
+    pub fn remove(&mut self, t: &TileId) {
+        self.map.remove(t);
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// The newest job per tile, dropping jobs older than what this worker
+/// already published for the tile; returns the jobs to embed (in tile
+/// order) and how many were superseded.
+pub fn supersede(jobs: Vec<Polled>, published: &Recent<Published>) -> (Vec<Polled>, usize) {
+    let mut superseded = 0;
+    let mut newest: HashMap<TileId, Polled> = HashMap::new();
+    for j in jobs {
+        if published
+            .get(&j.tile)
+            .is_some_and(|p| p.sequence > j.job.seq)
+        {
+            superseded += 1;
+            continue;
+        }
+        match newest.get(&j.tile) {
+            Some(prev) if prev.job.seq > j.job.seq => superseded += 1,
+            Some(_) => {
+                superseded += 1;
+                newest.insert(j.tile, j);
+            }
+            None => {
+                newest.insert(j.tile, j);
+            }
+        }
+    }
+    let mut todo: Vec<Polled> = newest.into_values().collect();
+    todo.sort_by_key(|j| j.tile);
+    (todo, superseded)
+}
+
+/// The distinct context graphs of `jobs` and, per job, the index of its
+/// own. Two jobs share a context only when their context graphs are equal:
+/// jobs of one coarse tile built at different sequences (a backlog) carry
+/// different contexts, and each tile must be fused with the context its job
+/// was built with.
+pub fn distinct_contexts(jobs: &[Polled]) -> (Vec<StoreGraph>, Vec<u32>) {
+    let mut contexts: Vec<StoreGraph> = Vec::new();
+    let mut sources: Vec<&crate::jobs::JobGraph> = Vec::new();
+    let mut by_key: HashMap<(&str, u64), Vec<u32>> = HashMap::new();
+    let mut context_of = Vec::with_capacity(jobs.len());
+    for j in jobs {
+        let candidates = by_key
+            .entry((j.job.ctx.tile.as_str(), j.job.seq))
+            .or_default();
+        let i = match candidates
+            .iter()
+            .copied()
+            .find(|i| *sources[*i as usize] == j.job.ctx)
+        {
+            Some(i) => i,
+            None => {
+                let i = contexts.len() as u32;
+                contexts.push(j.context.clone());
+                sources.push(&j.job.ctx);
+                candidates.push(i);
+                i
+            }
+        };
+        context_of.push(i);
+    }
+    (contexts, context_of)
+}
+
+/// What a worker remembers of a tile it published.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub sequence: u64,
+    pub model_version: String,
+    pub vector: Vec<f32>,
+}
+
+/// Partitions revoked from this consumer (served by the consumer's poll).
+#[derive(Default)]
+pub struct WorkerCtx {
+    revoked: std::sync::Mutex<std::collections::HashSet<i32>>,
+}
+
+impl WorkerCtx {
+    fn take_revoked(&self) -> std::collections::HashSet<i32> {
+        std::mem::take(&mut *self.revoked.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl rdkafka::client::ClientContext for WorkerCtx {}
+
+impl rdkafka::consumer::ConsumerContext for WorkerCtx {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &rdkafka::consumer::Rebalance<'_>) {
+        if let rdkafka::consumer::Rebalance::Revoke(tpl) = rebalance {
+            let mut r = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+            for e in tpl.elements() {
+                r.insert(e.partition());
+            }
+            tracing::info!(partitions = ?r, "partitions revoked");
+        }
+    }
+}
+
+type JobConsumer = BaseConsumer<WorkerCtx>;
+
+/// Reads one record: a usable job, or counted as unusable and skipped.
+fn take_message(
+    m: &rdkafka::message::BorrowedMessage<'_>,
+    metrics: &WorkerMetrics,
+    job_bytes: &mut usize,
+) -> Option<Polled> {
+    let p = m.payload()?;
+    *job_bytes += p.len();
+    match read_job(m.partition(), m.offset(), p) {
+        Ok(j) => Some(j),
+        Err(u) => {
+            let (outcome, e) = match u {
+                Unusable::Undecodable(e) => ("undecodable", e),
+                Unusable::Invalid(e) => ("invalid", e),
+            };
+            metrics.jobs_total.with_label_values(&[outcome]).inc();
+            tracing::error!(
+                partition = m.partition(),
+                offset = m.offset(),
+                outcome,
+                error = format!("{e:#}"),
+                "unusable job skipped"
+            );
+            None
+        }
+    }
+}
+
 pub fn worker(o: &WorkerOptions, stop: Arc<AtomicBool>) -> Result<()> {
     let mut model = Model::load(&o.checkpoint, &o.device)?;
     let mut cc = ClientConfig::new();
@@ -98,8 +343,8 @@ pub fn worker(o: &WorkerOptions, stop: Arc<AtomicBool>) -> Result<()> {
     if let Some(id) = &o.instance_id {
         cc.set("group.instance.id", id);
     }
-    let consumer: BaseConsumer = cc
-        .create()
+    let consumer: JobConsumer = cc
+        .create_with_context(WorkerCtx::default())
         .with_context(|| format!("creating a Kafka consumer for {}", o.brokers))?;
     consumer
         .subscribe(&[&o.topics.jobs])
@@ -140,8 +385,12 @@ pub fn worker(o: &WorkerOptions, stop: Arc<AtomicBool>) -> Result<()> {
     }
     let mut last_lag: Option<Instant> = None;
     let mut vectors = TagVectors::new(o.model_dir.clone(), o.device.clone());
-    // Per tile: the newest sequence published, and its vector (for drift).
-    let mut published: HashMap<TileId, (u64, String, Vec<f32>)> = HashMap::new();
+    let mut published: Recent<Published> = Recent::new(RECENT_TILES);
+    let mut follower = ModelFollower::default();
+    // Jobs read while serving callbacks before a publish: the next batch's.
+    let mut carry: Vec<Polled> = Vec::new();
+    let mut carry_bytes = 0;
+    let mut failures = 0u32;
     tracing::info!(
         group = %o.group,
         topic = %o.topics.jobs,
@@ -149,10 +398,10 @@ pub fn worker(o: &WorkerOptions, stop: Arc<AtomicBool>) -> Result<()> {
         "worker started"
     );
     while !stop.load(Ordering::Relaxed) {
-        let before = model.meta.model_version.clone();
-        follow_models(&models, &mut model, o)?;
-        if model.meta.model_version != before {
-            m.set_model(Some(&before), &model.meta.model_version);
+        follower.read(&models, o.encoding, &model.meta.model_version);
+        if let Some(new) = follower.try_load(&o.checkpoint, &o.device, m) {
+            let before = std::mem::replace(&mut model, new);
+            m.set_model(Some(&before.meta.model_version), &model.meta.model_version);
             *status
                 .model_version
                 .write()
@@ -162,34 +411,32 @@ pub fn worker(o: &WorkerOptions, stop: Arc<AtomicBool>) -> Result<()> {
             refresh_lag(&consumer, &o.topics.jobs, &status);
             last_lag = Some(Instant::now());
         }
+        if vectors.encoded >= TAG_TEXTS {
+            tracing::info!(
+                texts = vectors.encoded,
+                "tag-vector cache full: starting a fresh one"
+            );
+            vectors = TagVectors::new(o.model_dir.clone(), o.device.clone());
+        }
+        // Revocations from here on concern this batch's jobs.
+        consumer.context().take_revoked();
         // A batch: up to `batch` jobs or `max_wait`.
-        let mut jobs: Vec<TileJob> = Vec::new();
-        let mut job_bytes = 0;
-        // Next offset to commit per partition (after the batch's last job).
+        let mut jobs: Vec<Polled> = std::mem::take(&mut carry);
+        let mut job_bytes = std::mem::take(&mut carry_bytes);
+        // Next offset to commit per partition (after the batch's last record).
         let mut next: HashMap<i32, i64> = HashMap::new();
+        for j in &jobs {
+            let e = next.entry(j.partition).or_insert(0);
+            *e = (*e).max(j.offset + 1);
+        }
         let deadline = Instant::now() + o.max_wait;
         while jobs.len() < o.batch && Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
             match consumer.poll(Duration::from_millis(20)) {
-                Some(Ok(m)) => {
-                    let e = next.entry(m.partition()).or_insert(0);
-                    *e = (*e).max(m.offset() + 1);
-                    let Some(p) = m.payload() else { continue };
-                    job_bytes += p.len();
-                    match TileJob::decode(p) {
-                        Ok(j) => jobs.push(j),
-                        Err(e) => {
-                            status
-                                .metrics
-                                .jobs_total
-                                .with_label_values(&["undecodable"])
-                                .inc();
-                            tracing::error!(
-                                partition = m.partition(),
-                                offset = m.offset(),
-                                error = format!("{e:#}"),
-                                "undecodable job skipped"
-                            )
-                        }
+                Some(Ok(msg)) => {
+                    let e = next.entry(msg.partition()).or_insert(0);
+                    *e = (*e).max(msg.offset() + 1);
+                    if let Some(j) = take_message(&msg, m, &mut job_bytes) {
+                        jobs.push(j);
                     }
                 }
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer"),
@@ -200,6 +447,11 @@ pub fn worker(o: &WorkerOptions, stop: Arc<AtomicBool>) -> Result<()> {
             commit(&consumer, &o.topics.jobs, &next, m);
             continue;
         }
+        let first: HashMap<i32, i64> = jobs.iter().fold(HashMap::new(), |mut f, j| {
+            let e = f.entry(j.partition).or_insert(j.offset);
+            *e = (*e).min(j.offset);
+            f
+        });
         let t0 = Instant::now();
         let mut report = BatchReport {
             jobs: jobs.len(),
@@ -207,123 +459,83 @@ pub fn worker(o: &WorkerOptions, stop: Arc<AtomicBool>) -> Result<()> {
             model_version: model.meta.model_version.clone(),
             ..Default::default()
         };
-        // Supersede: the newest job per tile, and none older than what this
-        // worker already published.
-        let mut newest: HashMap<TileId, TileJob> = HashMap::new();
-        for j in jobs {
-            let t = j.tile_id()?;
-            if published.get(&t).is_some_and(|(s, ..)| *s > j.seq) {
-                report.superseded += 1;
-                continue;
-            }
-            match newest.get(&t) {
-                Some(prev) if prev.seq > j.seq => report.superseded += 1,
-                Some(_) => {
-                    report.superseded += 1;
-                    newest.insert(t, j);
-                }
-                None => {
-                    newest.insert(t, j);
-                }
-            }
-        }
-        let mut todo: Vec<(TileId, TileJob)> = newest.into_iter().collect();
-        todo.sort_by_key(|(t, _)| *t);
-        let mut records: Vec<(TileId, Option<TileEmbedding>)> = Vec::new();
-        let (empty, full): (Vec<_>, Vec<_>) = todo.into_iter().partition(|(_, j)| j.g.n.is_empty());
-        for (t, _) in empty {
-            records.push((t, None));
-        }
-        if !full.is_empty() {
-            let mut graphs: Vec<StoreGraph> = Vec::with_capacity(full.len());
-            let mut contexts: Vec<StoreGraph> = Vec::new();
-            let mut ctx_index: HashMap<String, u32> = HashMap::new();
-            let mut context_of = Vec::with_capacity(full.len());
-            for (_, j) in &full {
-                graphs.push(j.g.to_store()?);
-                let i = match ctx_index.get(&j.ctx.tile) {
-                    Some(i) => *i,
-                    None => {
-                        contexts.push(j.ctx.to_store()?);
-                        let i = (contexts.len() - 1) as u32;
-                        ctx_index.insert(j.ctx.tile.clone(), i);
-                        i
+        let (todo, superseded) = supersede(jobs, &published);
+        report.superseded = superseded;
+        let records = embed_jobs(&mut vectors, &model, todo, &published)?;
+        // Serve the consumer's callbacks before publishing: a partition the
+        // group took away meanwhile is another worker's now, and its jobs
+        // are that worker's to publish (from the committed offset).
+        while let Some(r) = consumer.poll(Duration::ZERO) {
+            match r {
+                Ok(msg) => {
+                    if let Some(j) = take_message(&msg, m, &mut carry_bytes) {
+                        carry.push(j);
                     }
-                };
-                context_of.push(i);
-            }
-            let tiles: Vec<TileId> = full.iter().map(|(t, _)| *t).collect();
-            let batch =
-                batch_from_graphs(&mut vectors, &model, tiles, &graphs, &contexts, context_of)?;
-            let g = encode_batch(&model, &batch)?;
-            let rows: Vec<Vec<f32>> = g.vectors.to_vec2()?;
-            let now = chrono::Utc::now().timestamp();
-            for (((t, j), row), present) in full.iter().zip(rows).zip(&g.present) {
-                if !*present {
-                    records.push((*t, None));
-                    continue;
                 }
-                let drift = published
-                    .get(t)
-                    .filter(|(_, v, _)| same_space(v, &model.meta.model_version))
-                    .map(|(_, _, prev)| cosine_distance(prev, &row));
-                records.push((
-                    *t,
-                    Some(TileEmbedding {
-                        model_version: model.meta.model_version.clone(),
-                        sequence: j.seq,
-                        computed_at: now,
-                        vector: row,
-                        drift,
-                    }),
-                ));
+                Err(e) => tracing::warn!(error = %e, "consumer"),
             }
         }
+        let revoked = consumer.context().take_revoked();
+        let (records, dropped): (Vec<_>, Vec<_>) = records
+            .into_iter()
+            .partition(|(p, ..)| !revoked.contains(p));
+        if !dropped.is_empty() {
+            tracing::info!(
+                jobs = dropped.len(),
+                partitions = ?revoked,
+                "partitions revoked mid-batch: their jobs are left to the new owner"
+            );
+            m.jobs_total
+                .with_label_values(&["revoked"])
+                .inc_by(dropped.len() as u64);
+        }
+        next.retain(|p, _| !revoked.contains(p));
+        carry.retain(|j| !revoked.contains(&j.partition));
         // Publish, wait for every acknowledgement, then commit.
-        for (t, e) in &records {
-            let key = t.to_string();
-            let (payload, idk) = match e {
-                Some(e) => (
-                    Some(o.encoding.encode_tile(&TileEmbeddingMessage::new(*t, e))?),
-                    tile_idempotency_key(*t, e),
-                ),
-                None => (None, format!("{t}|tombstone|worker")),
-            };
-            let mut rec: BaseRecord<'_, str, [u8]> = BaseRecord::to(&o.topics.embeddings)
-                .key(key.as_str())
-                .headers(record_headers(&idk, o.encoding));
-            if let Some(p) = &payload {
-                rec = rec.payload(p.as_slice());
+        if let Err(e) = publish(&producer, o, &records) {
+            failures += 1;
+            m.publish_failures_total.inc();
+            let delay = Duration::from_secs(1 << failures.min(6)).min(Duration::from_secs(60));
+            tracing::warn!(
+                error = format!("{e:#}"),
+                retry_in = ?delay,
+                "embeddings not acknowledged: offsets stay uncommitted, the batch will be redone"
+            );
+            // Back to the batch's first offsets (and the carried jobs'), so
+            // this worker redoes them instead of skipping to later ones.
+            let mut rewind = first.clone();
+            for j in carry.drain(..) {
+                let e = rewind.entry(j.partition).or_insert(j.offset);
+                *e = (*e).min(j.offset);
             }
-            loop {
-                match producer.send(rec) {
-                    Ok(()) => break,
-                    Err((e, r)) => {
-                        if e.rdkafka_error_code()
-                            != Some(rdkafka::types::RDKafkaErrorCode::QueueFull)
-                        {
-                            return Err(e).context("queueing an embedding");
-                        }
-                        rec = r;
-                        producer.poll(Duration::from_millis(50));
-                    }
+            carry_bytes = 0;
+            for (p, o_) in rewind.iter().filter(|(p, _)| !revoked.contains(p)) {
+                if let Err(e) = consumer.seek(
+                    &o.topics.jobs,
+                    *p,
+                    Offset::Offset(*o_),
+                    Duration::from_secs(5),
+                ) {
+                    tracing::warn!(partition = p, error = %e, "seek back failed");
                 }
             }
+            crate::replication::sleep_unless_stopped(&stop, delay);
+            continue;
         }
-        producer
-            .flush(Duration::from_millis(o.message_timeout_ms + 5_000))
-            .context(
-                "embeddings not acknowledged: offsets stay uncommitted, the batch will be redone",
-            )?;
-        if producer.in_flight_count() > 0 {
-            bail!("embeddings still in flight after the flush");
-        }
+        failures = 0;
         commit(&consumer, &o.topics.jobs, &next, m);
-        for (t, e) in records {
+        for (_, t, e) in records {
             match e {
                 Some(e) => {
                     report.embedded += 1;
-                    published.insert(t, (e.sequence, e.model_version, e.vector));
+                    published.insert(
+                        t,
+                        Published {
+                            sequence: e.sequence,
+                            model_version: e.model_version,
+                            vector: e.vector,
+                        },
+                    );
                 }
                 None => {
                     report.tombstones += 1;
@@ -359,11 +571,99 @@ pub fn worker(o: &WorkerOptions, stop: Arc<AtomicBool>) -> Result<()> {
     Ok(())
 }
 
+/// A batch's records: (partition, tile, embedding or None for a tombstone).
+type Records = Vec<(i32, TileId, Option<TileEmbedding>)>;
+
+/// Embeds `todo` with the graphs and contexts the jobs carry.
+fn embed_jobs(
+    vectors: &mut TagVectors,
+    model: &Model,
+    todo: Vec<Polled>,
+    published: &Recent<Published>,
+) -> Result<Records> {
+    let mut records: Records = Vec::new();
+    let (empty, full): (Vec<_>, Vec<_>) = todo.into_iter().partition(|j| j.job.g.n.is_empty());
+    for j in empty {
+        records.push((j.partition, j.tile, None));
+    }
+    if full.is_empty() {
+        return Ok(records);
+    }
+    let graphs: Vec<StoreGraph> = full.iter().map(|j| j.graph.clone()).collect();
+    let (contexts, context_of) = distinct_contexts(&full);
+    let tiles: Vec<TileId> = full.iter().map(|j| j.tile).collect();
+    let batch = batch_from_graphs(vectors, model, tiles, &graphs, &contexts, context_of)?;
+    let g = encode_batch(model, &batch)?;
+    let rows: Vec<Vec<f32>> = g.vectors.to_vec2()?;
+    let now = chrono::Utc::now().timestamp();
+    for ((j, row), present) in full.iter().zip(rows).zip(&g.present) {
+        if !*present {
+            records.push((j.partition, j.tile, None));
+            continue;
+        }
+        let drift = published
+            .get(&j.tile)
+            .filter(|p| same_space(&p.model_version, &model.meta.model_version))
+            .map(|p| cosine_distance(&p.vector, &row));
+        records.push((
+            j.partition,
+            j.tile,
+            Some(TileEmbedding {
+                model_version: model.meta.model_version.clone(),
+                sequence: j.job.seq,
+                computed_at: now,
+                vector: row,
+                drift,
+            }),
+        ));
+    }
+    Ok(records)
+}
+
+/// Sends a batch's records and waits for every acknowledgement.
+fn publish(producer: &BaseProducer, o: &WorkerOptions, records: &Records) -> Result<()> {
+    for (_, t, e) in records {
+        let key = t.to_string();
+        let (payload, idk) = match e {
+            Some(e) => (
+                Some(o.encoding.encode_tile(&TileEmbeddingMessage::new(*t, e))?),
+                tile_idempotency_key(*t, e),
+            ),
+            None => (None, format!("{t}|tombstone|worker")),
+        };
+        let mut rec: BaseRecord<'_, str, [u8]> = BaseRecord::to(&o.topics.embeddings)
+            .key(key.as_str())
+            .headers(record_headers(&idk, o.encoding));
+        if let Some(p) = &payload {
+            rec = rec.payload(p.as_slice());
+        }
+        loop {
+            match producer.send(rec) {
+                Ok(()) => break,
+                Err((e, r)) => {
+                    if e.rdkafka_error_code() != Some(rdkafka::types::RDKafkaErrorCode::QueueFull) {
+                        return Err(e).context("queueing an embedding");
+                    }
+                    rec = r;
+                    producer.poll(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+    producer
+        .flush(Duration::from_millis(o.message_timeout_ms + 5_000))
+        .context("flushing the embeddings")?;
+    if producer.in_flight_count() > 0 {
+        bail!("embeddings still in flight after the flush");
+    }
+    Ok(())
+}
+
 /// Commits the offsets after a batch. A failure (typically: the partition
 /// moved to another worker in a rebalance meanwhile) is logged and counted,
 /// not fatal: the batch's outputs were delivered, and whoever owns the
 /// partition now redoes at most that batch (at-least-once, same keys).
-fn commit(consumer: &BaseConsumer, topic: &str, next: &HashMap<i32, i64>, m: &WorkerMetrics) {
+fn commit(consumer: &JobConsumer, topic: &str, next: &HashMap<i32, i64>, m: &WorkerMetrics) {
     if next.is_empty() {
         return;
     }
@@ -383,7 +683,7 @@ fn commit(consumer: &BaseConsumer, topic: &str, next: &HashMap<i32, i64>, m: &Wo
 /// answers. The lag of a partition is its high watermark minus the
 /// consumer's position (or its committed offset before the first fetch,
 /// or its low watermark when the group has none).
-fn refresh_lag(consumer: &BaseConsumer, topic: &str, status: &WorkerStatus) {
+fn refresh_lag(consumer: &JobConsumer, topic: &str, status: &WorkerStatus) {
     let m = &status.metrics;
     let timeout = Duration::from_secs(2);
     let answered = (|| -> Result<()> {
@@ -433,32 +733,277 @@ fn refresh_lag(consumer: &BaseConsumer, topic: &str, status: &WorkerStatus) {
         .store(answered.is_ok(), Ordering::Relaxed);
 }
 
-/// Reloads the checkpoint when the models topic announces another version
-/// that the checkpoint directory now holds.
-fn follow_models(models: &BaseConsumer, model: &mut Model, o: &WorkerOptions) -> Result<()> {
-    while let Some(m) = models.poll(Duration::ZERO) {
-        let Ok(m) = m else { continue };
-        let Some(p) = m.payload() else { continue };
-        let v: serde_json::Value = match o.encoding {
-            Encoding::Json => serde_json::from_slice(p).unwrap_or_default(),
-            Encoding::Cbor => ciborium::from_reader(p).unwrap_or_default(),
-        };
-        let Some(version) = v["model_version"].as_str() else {
-            continue;
-        };
-        if version == model.meta.model_version {
-            continue;
-        }
-        match Model::read_meta(&o.checkpoint) {
-            Ok(meta) if meta.model_version == version => {
-                *model = Model::load(&o.checkpoint, &o.device)?;
-                tracing::info!(model_version = %version, "new model version loaded");
+/// Follows the models topic: when an event names another version than the
+/// one serving, and the checkpoint directory holds that version, loads it
+/// between batches. A load that fails (a checkpoint being copied, a disk
+/// error) keeps the current version and is tried again later, with a delay
+/// doubling from 1 s to 5 min; it never stops the worker.
+#[derive(Debug, Default)]
+pub struct ModelFollower {
+    /// The newest version announced that is not serving yet.
+    wanted: Option<String>,
+    failures: u32,
+    next_try: Option<Instant>,
+}
+
+impl ModelFollower {
+    /// Reads what the models topic has now.
+    fn read(&mut self, models: &BaseConsumer, encoding: Encoding, serving: &str) {
+        while let Some(m) = models.poll(Duration::ZERO) {
+            let Ok(m) = m else { continue };
+            if let Some(p) = m.payload() {
+                self.announce(p, encoding, serving);
             }
-            _ => tracing::debug!(
-                model_version = %version,
-                "announced version not in this worker's checkpoint directory"
-            ),
         }
     }
-    Ok(())
+
+    /// One models-topic payload.
+    pub fn announce(&mut self, payload: &[u8], encoding: Encoding, serving: &str) {
+        let v: serde_json::Value = match encoding {
+            Encoding::Json => serde_json::from_slice(payload).unwrap_or_default(),
+            Encoding::Cbor => ciborium::from_reader(payload).unwrap_or_default(),
+        };
+        let Some(version) = v["model_version"].as_str() else {
+            return;
+        };
+        if version == serving {
+            self.wanted = None;
+        } else if self.wanted.as_deref() != Some(version) {
+            self.wanted = Some(version.to_string());
+            self.failures = 0;
+            self.next_try = None;
+        }
+    }
+
+    /// The announced version, loaded, when the checkpoint directory holds it
+    /// and it is time to try.
+    pub fn try_load(
+        &mut self,
+        checkpoint: &std::path::Path,
+        device: &Device,
+        m: &WorkerMetrics,
+    ) -> Option<Model> {
+        let version = self.wanted.clone()?;
+        if self.next_try.is_some_and(|t| Instant::now() < t) {
+            return None;
+        }
+        let attempt = (|| -> Result<Option<Model>> {
+            let meta = Model::read_meta(checkpoint)?;
+            if meta.model_version != version {
+                return Ok(None);
+            }
+            let model = Model::load(checkpoint, device)?;
+            if model.meta.model_version != version {
+                bail!(
+                    "{} changed while it was loaded (now {})",
+                    checkpoint.display(),
+                    model.meta.model_version
+                );
+            }
+            Ok(Some(model))
+        })();
+        match attempt {
+            Ok(Some(model)) => {
+                tracing::info!(model_version = %version, "new model version loaded");
+                self.wanted = None;
+                self.failures = 0;
+                self.next_try = None;
+                Some(model)
+            }
+            Ok(None) => {
+                tracing::debug!(
+                    model_version = %version,
+                    "announced version not in this worker's checkpoint directory (yet)"
+                );
+                self.next_try = Some(Instant::now() + Duration::from_secs(5));
+                None
+            }
+            Err(e) => {
+                self.failures += 1;
+                m.model_load_failures_total.inc();
+                let delay = Duration::from_secs(1 << self.failures.min(9).saturating_sub(1))
+                    .min(Duration::from_secs(300));
+                tracing::error!(
+                    model_version = %version,
+                    error = format!("{e:#}"),
+                    retry_in = ?delay,
+                    "cannot load the announced model version; the current one keeps serving"
+                );
+                self.next_try = Some(Instant::now() + delay);
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::{JOB_SCHEMA_VERSION, JobGraph, JobNode};
+    use osmvec_graphstore::graph::GEOM_DIM;
+
+    fn node(k: u8, tag: (&str, &str), x: f32) -> JobNode {
+        let mut g = [0f32; GEOM_DIM];
+        g[0] = x;
+        JobNode {
+            k,
+            t: vec![(tag.0.into(), tag.1.into())],
+            g: g.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+
+    fn graph(tile: &str, nodes: Vec<JobNode>) -> JobGraph {
+        JobGraph {
+            tile: tile.into(),
+            n: nodes,
+            e: Vec::new(),
+        }
+    }
+
+    fn job(tile: &str, seq: u64, ctx: JobGraph) -> TileJob {
+        TileJob {
+            v: JOB_SCHEMA_VERSION,
+            tile: tile.into(),
+            seq,
+            g: graph(tile, vec![node(0, ("amenity", "cafe"), 0.5)]),
+            ctx,
+        }
+    }
+
+    fn polled(partition: i32, offset: i64, j: &TileJob) -> Polled {
+        read_job(partition, offset, &j.encode().unwrap()).unwrap()
+    }
+
+    /// A backlog batch holds jobs of two tiles under one coarse tile, built
+    /// at different sequences: each must keep the context its job carries
+    /// (defect 2 of issue 14: the context was looked up by coarse tile only,
+    /// so the later job was fused with the earlier job's context).
+    #[test]
+    fn jobs_of_one_coarse_tile_built_at_different_sequences_keep_their_contexts() {
+        let old_ctx = graph("12/2885/1999", vec![node(2, ("landuse", "grass"), 0.1)]);
+        let new_ctx = graph(
+            "12/2885/1999",
+            vec![
+                node(2, ("landuse", "grass"), 0.1),
+                node(0, ("shop", "bakery"), 0.7),
+            ],
+        );
+        let a = polled(0, 10, &job("15/23080/15992", 150, old_ctx.clone()));
+        let b = polled(1, 20, &job("15/23081/15993", 178, new_ctx.clone()));
+        let c = polled(1, 21, &job("15/23082/15993", 178, new_ctx.clone()));
+        let (contexts, context_of) = distinct_contexts(&[a, b, c]);
+        assert_eq!(contexts.len(), 2, "one context per distinct context graph");
+        assert_eq!(context_of, vec![0, 1, 1]);
+        assert_eq!(contexts[0].graph.node_count(), 1);
+        assert_eq!(contexts[1].graph.node_count(), 2);
+        // Equal sequence but a different graph (a store changed by `osmvec
+        // apply`, which does not move the sequence): still two contexts.
+        let d = polled(0, 11, &job("15/23080/15992", 178, old_ctx));
+        let e = polled(1, 22, &job("15/23081/15993", 178, new_ctx));
+        let (contexts, context_of) = distinct_contexts(&[d, e]);
+        assert_eq!((contexts.len(), context_of), (2, vec![0, 1]));
+    }
+
+    #[test]
+    fn invalid_jobs_are_refused_with_a_reason_not_a_panic() {
+        let ctx = graph("12/2885/1999", vec![node(0, ("shop", "bakery"), 0.2)]);
+        let good = job("15/23080/15992", 5, ctx.clone());
+        assert!(read_job(0, 0, &good.encode().unwrap()).is_ok());
+        let reason = |j: &TileJob| match read_job(0, 0, &j.encode().unwrap()) {
+            Err(Unusable::Invalid(e)) => format!("{e:#}"),
+            Err(Unusable::Undecodable(e)) => panic!("decodable job called undecodable: {e:#}"),
+            Ok(_) => panic!("invalid job accepted: {j:?}"),
+        };
+        let mut bad_tile = good.clone();
+        bad_tile.tile = "15/99999999/1".into();
+        assert!(
+            reason(&bad_tile).contains("bad tile"),
+            "{}",
+            reason(&bad_tile)
+        );
+        let mut short_geometry = good.clone();
+        short_geometry.g.n[0].g.truncate(5);
+        assert!(reason(&short_geometry).contains("node geometry of 5 bytes"));
+        let mut bad_edge = good.clone();
+        bad_edge.g.e = [0u32, 7, 0].iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert!(reason(&bad_edge).contains("outside the 1 nodes"));
+        let mut bad_kind = good.clone();
+        bad_kind.ctx.n[0].k = 9;
+        assert!(reason(&bad_kind).contains("unknown node kind 9"));
+        let mut other_graph = good.clone();
+        other_graph.g.tile = "15/1/1".into();
+        assert!(reason(&other_graph).contains("the graph is of tile 15/1/1"));
+        let mut foreign_context = good.clone();
+        foreign_context.ctx.tile = "12/0/0".into();
+        assert!(reason(&foreign_context).contains("does not contain"));
+        assert!(matches!(
+            read_job(0, 0, b"\x01\x02"),
+            Err(Unusable::Undecodable(_))
+        ));
+    }
+
+    #[test]
+    fn the_published_map_is_bounded() {
+        let mut r: Recent<u64> = Recent::new(100);
+        for i in 0..10_000u32 {
+            let t = TileId { z: 15, x: i, y: 0 };
+            r.insert(t, u64::from(i));
+            // Re-inserting a tile keeps it young.
+            r.insert(TileId { z: 15, x: 0, y: 0 }, 0);
+            assert!(r.len() <= 100);
+            assert!(r.order.len() <= 201, "{}", r.order.len());
+        }
+        assert!(r.get(&TileId { z: 15, x: 0, y: 0 }).is_some());
+        assert_eq!(
+            r.get(&TileId {
+                z: 15,
+                x: 9_999,
+                y: 0
+            }),
+            Some(&9_999)
+        );
+        assert_eq!(r.get(&TileId { z: 15, x: 5, y: 0 }), None);
+    }
+
+    #[test]
+    fn a_failed_model_load_is_retried_and_never_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::embedding::checkpoint::ModelConfig::new(3, 2);
+        let device = Device::Cpu;
+        let mut v1 = Model::new(config.clone(), Default::default(), "1.0".into(), &device).unwrap();
+        v1.save(dir.path(), None).unwrap();
+        let m = WorkerMetrics::new("test").unwrap();
+        let mut f = ModelFollower::default();
+        let event =
+            |v: &str| serde_json::to_vec(&serde_json::json!({ "model_version": v })).unwrap();
+        // The serving version: nothing to do.
+        f.announce(&event("1.0"), Encoding::Json, "1.0");
+        assert!(f.try_load(dir.path(), &device, &m).is_none());
+        assert_eq!(f.wanted, None);
+        // 1.1 announced and saved, but its weights are damaged (a copy in
+        // progress): the load fails, is counted, and waits before retrying.
+        let mut v2 = Model::new(config, Default::default(), "1.1".into(), &device).unwrap();
+        v2.save(dir.path(), None).unwrap();
+        let weights = dir
+            .path()
+            .join(Model::read_meta(dir.path()).unwrap().weights_file);
+        let good = std::fs::read(&weights).unwrap();
+        std::fs::write(&weights, &good[..good.len() / 2]).unwrap();
+        f.announce(&event("1.1"), Encoding::Json, "1.0");
+        assert!(f.try_load(dir.path(), &device, &m).is_none());
+        assert_eq!(m.model_load_failures_total.get(), 1);
+        assert!(
+            f.try_load(dir.path(), &device, &m).is_none(),
+            "retried without a delay"
+        );
+        assert_eq!(m.model_load_failures_total.get(), 1);
+        // Once the file is whole and the delay has passed, it loads.
+        std::fs::write(&weights, &good).unwrap();
+        f.next_try = Some(Instant::now());
+        let loaded = f
+            .try_load(dir.path(), &device, &m)
+            .expect("loaded on retry");
+        assert_eq!(loaded.meta.model_version, "1.1");
+        assert_eq!(f.wanted, None);
+    }
 }

@@ -110,3 +110,53 @@ fn model_commands_name_what_is_missing() {
         assert!(err.contains("--features cuda"), "{err}");
     }
 }
+
+/// Defect 8 of issue 14: `--poll-interval 1e20` panicked (exit 101, a
+/// Duration overflow) instead of a clear error. Every duration flag of
+/// `replicate` and `run` is checked: a usage error naming the flag, not a
+/// panic, and nothing opened.
+#[test]
+fn absurd_durations_are_usage_errors_not_panics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("nothing");
+    let s = store.to_str().unwrap();
+    for (flag, value) in [
+        ("--poll-interval", "1e20"),
+        ("--poll-interval", "-1"),
+        ("--poll-interval", "NaN"),
+        ("--retry-initial", "inf"),
+        ("--retry-max", "1e300"),
+        ("--fetch-timeout", "1e20"),
+    ] {
+        let arg = format!("{flag}={value}");
+        let out = osmvec(&["replicate", "--store", s, "--source", s, &arg]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "replicate {flag} {value}: {err}"
+        );
+        assert!(err.contains(flag), "{err}");
+    }
+    for (flag, value, setting) in [
+        ("--poll-interval", "1e20", "poll_interval_seconds"),
+        ("--debounce", "1e15", "debounce_seconds"),
+        ("--fetch-timeout", "1e20", "fetch_timeout_seconds"),
+    ] {
+        let out = osmvec(&[
+            "run",
+            "--store",
+            s,
+            "--source",
+            s,
+            "--checkpoint",
+            s,
+            flag,
+            value,
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "run {flag} {value}: {err}");
+        assert!(err.contains(setting) && err.contains("one year"), "{err}");
+    }
+    assert!(!store.exists());
+}

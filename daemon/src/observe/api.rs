@@ -4,11 +4,22 @@
 //!
 //! Handlers read shared state only; the one thing they change is the pause
 //! flag, behind a bearer token.
+//!
+//! The server is hyper's HTTP/1 connection driver on a plain accept loop, so
+//! that a client cannot hold resources for ever ([`HttpLimits`]): request
+//! headers must arrive within a timeout (which also closes a kept-alive
+//! connection that stays idle that long), a connection lives at most a
+//! bounded time, at most `max_connections` are open (more are closed at
+//! once: under a 1,024 file-descriptor limit RocksDB needs the rest), and
+//! `/v1/embed`, which computes, runs at most `embed_concurrency` at a time
+//! (more wait up to a second, then get 503). `/v1/tiles` is paginated and
+//! copies one page under the tile layer's lock.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use axum::Router;
@@ -23,6 +34,7 @@ use serde_json::json;
 use super::drift::{DriftWindow, ModelDrift};
 use super::metrics::Metrics;
 use crate::embedding::checkpoint::Model;
+use prometheus::{IntCounter, IntGauge};
 
 /// A tile's latest published state, kept in memory for the page's layer.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -49,6 +61,8 @@ pub struct Shared {
     /// Ingest mode: workers embed and publish, nothing writes embeddings to
     /// this store, so the tile endpoints refuse rather than serve old ones.
     pub ingest_only: bool,
+    /// Permits of `/v1/embed` (its concurrency cap).
+    pub embed_slots: tokio::sync::Semaphore,
 }
 
 /// The tile endpoints' answer in ingest mode.
@@ -122,14 +136,63 @@ pub fn router(state: AppState) -> Router {
 /// Binds `addr` (fails here, at start, when it is taken) and serves the
 /// daemon's router on a thread of its own until the process exits.
 pub fn serve(addr: &str, state: AppState) -> Result<SocketAddr> {
-    let local = serve_router(addr, router(state))?;
+    let gauges = ConnectionMetrics {
+        open: state.metrics.http_connections.clone(),
+        refused: state.metrics.http_connections_refused_total.clone(),
+    };
+    let local = serve_router_with(addr, router(state), HttpLimits::default(), Some(gauges))?;
     tracing::info!(address = %local, "serving /metrics, the API and the drift page");
     Ok(local)
 }
 
-/// Binds `addr` and serves `app` on a thread with its own single-worker
-/// tokio runtime (the daemon and the worker share this).
+/// What a client may hold of the HTTP side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// A request's line and headers must arrive within this, counted from
+    /// when the server starts reading them: on a new connection, and after
+    /// each response on a kept-alive one (so it is the idle timeout too).
+    pub header_read_timeout: Duration,
+    /// The longest a connection stays open, whatever it does (a client
+    /// that reads a response a byte at a time).
+    pub max_connection_age: Duration,
+    /// Open connections at most; more are closed as soon as accepted.
+    pub max_connections: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            header_read_timeout: Duration::from_secs(10),
+            max_connection_age: Duration::from_secs(300),
+            max_connections: 256,
+        }
+    }
+}
+
+/// `/v1/embed` requests computing at once (more wait, see [`embed`]).
+pub const EMBED_CONCURRENCY: usize = 4;
+
+/// The gauges a server keeps of its connections.
+#[derive(Clone)]
+pub struct ConnectionMetrics {
+    pub open: IntGauge,
+    pub refused: IntCounter,
+}
+
+/// Binds `addr` and serves `app` with the default [`HttpLimits`] (the
+/// worker's HTTP side).
 pub fn serve_router(addr: &str, app: Router) -> Result<SocketAddr> {
+    serve_router_with(addr, app, HttpLimits::default(), None)
+}
+
+/// Binds `addr` and serves `app` on a thread with its own single-worker
+/// tokio runtime, within `limits`.
+pub fn serve_router_with(
+    addr: &str,
+    app: Router,
+    limits: HttpLimits,
+    gauges: Option<ConnectionMetrics>,
+) -> Result<SocketAddr> {
     let listener = std::net::TcpListener::bind(addr)
         .with_context(|| format!("cannot listen on {addr} (http.listen / --http-listen)"))?;
     listener.set_nonblocking(true)?;
@@ -151,12 +214,68 @@ pub fn serve_router(addr: &str, app: Router) -> Result<SocketAddr> {
                         return;
                     }
                 };
-                if let Err(e) = axum::serve(listener, app).await {
-                    tracing::error!(error = %e, "HTTP server stopped");
-                }
+                accept_loop(listener, app, limits, gauges).await;
             })
         })?;
     Ok(local)
+}
+
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: HttpLimits,
+    gauges: Option<ConnectionMetrics>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let mut warned = false;
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors, say: wait instead of spinning.
+                tracing::warn!(error = %e, "HTTP accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            if let Some(g) = &gauges {
+                g.refused.inc();
+            }
+            if !warned {
+                tracing::warn!(
+                    max = limits.max_connections,
+                    %peer,
+                    "HTTP connection limit reached: closing new connections until some end"
+                );
+                warned = true;
+            }
+            drop(stream);
+            continue;
+        };
+        warned = false;
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let gauges = gauges.clone();
+        tokio::spawn(async move {
+            if let Some(g) = &gauges {
+                g.open.inc();
+            }
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            match tokio::time::timeout(limits.max_connection_age, conn).await {
+                Ok(Err(e)) => tracing::debug!(error = %e, %peer, "HTTP connection ended"),
+                Err(_) => tracing::debug!(%peer, "HTTP connection closed at its age limit"),
+                Ok(Ok(())) => {}
+            }
+            if let Some(g) = &gauges {
+                g.open.dec();
+            }
+            drop(permit);
+        });
+    }
 }
 
 // The drift page and its assets, compiled in (daemon/assets).
@@ -234,16 +353,65 @@ async fn readyz(State(s): State<AppState>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-async fn tiles(State(s): State<AppState>) -> Response {
+/// Rows per `/v1/tiles` page: the default and the most a client may ask.
+pub const TILES_PAGE: usize = 10_000;
+pub const TILES_PAGE_MAX: usize = 100_000;
+
+/// `GET /v1/tiles[?after=z/x/y][&limit=N]`: one page of the tile layer in
+/// tile order, with `next` (the `after` of the next page, null on the last)
+/// and `total`. Only the page is copied under the lock, so a client never
+/// holds up the daemon loop, which takes the lock after each batch.
+async fn tiles(State(s): State<AppState>, Query(q): Query<HashMap<String, String>>) -> Response {
     if s.ingest_only {
         return ingest_only();
     }
-    let tiles = s.tiles.read().unwrap_or_else(|e| e.into_inner());
-    let rows: Vec<serde_json::Value> = tiles
+    let after = match q.get("after").map(|a| {
+        let p: Vec<&str> = a.split('/').collect();
+        match p.as_slice() {
+            [z, x, y] => parse_tile(z, x, y),
+            _ => Err(format!("after must be z/x/y, got {a:?}")),
+        }
+    }) {
+        None => None,
+        Some(Ok(t)) => Some(t),
+        Some(Err(e)) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
+        None => TILES_PAGE,
+        Some(Ok(l)) if (1..=TILES_PAGE_MAX).contains(&l) => l,
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("limit must be an integer 1..={TILES_PAGE_MAX}"),
+            );
+        }
+    };
+    let (page, total, more) = {
+        let tiles = s.tiles.read().unwrap_or_else(|e| e.into_inner());
+        let range = match after {
+            Some(a) => tiles.range((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded)),
+            None => tiles.range(..),
+        };
+        let mut page: Vec<(TileId, TileState)> = Vec::with_capacity(limit.min(tiles.len()));
+        let mut more = false;
+        for (t, st) in range {
+            if page.len() == limit {
+                more = true;
+                break;
+            }
+            page.push((*t, *st));
+        }
+        (page, tiles.len(), more)
+    };
+    let next = more.then(|| page.last().map(|(t, _)| t.to_string()));
+    let rows: Vec<serde_json::Value> = page
         .iter()
         .map(|(t, st)| json!([t.z, t.x, t.y, st.drift, st.sequence]))
         .collect();
-    axum::Json(json!({ "count": rows.len(), "tiles": rows })).into_response()
+    axum::Json(
+        json!({ "count": rows.len(), "total": total, "next": next.flatten(), "tiles": rows }),
+    )
+    .into_response()
 }
 
 /// Parses `z/x/y` path segments: integers, z ≤ 30, x and y < 2^z.
@@ -317,10 +485,32 @@ pub fn parse_point(q: &HashMap<String, String>) -> Result<(f64, f64), String> {
     Ok((get("lat", 90.0)?, get("lon", 180.0)?))
 }
 
+/// How long a `/v1/embed` request waits for a free slot before 503.
+const EMBED_WAIT: Duration = Duration::from_secs(1);
+
 async fn embed(State(s): State<AppState>, Query(q): Query<HashMap<String, String>>) -> Response {
     let (lat, lon) = match parse_point(&q) {
         Ok(p) => p,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    // At most EMBED_CONCURRENCY computing at once: a flood of requests
+    // waits briefly, then is shed, instead of queueing without bound on the
+    // blocking pool.
+    let _permit = match tokio::time::timeout(EMBED_WAIT, s.embed_slots.acquire()).await {
+        Ok(Ok(p)) => p,
+        _ => {
+            s.metrics
+                .http_requests_shed_total
+                .with_label_values(&["/v1/embed"])
+                .inc();
+            let mut r = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many /v1/embed requests at once; retry shortly",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            return r;
+        }
     };
     let model = s.model.read().unwrap_or_else(|e| e.into_inner()).clone();
     let result = tokio::task::spawn_blocking(move || -> Result<(String, Vec<f32>)> {
@@ -473,6 +663,98 @@ mod tests {
                 .unwrap_err()
                 .contains("missing")
         );
+    }
+
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Instant;
+
+    fn test_server(limits: HttpLimits) -> SocketAddr {
+        let app = Router::new().route("/", get(|| async { "ok" }));
+        serve_router_with("127.0.0.1:0", app, limits, None).unwrap()
+    }
+
+    /// Reads until the server closes the connection (EOF or reset), at most
+    /// `limit`; returns what came and whether it was closed.
+    fn read_until_closed(s: &mut TcpStream, limit: Duration) -> (String, bool) {
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let t0 = Instant::now();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while t0.elapsed() < limit {
+            match s.read(&mut buf) {
+                Ok(0) => return (String::from_utf8_lossy(&got).into(), true),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return (String::from_utf8_lossy(&got).into(), true),
+            }
+        }
+        (String::from_utf8_lossy(&got).into(), false)
+    }
+
+    /// Defect 9 of issue 14: sockets that sent half a request line stayed
+    /// open for ever (no header-read or idle timeout). With a 1 s header
+    /// timeout, every one of them is closed, and so is a kept-alive
+    /// connection left idle after its answer; a whole request is answered.
+    #[test]
+    fn half_requests_and_idle_connections_are_closed() {
+        let addr = test_server(HttpLimits {
+            header_read_timeout: Duration::from_secs(1),
+            ..HttpLimits::default()
+        });
+        let mut half: Vec<TcpStream> = (0..50)
+            .map(|_| {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.write_all(b"GET / HT").unwrap();
+                s
+            })
+            .collect();
+        let mut idle = TcpStream::connect(addr).unwrap();
+        idle.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        // The wait is generous; without the timeout they never close.
+        for s in &mut half {
+            let (_, closed) = read_until_closed(s, Duration::from_secs(60));
+            assert!(closed, "a half-request connection is still open");
+        }
+        let (answer, closed) = read_until_closed(&mut idle, Duration::from_secs(60));
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(closed, "an idle kept-alive connection is still open");
+    }
+
+    /// Connections beyond the cap are closed as soon as they are accepted;
+    /// once others end, new ones are served again.
+    #[test]
+    fn connections_beyond_the_cap_are_closed_at_once() {
+        let addr = test_server(HttpLimits {
+            header_read_timeout: Duration::from_secs(300),
+            max_connections: 4,
+            ..HttpLimits::default()
+        });
+        let held: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        // Let the server accept all four before the fifth comes.
+        std::thread::sleep(Duration::from_millis(300));
+        let mut extra = TcpStream::connect(addr).unwrap();
+        let _ = extra.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        let (answer, closed) = read_until_closed(&mut extra, Duration::from_secs(60));
+        assert!(closed && answer.is_empty(), "{answer:?}");
+        drop(held);
+        let t0 = Instant::now();
+        loop {
+            let mut s = TcpStream::connect(addr).unwrap();
+            let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let (answer, _) = read_until_closed(&mut s, Duration::from_secs(10));
+            if answer.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(60), "never served again");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     #[test]

@@ -40,6 +40,14 @@ pub struct Metrics {
     pub finetune_eval_score: GaugeVec,
     pub finetune_duration_seconds: Gauge,
     pub sweep_tiles_remaining: IntGauge,
+    pub dead_letters_total: IntCounterVec,
+    pub dead_letters_stored: IntGauge,
+    pub change_records_truncated_total: IntCounter,
+    pub replication_fetch_errors_total: IntCounter,
+    pub replication_source_sequence: IntGauge,
+    pub http_connections: IntGauge,
+    pub http_connections_refused_total: IntCounter,
+    pub http_requests_shed_total: IntCounterVec,
     topics: Topics,
     /// Publisher counters already turned into metric increments.
     seen: std::sync::Mutex<PublishStats>,
@@ -277,10 +285,67 @@ impl Metrics {
                     "Tiles still embedded by an older major version (the re-embed sweep).",
                 )?,
             )?,
+            dead_letters_total: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "osmvec_dead_letters_total",
+                        "Records refused by the broker for good (size, invalid) or not buildable, by where they went: topic (the dead-letter topic acknowledged them) or store (it refused them too).",
+                    ),
+                    &["destination"],
+                )?,
+            )?,
+            dead_letters_stored: reg(
+                r,
+                IntGauge::new(
+                    "osmvec_dead_letters_stored",
+                    "Dead letters kept in the store because the dead-letter topic refused them.",
+                )?,
+            )?,
+            change_records_truncated_total: counter(
+                "osmvec_change_records_truncated_total",
+                "Change records cut to fit kafka.max_message_bytes (published with truncated: true).",
+            )?,
+            replication_fetch_errors_total: counter(
+                "osmvec_replication_fetch_errors_total",
+                "Failed requests to the replication source (each retry counts).",
+            )?,
+            replication_source_sequence: reg(
+                r,
+                IntGauge::new(
+                    "osmvec_replication_source_sequence",
+                    "Newest sequence the replication source announced (0 before its first answer).",
+                )?,
+            )?,
+            http_connections: reg(
+                r,
+                IntGauge::new(
+                    "osmvec_http_connections",
+                    "Open connections to the HTTP side.",
+                )?,
+            )?,
+            http_connections_refused_total: counter(
+                "osmvec_http_connections_refused_total",
+                "Connections closed at once because http.max_connections were open.",
+            )?,
+            http_requests_shed_total: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "osmvec_http_requests_shed_total",
+                        "Requests answered 503 because their endpoint's concurrency cap was reached, by endpoint.",
+                    ),
+                    &["endpoint"],
+                )?,
+            )?,
             registry,
             topics: topics.clone(),
             seen: Default::default(),
         };
+        for d in ["topic", "store"] {
+            m.dead_letters_total.with_label_values(&[d]);
+        }
+        m.http_requests_shed_total.with_label_values(&["/v1/embed"]);
         for t in ["node", "way", "relation"] {
             for a in ["create", "modify", "delete"] {
                 m.objects_changed_total.with_label_values(&[t, a]);
@@ -328,8 +393,14 @@ impl Metrics {
         let prev = &*seen;
         d.with_label_values(&[&t.embeddings])
             .inc_by(s.delivered_tiles - prev.delivered_tiles);
-        d.with_label_values(&[&t.changes])
-            .inc_by((s.delivered - s.delivered_tiles) - (prev.delivered - prev.delivered_tiles));
+        d.with_label_values(&[&t.changes]).inc_by(
+            (s.delivered - s.delivered_tiles - s.delivered_jobs)
+                - (prev.delivered - prev.delivered_tiles - prev.delivered_jobs),
+        );
+        d.with_label_values(&[&t.jobs])
+            .inc_by(s.delivered_jobs - prev.delivered_jobs);
+        f.with_label_values(&[&t.jobs])
+            .inc_by(s.failed_jobs - prev.failed_jobs);
         d.with_label_values(&[&t.models])
             .inc_by(s.models_delivered - prev.models_delivered);
         f.with_label_values(&[&t.embeddings])
@@ -338,6 +409,14 @@ impl Metrics {
             (s.failed - s.failed_tiles - s.failed_jobs)
                 - (prev.failed - prev.failed_tiles - prev.failed_jobs),
         );
+        self.dead_letters_total
+            .with_label_values(&["topic"])
+            .inc_by(s.dead_letters_topic - prev.dead_letters_topic);
+        self.dead_letters_total
+            .with_label_values(&["store"])
+            .inc_by(s.dead_letters_store - prev.dead_letters_store);
+        self.change_records_truncated_total
+            .inc_by(s.changes_truncated - prev.changes_truncated);
         self.broker_reachable.set(i64::from(s.broker_reachable));
         *seen = s.clone();
     }
@@ -366,7 +445,7 @@ mod tests {
         let m = Metrics::new(&Topics::default(), "abc").unwrap();
         let text = m.render();
         // Every family but osmvec_model_info (set when a model loads).
-        assert_eq!(check_families(&text), 26);
+        assert_eq!(check_families(&text), 34);
         assert!(
             text.contains(r#"osmvec_objects_changed_total{action="delete",type="relation"} 0"#)
         );

@@ -20,8 +20,17 @@ use serde_json::json;
 
 use super::metrics::{MetricsError, model_info, reg, registry_with_build_info, render};
 
-/// What happened to a job: each job read from the jobs topic counts once.
-pub const OUTCOMES: [&str; 4] = ["embedded", "removed", "superseded", "undecodable"];
+/// What happened to a job: each job read from the jobs topic counts once
+/// (`revoked`: read, but its partition went to another worker before the
+/// batch was published; the new owner embeds it).
+pub const OUTCOMES: [&str; 6] = [
+    "embedded",
+    "removed",
+    "superseded",
+    "undecodable",
+    "invalid",
+    "revoked",
+];
 
 pub struct WorkerMetrics {
     registry: Registry,
@@ -32,6 +41,8 @@ pub struct WorkerMetrics {
     pub lag_jobs: IntGauge,
     pub assigned_partitions: IntGauge,
     pub offset_commit_failures_total: IntCounter,
+    pub publish_failures_total: IntCounter,
+    pub model_load_failures_total: IntCounter,
     pub last_batch_timestamp_seconds: Gauge,
     pub model_info: IntGaugeVec,
 }
@@ -45,7 +56,7 @@ impl WorkerMetrics {
             IntCounterVec::new(
                 Opts::new(
                     "osmvec_worker_jobs_total",
-                    "Jobs read from the jobs topic, by outcome: embedded, removed (tombstone), superseded (a newer job of the tile), undecodable.",
+                    "Jobs read from the jobs topic, by outcome: embedded, removed (tombstone), superseded (a newer job of the tile), undecodable (not a job), invalid (a job that cannot be embedded: skipped), revoked (its partition moved mid-batch).",
                 ),
                 &["outcome"],
             )?,
@@ -93,6 +104,20 @@ impl WorkerMetrics {
                 IntCounter::new(
                     "osmvec_worker_offset_commit_failures_total",
                     "Offset commits refused (typically a rebalance moved the partition): that batch is redone by the new owner.",
+                )?,
+            )?,
+            publish_failures_total: reg(
+                r,
+                IntCounter::new(
+                    "osmvec_worker_publish_failures_total",
+                    "Batches whose embeddings the broker did not acknowledge: the worker rewinds to the batch's offsets and redoes it after a delay.",
+                )?,
+            )?,
+            model_load_failures_total: reg(
+                r,
+                IntCounter::new(
+                    "osmvec_worker_model_load_failures_total",
+                    "Failed loads of an announced model version (retried with backoff; the current version keeps serving).",
                 )?,
             )?,
             last_batch_timestamp_seconds: reg(
@@ -187,7 +212,7 @@ mod tests {
         m.set_model(None, "1.0");
         m.set_model(Some("1.0"), "1.1");
         let text = m.render();
-        assert_eq!(super::super::metrics::check_families(&text), 9);
+        assert_eq!(super::super::metrics::check_families(&text), 11);
         for o in OUTCOMES {
             assert!(text.contains(&format!("osmvec_worker_jobs_total{{outcome=\"{o}\"}} 0")));
         }

@@ -8,15 +8,24 @@
 //! (broker down past `message.timeout.ms`) leaves the in-flight set and is
 //! sent again by a later drain: at-least-once, with keys that make repeats
 //! harmless on the compacted embeddings topic.
+//!
+//! Poison records: a record the broker refuses for good (too large,
+//! invalid), or a job that cannot be built, goes to the dead-letter topic
+//! (`osmvec.dead-letters`, docs/messages.md) and leaves the outbox, so one
+//! bad record never blocks those after it nor crash-loops the daemon; when
+//! the dead-letter topic refuses it too, the store keeps it (the outbox's
+//! dead-letter keyspace, `osmvec_dead_letters_stored`). Change records are
+//! cut to fit the record size first (`truncated: true`); embedding records
+//! cannot be too large (their size is fixed by the model; checked at start).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use osmvec_graphstore::Store;
 use osmvec_graphstore::embeddings::TileEmbedding;
-use osmvec_graphstore::outbox::OutboxItem;
+use osmvec_graphstore::outbox::{OutboxEntry, OutboxItem};
 use osmvec_graphstore::tiles::TileId;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -26,7 +35,10 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use serde::{Deserialize, Serialize};
 
-use super::messages::{ChangeMessage, Encoding, ModelMessage, TileEmbeddingMessage};
+use super::messages::{
+    ChangeMessage, DEAD_LETTER_HEAD, DeadLetter, Encoding, ModelMessage, TileEmbeddingMessage, hex,
+    rfc3339,
+};
 
 /// The headers of every record osmvec publishes from a tile or change: the
 /// idempotency key consumers deduplicate on, and the value's content type
@@ -57,6 +69,8 @@ pub struct Topics {
     pub models: String,
     /// Embedding jobs (ingest mode, docs/scaling.md).
     pub jobs: String,
+    /// Records the broker refused for good (docs/messages.md).
+    pub dead_letters: String,
 }
 
 impl Default for Topics {
@@ -66,6 +80,7 @@ impl Default for Topics {
             changes: "osmvec.changes".into(),
             models: "osmvec.models".into(),
             jobs: "osmvec.tile-jobs".into(),
+            dead_letters: "osmvec.dead-letters".into(),
         }
     }
 }
@@ -85,6 +100,10 @@ pub struct KafkaConfig {
     pub message_timeout_ms: u64,
     /// Encoding of message values.
     pub encoding: Encoding,
+    /// Largest record sent (librdkafka `message.max.bytes`). Change records
+    /// are cut to fit it, embedding records always do (checked at start),
+    /// larger jobs go to the dead-letter topic.
+    pub max_message_bytes: usize,
 }
 
 impl Default for KafkaConfig {
@@ -96,11 +115,28 @@ impl Default for KafkaConfig {
             replication_factor: 1,
             message_timeout_ms: 30_000,
             encoding: Encoding::Json,
+            max_message_bytes: 1_000_000,
         }
     }
 }
 
 type Opaque = Box<(Vec<u8>, u64)>;
+
+/// Kafka errors that say "this record will never be accepted": sending it
+/// again gets the same answer, so it goes to the dead-letter topic instead
+/// of blocking the outbox.
+pub fn is_permanent(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidMessageSize
+            | RDKafkaErrorCode::MessageBatchTooLarge
+            | RDKafkaErrorCode::InvalidRecord
+            | RDKafkaErrorCode::InvalidTimestamp
+            | RDKafkaErrorCode::UnsupportedForMessageFormat
+            | RDKafkaErrorCode::PolicyViolation
+    )
+}
 
 struct Delivery {
     key: Vec<u8>,
@@ -154,6 +190,14 @@ pub struct PublishStats {
     pub tombstones: u64,
     pub changes: u64,
     pub tiles: u64,
+    /// Change records cut to fit `max_message_bytes`.
+    pub changes_truncated: u64,
+    /// Records refused for good (or not buildable) and acknowledged on the
+    /// dead-letter topic.
+    pub dead_letters_topic: u64,
+    /// Of those, the ones the dead-letter topic refused too: kept in the
+    /// store's dead-letter keyspace.
+    pub dead_letters_store: u64,
     /// False after a drain ended with failures or nothing acknowledged while
     /// messages were waiting; true after any acknowledgement.
     pub broker_reachable: bool,
@@ -168,6 +212,8 @@ pub struct DrainReport {
     /// Of `failed`: answered with an error by the broker (not timed out).
     pub rejected: usize,
     pub in_flight: usize,
+    /// Records handed to the dead-letter topic (or store) in this drain.
+    pub dead_lettered: usize,
 }
 
 /// Builds the payload (and says the sequence) of a tile's job from the
@@ -175,17 +221,40 @@ pub struct DrainReport {
 pub type JobBuilder =
     Box<dyn Fn(&Store, osmvec_graphstore::tiles::TileId) -> Result<(Vec<u8>, u64)>>;
 
-/// The opaque key of the model event (outbox keys start with `c` or `t`).
+/// The opaque key of the model event (outbox keys start with `c`, `t`, `j`).
 const MODEL_KEY: &[u8] = b"m";
+/// Opaque keys of dead-letter records: this byte, then the outbox key.
+const DEAD_MARK: u8 = b'D';
 const TOPIC_RETRY: Duration = Duration::from_secs(10);
 /// In-flight records without any acknowledgement for this long mark the
 /// broker unreachable.
 const UNANSWERED: Duration = Duration::from_secs(5);
+/// Room left in `max_message_bytes` for the key, headers and framing.
+const RECORD_OVERHEAD: usize = 4096;
+
+/// One outbox entry as a record.
+struct Built {
+    topic: String,
+    key: String,
+    payload: Option<Vec<u8>>,
+    idempotency_key: String,
+    job: bool,
+}
 
 pub struct Publisher {
     producer: BaseProducer<Ctx>,
+    /// Ingest mode: the jobs go through a producer of their own, LZ4-
+    /// compressed (`compression.type` is per producer in librdkafka, and the
+    /// other topics stay uncompressed for every consumer).
+    jobs_producer: Option<BaseProducer<Ctx>>,
     config: KafkaConfig,
     in_flight: HashSet<(Vec<u8>, u64)>,
+    /// Dead letters in flight: outbox entry → the dead-letter record (kept
+    /// for the store when the dead-letter topic refuses it too).
+    dead_in_flight: HashMap<(Vec<u8>, u64), Vec<u8>>,
+    /// Entries the broker refused for good in a delivery report: their dead
+    /// letter is written by the next drain (with the error).
+    refused: HashMap<(Vec<u8>, u64), String>,
     /// The model event to (re)send: version (key), payload, in flight.
     model_events: std::collections::VecDeque<(String, Vec<u8>, bool)>,
     topics_ready: bool,
@@ -198,9 +267,12 @@ pub struct Publisher {
 impl Publisher {
     pub fn new(config: &KafkaConfig) -> Result<Self> {
         Ok(Publisher {
-            producer: Self::producer(config)?,
+            producer: Self::producer(config, false)?,
+            jobs_producer: None,
             config: config.clone(),
             in_flight: HashSet::new(),
+            dead_in_flight: HashMap::new(),
+            refused: HashMap::new(),
             model_events: Default::default(),
             topics_ready: false,
             next_topic_try: None,
@@ -210,15 +282,23 @@ impl Publisher {
         })
     }
 
-    fn producer(config: &KafkaConfig) -> Result<BaseProducer<Ctx>> {
-        ClientConfig::new()
-            .set("bootstrap.servers", &config.brokers)
+    fn producer(config: &KafkaConfig, jobs: bool) -> Result<BaseProducer<Ctx>> {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &config.brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
             .set("message.timeout.ms", config.message_timeout_ms.to_string())
-            .create_with_context(Ctx::default())
+            .set("message.max.bytes", config.max_message_bytes.to_string());
+        if jobs {
+            c.set("compression.type", "lz4").set("linger.ms", "20");
+        }
+        c.create_with_context(Ctx::default())
             .with_context(|| format!("creating a Kafka producer for {}", config.brokers))
+    }
+
+    fn producers(&self) -> impl Iterator<Item = &BaseProducer<Ctx>> {
+        std::iter::once(&self.producer).chain(self.jobs_producer.as_ref())
     }
 
     /// A producer whose idempotence state the broker rejects (a broker that
@@ -227,18 +307,30 @@ impl Publisher {
     /// are sent again by the new one.
     fn replace_producer(&mut self, why: &str) -> Result<()> {
         tracing::warn!(reason = why, "replacing the Kafka producer");
-        let old = std::mem::replace(&mut self.producer, Self::producer(&self.config)?);
+        let old = std::mem::replace(&mut self.producer, Self::producer(&self.config, false)?);
         old.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
         drop(old);
+        if self.jobs_producer.is_some() {
+            let old = self
+                .jobs_producer
+                .replace(Self::producer(&self.config, true)?);
+            if let Some(old) = old {
+                old.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+            }
+        }
         self.in_flight.clear();
+        self.dead_in_flight.clear();
         if let Some(m) = self.model_events.front_mut() {
             m.2 = false;
         }
         Ok(())
     }
 
-    /// Creates the three topics if they do not exist (the embeddings topic
-    /// compacted). Fails with the broker's answer when it cannot.
+    /// Creates the topics if they do not exist (the embeddings and models
+    /// topics compacted). Fails with the broker's answer when it cannot
+    /// create one of the data topics; the dead-letter topic is created too,
+    /// but a failure there is only logged (its records then stay in the
+    /// store).
     pub fn ensure_topics(&self, timeout: Duration) -> Result<()> {
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", &self.config.brokers)
@@ -252,6 +344,7 @@ impl Publisher {
             NewTopic::new(&t.changes, self.config.partitions, repl()),
             NewTopic::new(&t.models, 1, repl()).set("cleanup.policy", "compact"),
             NewTopic::new(&t.jobs, self.config.partitions, repl()),
+            NewTopic::new(&t.dead_letters, 1, repl()),
         ];
         let opts = AdminOptions::new()
             .operation_timeout(Some(timeout))
@@ -264,15 +357,25 @@ impl Publisher {
                 Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => {
                     tracing::debug!(topic = %name, "topic exists")
                 }
+                Err((name, code)) if name == t.dead_letters => tracing::warn!(
+                    topic = %name,
+                    error = %code,
+                    "cannot create the dead-letter topic; dead letters stay in the store"
+                ),
                 Err((name, code)) => bail!("cannot create topic {name}: {code}"),
             }
         }
         Ok(())
     }
 
-    /// Ingest mode: job entries are built by `builder` when sent.
-    pub fn set_job_builder(&mut self, builder: JobBuilder) {
+    /// Ingest mode: job entries are built by `builder` when sent, and sent
+    /// LZ4-compressed.
+    pub fn set_job_builder(&mut self, builder: JobBuilder) -> Result<()> {
         self.job_builder = Some(builder);
+        if self.jobs_producer.is_none() {
+            self.jobs_producer = Some(Self::producer(&self.config, true)?);
+        }
+        Ok(())
     }
 
     /// Queues a models-topic event; drains send the queue in order (once the
@@ -338,25 +441,180 @@ impl Publisher {
         match self.producer.send(record) {
             Ok(()) => *in_flight = true,
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {}
-            Err((e, _)) => return Err(e).context("queueing the model event"),
+            Err((e, _)) => {
+                tracing::warn!(error = %e, "cannot queue the model event; trying again later")
+            }
         }
         Ok(())
     }
 
     fn take_deliveries(&self) -> Vec<Delivery> {
-        std::mem::take(
-            &mut *self
-                .producer
-                .context()
-                .deliveries
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
+        let mut all = Vec::new();
+        for p in self.producers() {
+            all.append(
+                &mut *p
+                    .context()
+                    .deliveries
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+        }
+        all
+    }
+
+    fn poll_all(&self, d: Duration) {
+        self.producer.poll(d);
+        if let Some(j) = &self.jobs_producer {
+            j.poll(Duration::ZERO);
+        }
+    }
+
+    /// An outbox entry as a record; `Err`: it cannot be built (a job whose
+    /// graph the store cannot make), a message for the dead-letter topic.
+    fn build(
+        &mut self,
+        store: &Store,
+        e: &OutboxEntry,
+    ) -> Result<std::result::Result<Built, String>> {
+        let topics = &self.config.topics;
+        let enc = self.config.encoding;
+        Ok(Ok(match &e.item {
+            OutboxItem::Change(c) => {
+                let m = ChangeMessage::new(c);
+                let idk = format!("{}|{}|{}", m.key(), c.version, c.sequence.unwrap_or(0));
+                self.stats.changes += 1;
+                let limit = self
+                    .config
+                    .max_message_bytes
+                    .saturating_sub(RECORD_OVERHEAD);
+                let (payload, cut) = match m.encode_within(enc, limit) {
+                    Ok(p) => p,
+                    Err(err) => return Ok(Err(err.to_string())),
+                };
+                if cut {
+                    self.stats.changes_truncated += 1;
+                    tracing::warn!(
+                        key = %m.key(),
+                        limit,
+                        "change record cut to fit the record size (truncated: true)"
+                    );
+                }
+                Built {
+                    topic: topics.changes.clone(),
+                    key: m.key(),
+                    payload: Some(payload),
+                    idempotency_key: idk,
+                    job: false,
+                }
+            }
+            OutboxItem::Job(t) => {
+                let Some(build) = self.job_builder.as_ref() else {
+                    unreachable!("job entries are turned into dirty marks outside ingest mode")
+                };
+                match build(store, *t) {
+                    Ok((payload, seq)) => Built {
+                        topic: topics.jobs.clone(),
+                        key: t.to_string(),
+                        payload: Some(payload),
+                        idempotency_key: format!("{t}|job|{seq}"),
+                        job: true,
+                    },
+                    Err(err) => return Ok(Err(format!("cannot build the job: {err:#}"))),
+                }
+            }
+            OutboxItem::Tile(t) => {
+                self.stats.tiles += 1;
+                match store.tile_embedding(*t)? {
+                    Some(emb) => {
+                        let m = TileEmbeddingMessage::new(*t, &emb);
+                        Built {
+                            topic: topics.embeddings.clone(),
+                            key: t.to_string(),
+                            payload: Some(enc.encode_tile(&m)?),
+                            idempotency_key: tile_idempotency_key(*t, &emb),
+                            job: false,
+                        }
+                    }
+                    None => {
+                        self.stats.tombstones += 1;
+                        Built {
+                            topic: topics.embeddings.clone(),
+                            key: t.to_string(),
+                            payload: None,
+                            idempotency_key: format!("{t}|tombstone|{}", e.id),
+                            job: false,
+                        }
+                    }
+                }
+            }
+        }))
+    }
+
+    /// Sends the dead letter of entry `e` (whose record `what` was refused
+    /// with `error`) to the dead-letter topic; when that is refused too, the
+    /// store keeps it. The entry leaves the outbox once either holds it.
+    fn dead_letter(
+        &mut self,
+        store: &Store,
+        e: &OutboxEntry,
+        topic: &str,
+        key: &str,
+        payload: Option<&[u8]>,
+        error: &str,
+    ) -> Result<()> {
+        let p = payload.unwrap_or_default();
+        let letter = DeadLetter {
+            schema_version: super::messages::SCHEMA_VERSION,
+            topic: topic.to_string(),
+            key: key.to_string(),
+            error: error.to_string(),
+            payload_bytes: p.len(),
+            payload_head_hex: hex(&p[..p.len().min(DEAD_LETTER_HEAD)]),
+            outbox_key_hex: hex(&e.key),
+            outbox_id: e.id,
+            at: rfc3339(chrono::Utc::now().timestamp()),
+        };
+        let value = serde_json::to_vec(&letter)?;
+        tracing::error!(
+            topic,
+            key,
+            error,
+            bytes = p.len(),
+            dead_letters = %self.config.topics.dead_letters,
+            "record refused for good: sent to the dead-letter topic, the pipeline moves on"
+        );
+        let mut opaque = vec![DEAD_MARK];
+        opaque.extend(&e.key);
+        let record: BaseRecord<'_, str, [u8], Opaque> =
+            BaseRecord::with_opaque_to(&self.config.topics.dead_letters, Box::new((opaque, e.id)))
+                .key(key)
+                .headers(record_headers(
+                    &format!("dead|{}|{}", hex(&e.key), e.id),
+                    Encoding::Json,
+                ))
+                .payload(value.as_slice());
+        match self.producer.send(record) {
+            Ok(()) => {
+                self.dead_in_flight.insert((e.key.clone(), e.id), value);
+            }
+            Err((err, _)) => {
+                tracing::error!(
+                    error = %err,
+                    "the dead-letter topic refuses the record too: it stays in the store"
+                );
+                store.dead_letter(&e.key, e.id, &value)?;
+                self.stats.dead_letters_store += 1;
+            }
+        }
+        Ok(())
     }
 
     /// Sends up to `max` outbox entries that are not in flight, serves
     /// delivery reports for up to `wait` (returning early once nothing is in
-    /// flight), and deletes acknowledged entries from the outbox.
+    /// flight), and deletes acknowledged entries from the outbox. A record
+    /// the broker refuses for good (size, invalid) or that cannot be built
+    /// goes to the dead-letter topic and leaves the outbox: it never blocks
+    /// the records after it.
     pub fn drain(&mut self, store: &Store, max: usize, wait: Duration) -> Result<DrainReport> {
         let mut report = DrainReport::default();
         if !self.topics_ready() {
@@ -364,85 +622,109 @@ impl Publisher {
             return Ok(report);
         }
         self.send_model_event()?;
-        let topics = self.config.topics.clone();
-        let enc = self.config.encoding;
-        let entries = store.outbox_entries(None, max + self.in_flight.len())?;
+        if self.job_builder.is_none() && store.jobs_to_dirty_marks()? > 0 {
+            tracing::info!("job entries of an earlier ingest run are dirty tiles again");
+        }
+        let entries =
+            store.outbox_entries(None, max + self.in_flight() + self.dead_in_flight.len())?;
         for e in entries {
             if report.sent >= max {
                 break;
             }
             let token = (e.key.clone(), e.id);
-            if self.in_flight.contains(&token) {
+            if self.in_flight.contains(&token) || self.dead_in_flight.contains_key(&token) {
                 continue;
             }
-            let (topic, key, payload, id_header) = match &e.item {
-                OutboxItem::Change(c) => {
-                    let m = ChangeMessage::new(c);
-                    let idk = format!("{}|{}|{}", m.key(), c.version, c.sequence.unwrap_or(0));
-                    self.stats.changes += 1;
-                    (&topics.changes, m.key(), Some(enc.encode(&m)?), idk)
-                }
-                OutboxItem::Job(t) => {
-                    let build = self.job_builder.as_ref().context(
-                        "a job entry in the outbox, but this daemon is not in ingest mode",
-                    )?;
-                    let (payload, seq) = build(store, *t)?;
-                    (
-                        &topics.jobs,
-                        t.to_string(),
-                        Some(payload),
-                        format!("{t}|job|{seq}"),
-                    )
-                }
-                OutboxItem::Tile(t) => {
-                    self.stats.tiles += 1;
-                    match store.tile_embedding(*t)? {
-                        Some(emb) => {
-                            let m = TileEmbeddingMessage::new(*t, &emb);
-                            let idk = tile_idempotency_key(*t, &emb);
-                            (
-                                &topics.embeddings,
-                                t.to_string(),
-                                Some(enc.encode_tile(&m)?),
-                                idk,
-                            )
+            let built = match self.build(store, &e)? {
+                Ok(b) => b,
+                Err(why) => {
+                    let (topic, key) = match &e.item {
+                        OutboxItem::Job(t) => (self.config.topics.jobs.clone(), t.to_string()),
+                        OutboxItem::Change(c) => (
+                            self.config.topics.changes.clone(),
+                            format!("{}/{}", c.osm_type, c.id),
+                        ),
+                        OutboxItem::Tile(t) => {
+                            (self.config.topics.embeddings.clone(), t.to_string())
                         }
-                        None => {
-                            self.stats.tombstones += 1;
-                            (
-                                &topics.embeddings,
-                                t.to_string(),
-                                None,
-                                format!("{t}|tombstone|{}", e.id),
-                            )
-                        }
-                    }
+                    };
+                    self.dead_letter(store, &e, &topic, &key, None, &why)?;
+                    report.dead_lettered += 1;
+                    continue;
                 }
             };
+            if let Some(err) = self.refused.remove(&token) {
+                self.dead_letter(
+                    store,
+                    &e,
+                    &built.topic,
+                    &built.key,
+                    built.payload.as_deref(),
+                    &err,
+                )?;
+                report.dead_lettered += 1;
+                continue;
+            }
+            let enc = self.config.encoding;
             let mut record: BaseRecord<'_, str, [u8], Opaque> =
-                BaseRecord::with_opaque_to(topic, Box::new(token.clone()))
-                    .key(key.as_str())
-                    .headers(record_headers(&id_header, enc));
-            if let Some(p) = &payload {
+                BaseRecord::with_opaque_to(&built.topic, Box::new(token.clone()))
+                    .key(built.key.as_str())
+                    // Jobs are CBOR whatever kafka.encoding says.
+                    .headers(record_headers(
+                        &built.idempotency_key,
+                        if built.job { Encoding::Cbor } else { enc },
+                    ));
+            if let Some(p) = &built.payload {
                 record = record.payload(p.as_slice());
             }
+            let producer = match (&self.jobs_producer, built.job) {
+                (Some(j), true) => j,
+                _ => &self.producer,
+            };
+            let mut refused = None;
             loop {
-                match self.producer.send(record) {
+                match producer.send(record) {
                     Ok(()) => break,
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                         record = r;
-                        self.producer.poll(Duration::from_millis(50));
-                        self.collect(store, &mut report)?;
+                        producer.poll(Duration::from_millis(50));
                     }
-                    Err((e, _)) => return Err(e).context("queueing a message"),
+                    Err((err, _)) if err.rdkafka_error_code().is_some_and(is_permanent) => {
+                        refused = Some(err.to_string());
+                        break;
+                    }
+                    Err((err, _)) => {
+                        // Not this record's fault (a topic missing from the
+                        // metadata, say): it stays queued for a later drain.
+                        tracing::warn!(error = %err, topic = %built.topic, "cannot queue a record; trying again later");
+                        refused = Some(String::new());
+                        break;
+                    }
                 }
             }
-            self.in_flight.insert(token);
-            report.sent += 1;
+            match refused {
+                None => {
+                    self.in_flight.insert(token);
+                    report.sent += 1;
+                }
+                Some(err) if err.is_empty() => break,
+                Some(err) => {
+                    self.dead_letter(
+                        store,
+                        &e,
+                        &built.topic,
+                        &built.key,
+                        built.payload.as_deref(),
+                        &err,
+                    )?;
+                    report.dead_lettered += 1;
+                }
+            }
+            self.collect(store, &mut report)?;
         }
         let deadline = Instant::now() + wait;
         loop {
-            self.producer.poll(Duration::from_millis(10));
+            self.poll_all(Duration::from_millis(10));
             self.collect(store, &mut report)?;
             if self.in_flight() == 0 || Instant::now() >= deadline {
                 break;
@@ -465,7 +747,10 @@ impl Publisher {
         if report.failed > 0 {
             self.stats.broker_reachable = false;
         }
-        if let Some((_, reason)) = self.producer.client().fatal_error() {
+        let fatal = self
+            .producers()
+            .find_map(|p| p.client().fatal_error().map(|(_, r)| r));
+        if let Some(reason) = fatal {
             self.replace_producer(&format!("fatal error: {reason}"))?;
         } else if report.delivered == 0 && report.rejected > 0 {
             self.replace_producer("the broker rejected every record of a drain")?;
@@ -498,6 +783,33 @@ impl Publisher {
                 }
                 continue;
             }
+            if d.key.first() == Some(&DEAD_MARK) {
+                let token = (d.key[1..].to_vec(), d.id);
+                let Some(value) = self.dead_in_flight.remove(&token) else {
+                    continue;
+                };
+                match d.error {
+                    None => {
+                        self.stats.dead_letters_topic += 1;
+                        acked.push(token);
+                    }
+                    Some(e) if e.rdkafka_error_code().is_some_and(is_permanent) => {
+                        tracing::error!(
+                            error = %e,
+                            "the dead-letter topic refused the record too: it stays in the store"
+                        );
+                        store.dead_letter(&token.0, token.1, &value)?;
+                        self.stats.dead_letters_store += 1;
+                    }
+                    Some(e) => {
+                        // Not answered (broker down): the entry is still
+                        // queued, a later drain refuses and dead-letters it
+                        // again.
+                        tracing::warn!(error = %e, "dead letter not delivered; trying again later");
+                    }
+                }
+                continue;
+            }
             self.in_flight.remove(&(d.key.clone(), d.id));
             let tile = OutboxItem::is_tile_key(&d.key);
             let job = OutboxItem::is_job_key(&d.key);
@@ -512,9 +824,13 @@ impl Publisher {
                     self.stats.failed += 1;
                     self.stats.failed_tiles += u64::from(tile);
                     self.stats.failed_jobs += u64::from(job);
-                    // Timeouts mean no answer (broker down); anything else
-                    // is the broker saying no.
-                    if e.rdkafka_error_code() != Some(RDKafkaErrorCode::MessageTimedOut) {
+                    let code = e.rdkafka_error_code();
+                    if code.is_some_and(is_permanent) {
+                        // Refused for good: dead-lettered by the next drain.
+                        self.refused.insert((d.key.clone(), d.id), e.to_string());
+                    } else if code != Some(RDKafkaErrorCode::MessageTimedOut) {
+                        // Timeouts mean no answer (broker down); anything
+                        // else is the broker saying no.
                         report.rejected += 1;
                     }
                     first_error.get_or_insert(e);
@@ -534,8 +850,11 @@ impl Publisher {
         Ok(())
     }
 
-    /// Records sent and not yet acknowledged or failed.
+    /// Records sent and not yet acknowledged or failed (dead letters
+    /// included).
     pub fn in_flight(&self) -> usize {
-        self.in_flight.len() + usize::from(self.model_events.front().is_some_and(|m| m.2))
+        self.in_flight.len()
+            + self.dead_in_flight.len()
+            + usize::from(self.model_events.front().is_some_and(|m| m.2))
     }
 }

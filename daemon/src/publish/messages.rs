@@ -55,23 +55,147 @@ impl<'a> TileEmbeddingMessage<'a> {
 pub struct ChangeMessage<'a> {
     pub schema_version: u32,
     #[serde(flatten)]
-    pub record: &'a ChangeRecord,
+    pub record: std::borrow::Cow<'a, ChangeRecord>,
     /// The replication timestamp as RFC 3339, when known.
     pub timestamp_rfc3339: Option<String>,
+    /// Present (true) only when the record was cut to fit the broker's
+    /// record size: long tag values end in `…`, or the tags (then the tile
+    /// list) were left out. The object itself is in the store and on OSM.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
 }
+
+/// Tag values longer than this are cut when a change record must shrink.
+pub const CUT_TAG_VALUE_BYTES: usize = 256;
 
 impl<'a> ChangeMessage<'a> {
     pub fn new(record: &'a ChangeRecord) -> Self {
         ChangeMessage {
             schema_version: SCHEMA_VERSION,
-            record,
+            record: std::borrow::Cow::Borrowed(record),
             timestamp_rfc3339: record.timestamp.map(rfc3339),
+            truncated: false,
         }
     }
 
     pub fn key(&self) -> String {
         format!("{}/{}", self.record.osm_type, self.record.id)
     }
+
+    /// The encoded value, at most `max` bytes: as is when it fits, else cut
+    /// in steps — tag values to [`CUT_TAG_VALUE_BYTES`], then no tags, then
+    /// fewer tiles — with `truncated: true`. (A record of a feature with a
+    /// 2 MB tag value would otherwise be refused by the broker for good.)
+    pub fn encode_within(&self, enc: Encoding, max: usize) -> Result<(Vec<u8>, bool), EncodeError> {
+        let whole = enc.encode(self)?;
+        if whole.len() <= max {
+            return Ok((whole, false));
+        }
+        let mut r: ChangeRecord = self.record.as_ref().clone();
+        let cut = |tags: &mut Option<std::collections::BTreeMap<String, String>>| {
+            for v in tags.iter_mut().flat_map(|t| t.values_mut()) {
+                if v.len() > CUT_TAG_VALUE_BYTES {
+                    let mut end = CUT_TAG_VALUE_BYTES;
+                    while !v.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    v.truncate(end);
+                    v.push('…');
+                }
+            }
+        };
+        cut(&mut r.tags_before);
+        cut(&mut r.tags_after);
+        let attempt = |r: &ChangeRecord| {
+            enc.encode(&ChangeMessage {
+                schema_version: self.schema_version,
+                record: std::borrow::Cow::Borrowed(r),
+                timestamp_rfc3339: self.timestamp_rfc3339.clone(),
+                truncated: true,
+            })
+        };
+        let bytes = attempt(&r)?;
+        if bytes.len() <= max {
+            return Ok((bytes, true));
+        }
+        r.tags_before = None;
+        r.tags_after = None;
+        let mut bytes = attempt(&r)?;
+        while bytes.len() > max && !r.tiles.is_empty() {
+            let keep = r.tiles.len() * max / bytes.len();
+            r.tiles.truncate(keep.min(r.tiles.len() - 1));
+            bytes = attempt(&r)?;
+        }
+        if bytes.len() > max {
+            return Err(EncodeError(format!(
+                "change record of {} {} does not fit {max} bytes even without tags and tiles",
+                r.osm_type, r.id
+            )));
+        }
+        Ok((bytes, true))
+    }
+}
+
+/// The longest a tile-embedding record can be for vectors of `dim` floats:
+/// every field at its longest (z 30, x and y at 2^30, the largest sequence
+/// and time, a drift), and in JSON each float at the longest text an f32
+/// takes (15 characters, `-1.23456789e-38`; CBOR packs 4 bytes each).
+/// Embedding records have a fixed shape — the vector's length is the model's
+/// output width — so this bound holds for every record the daemon or a
+/// worker sends; the daemon checks at start that it fits the broker's
+/// record size, so an embedding record is never refused for its size.
+pub fn longest_tile_record(
+    enc: Encoding,
+    dim: usize,
+    model_version: &str,
+) -> Result<usize, EncodeError> {
+    let e = TileEmbedding {
+        model_version: model_version.to_string(),
+        sequence: u64::MAX,
+        computed_at: 253_402_300_799, // 9999-12-31T23:59:59Z
+        vector: vec![0.0; dim],
+        drift: Some(0.0),
+    };
+    let t = TileId {
+        z: 30,
+        x: (1 << 30) - 1,
+        y: (1 << 30) - 1,
+    };
+    let base = enc.encode_tile(&TileEmbeddingMessage::new(t, &e))?.len();
+    Ok(match enc {
+        // "0.0" → at most 15 characters, for the vector and the drift.
+        Encoding::Json => base + (dim + 1) * 12,
+        // A float other than 0 may take a wider CBOR float.
+        Encoding::Cbor => base + 8,
+    })
+}
+
+/// Value of a record on the dead-letter topic (key: the refused record's
+/// key), always JSON: a record the broker refused for good, or one that
+/// could not be built, described so an operator can see what and why.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DeadLetter {
+    pub schema_version: u32,
+    /// The topic the record was for.
+    pub topic: String,
+    pub key: String,
+    /// The broker's (or the builder's) error.
+    pub error: String,
+    /// Size of the refused value (0 when it could not be built).
+    pub payload_bytes: usize,
+    /// Its first bytes (at most [`DEAD_LETTER_HEAD`]), hex.
+    pub payload_head_hex: String,
+    /// The outbox entry it came from (hex key, entry id).
+    pub outbox_key_hex: String,
+    pub outbox_id: u64,
+    pub at: String,
+}
+
+/// Bytes of a refused value a dead letter carries.
+pub const DEAD_LETTER_HEAD: usize = 16 << 10;
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Value of a record on the models topic (key: the model version).
@@ -180,6 +304,85 @@ pub fn rfc3339(unix: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn change(value_bytes: usize, tiles: usize) -> ChangeRecord {
+        let mut tags = std::collections::BTreeMap::new();
+        tags.insert("amenity".to_string(), "cafe".to_string());
+        tags.insert("description".to_string(), "é".repeat(value_bytes / 2));
+        ChangeRecord {
+            sequence: Some(7),
+            timestamp: Some(0),
+            osm_type: "node".into(),
+            id: 9,
+            version: 1,
+            action: "created".into(),
+            tiles: (0..tiles).map(|i| format!("15/{i}/1")).collect(),
+            tags_before: None,
+            tags_after: Some(tags),
+        }
+    }
+
+    #[test]
+    fn an_oversized_change_record_is_cut_and_flagged() {
+        for enc in [Encoding::Json, Encoding::Cbor] {
+            // Small: unchanged, no flag.
+            let small = change(100, 2);
+            let (b, cut) = ChangeMessage::new(&small)
+                .encode_within(enc, 10_000)
+                .unwrap();
+            assert!(!cut);
+            assert_eq!(b, enc.encode(&ChangeMessage::new(&small)).unwrap());
+            // A 2 MB tag value: cut to fit 1 MB, flagged, the value shortened
+            // at a character boundary, the other tags kept.
+            let big = change(2 << 20, 2);
+            let (b, cut) = ChangeMessage::new(&big)
+                .encode_within(enc, 1_000_000)
+                .unwrap();
+            assert!(cut && b.len() <= 1_000_000);
+            let v: serde_json::Value = match enc {
+                Encoding::Json => serde_json::from_slice(&b).unwrap(),
+                Encoding::Cbor => ciborium::from_reader(b.as_slice()).unwrap(),
+            };
+            assert_eq!(v["truncated"], true);
+            assert_eq!(v["tags_after"]["amenity"], "cafe");
+            let d = v["tags_after"]["description"].as_str().unwrap();
+            assert!(
+                d.ends_with('…') && d.len() <= CUT_TAG_VALUE_BYTES + 3,
+                "{}",
+                d.len()
+            );
+            assert_eq!(v["tiles"].as_array().unwrap().len(), 2);
+            // Thousands of tiles and a tight limit: tags go, then tiles.
+            let wide = change(10, 5000);
+            let (b, cut) = ChangeMessage::new(&wide).encode_within(enc, 2000).unwrap();
+            assert!(cut && b.len() <= 2000, "{}", b.len());
+        }
+    }
+
+    #[test]
+    fn embedding_records_are_small_by_construction() {
+        // 256-d (the default model): far below the 1 MB default record size.
+        let json = longest_tile_record(Encoding::Json, 256, "1.0").unwrap();
+        let cbor = longest_tile_record(Encoding::Cbor, 256, "1.0").unwrap();
+        assert!(json < 8 << 10 && cbor < 2 << 10, "{json} {cbor}");
+        // And the bound is a bound: a real record is no longer.
+        let e = TileEmbedding {
+            model_version: "1.0".into(),
+            sequence: 178,
+            computed_at: 1_488_354_540,
+            vector: (0..256).map(|i| -0.123_456_79 * i as f32).collect(),
+            drift: Some(0.012_345_678),
+        };
+        let t = TileId {
+            z: 15,
+            x: 23_077,
+            y: 15_999,
+        };
+        let real = Encoding::Json
+            .encode_tile(&TileEmbeddingMessage::new(t, &e))
+            .unwrap();
+        assert!(real.len() <= json, "{} > {json}", real.len());
+    }
 
     #[test]
     fn tile_message_shape() {

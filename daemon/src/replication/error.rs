@@ -89,6 +89,24 @@ pub enum ReplicationError {
         /// Its timestamp (unix seconds), later than `timestamp`.
         oldest_timestamp: i64,
     },
+    /// A stop was requested (SIGTERM, SIGINT) while waiting to retry. Fatal:
+    /// the caller is shutting down.
+    Stopped {
+        /// What was being attempted.
+        what: String,
+    },
+    /// The source's newest sequence is older than the one the store has
+    /// applied: a wrong source (another feed, a stale mirror) or one that
+    /// was rolled back. Nothing can be applied from it until it passes the
+    /// store; fatal where the caller expects to catch up.
+    Behind {
+        /// Where the source is.
+        source: String,
+        /// Its newest sequence.
+        latest: u64,
+        /// The store's sequence.
+        stored: u64,
+    },
     /// [`with_retry`](super::with_retry) gave up after `attempts` attempts.
     /// Retryable if the last error was: a caller with a longer horizon (the
     /// daemon's main loop) may try again later.
@@ -123,6 +141,8 @@ impl ReplicationError {
             Self::Io { .. } | Self::NotPublished { .. } => true,
             Self::RetriesExhausted { last, .. } => last.is_retryable(),
             Self::BadState { .. }
+            | Self::Stopped { .. }
+            | Self::Behind { .. }
             | Self::TooLarge { .. }
             | Self::NotFound { .. }
             | Self::Config(_)
@@ -157,6 +177,17 @@ impl fmt::Display for ReplicationError {
                  so the changes in between cannot be fetched from this feed",
                 format_timestamp(*timestamp),
                 format_timestamp(*oldest_timestamp),
+            ),
+            Self::Stopped { what } => write!(f, "{what}: stopped before it succeeded"),
+            Self::Behind {
+                source,
+                latest,
+                stored,
+            } => write!(
+                f,
+                "the replication source {source} is behind the store: its newest sequence is \
+                 {latest}, the store has applied {stored} (a wrong source, a stale mirror, or a \
+                 feed that was rolled back); nothing is applied from it"
             ),
             Self::RetriesExhausted {
                 what,

@@ -25,7 +25,9 @@ mod source;
 mod state;
 
 pub use error::ReplicationError;
-pub use retry::{Backoff, with_retry, with_retry_sleeping};
+pub use retry::{
+    Backoff, sleep_unless_stopped, with_retry, with_retry_sleeping, with_retry_until_stopped,
+};
 pub use search::sequence_for_timestamp;
 pub use source::{DirSource, HttpSource, Source, SourceOptions, open_source};
 pub use state::{ReplicationState, parse_state, sequence_path};

@@ -1,8 +1,57 @@
 //! Retrying transient failures with exponential backoff and full jitter.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use super::ReplicationError;
+
+/// The longest a stop request waits in [`sleep_unless_stopped`].
+const WAKE_STEP: Duration = Duration::from_millis(50);
+
+/// Sleeps `d`, or less when `stop` is set meanwhile (checked every 50 ms);
+/// returns whether it was. Every wait of the daemon and of `replicate` goes
+/// through here, so SIGTERM is answered within 50 ms, whatever the delay.
+pub fn sleep_unless_stopped(stop: &AtomicBool, d: Duration) -> bool {
+    let until = Instant::now().checked_add(d);
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return true;
+        }
+        let left = match until {
+            Some(u) => u.saturating_duration_since(Instant::now()),
+            None => WAKE_STEP,
+        };
+        if left.is_zero() {
+            return stop.load(Ordering::Relaxed);
+        }
+        std::thread::sleep(left.min(WAKE_STEP));
+    }
+}
+
+/// [`with_retry`] whose waits end early when `stop` is set; it then returns
+/// [`ReplicationError::Stopped`] instead of trying again.
+pub fn with_retry_until_stopped<T>(
+    backoff: &Backoff,
+    what: &str,
+    stop: &AtomicBool,
+    mut f: impl FnMut() -> Result<T, ReplicationError>,
+) -> Result<T, ReplicationError> {
+    with_retry_sleeping(
+        backoff,
+        what,
+        |d| {
+            sleep_unless_stopped(stop, d);
+        },
+        || {
+            if stop.load(Ordering::Relaxed) {
+                return Err(ReplicationError::Stopped {
+                    what: what.to_owned(),
+                });
+            }
+            f()
+        },
+    )
+}
 
 /// How [`with_retry`] spaces its attempts.
 ///
@@ -264,6 +313,34 @@ mod tests {
                 .iter()
                 .any(|&delay| delay > Duration::from_millis(15))
         );
+    }
+
+    #[test]
+    fn a_stop_ends_the_retry_wait_at_once() {
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let slow = Backoff {
+            initial: Duration::from_secs(3600),
+            max: Duration::from_secs(3600),
+            max_attempts: None,
+        };
+        let flag = stop.clone();
+        let setter = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            flag.store(true, Ordering::Relaxed);
+        });
+        let mut calls = 0;
+        let err = with_retry_until_stopped(&slow, "fetching state.txt", &stop, || {
+            calls += 1;
+            Err::<(), _>(server_error())
+        })
+        .unwrap_err();
+        setter.join().unwrap();
+        // A wait of up to an hour would keep this test running that long;
+        // the stop ends it, and no attempt follows the stop.
+        assert!(matches!(err, ReplicationError::Stopped { .. }), "{err:?}");
+        assert!(!err.is_retryable());
+        assert!(calls < 5, "{calls} attempts");
+        assert!(sleep_unless_stopped(&stop, Duration::MAX));
     }
 
     #[test]

@@ -45,10 +45,16 @@ pub trait Source: Send {
 pub struct SourceOptions {
     /// How long to wait for a TCP (and TLS) connection.
     pub connect_timeout: Duration,
-    /// How long a single read or write may stall. Deliberately not a limit on
-    /// the whole transfer, which for a daily planet diff over a slow link can
-    /// legitimately take many minutes.
+    /// How long a single read or write may stall.
     pub read_timeout: Duration,
+    /// The most one request may take in all, from connecting to the last
+    /// byte of the body: a server that trickles a byte now and then (never
+    /// stalling for `read_timeout`) cannot hold a fetch for longer. Generous
+    /// enough for a daily planet diff over a slow link.
+    pub fetch_timeout: Duration,
+    /// A PEM file of CA certificates to trust instead of the built-in roots
+    /// (a mirror behind a private CA).
+    pub ca_file: Option<PathBuf>,
     /// The largest diff accepted, so that a broken or hostile server cannot
     /// exhaust memory (diffs are held in memory whole). State files are
     /// capped at 64 KiB regardless.
@@ -56,12 +62,14 @@ pub struct SourceOptions {
 }
 
 impl Default for SourceOptions {
-    /// 10 s to connect, 60 s per stalled read, 512 MiB per diff (planet daily
-    /// diffs are a few hundred MiB at most).
+    /// 10 s to connect, 60 s per stalled read, 10 min per request, 512 MiB
+    /// per diff (planet daily diffs are a few hundred MiB at most).
     fn default() -> Self {
         Self {
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(60),
+            fetch_timeout: Duration::from_secs(600),
+            ca_file: None,
             max_diff_bytes: 512 << 20,
         }
     }
@@ -261,6 +269,30 @@ impl HttpSource {
                  without a query string"
             )));
         }
+        let https = strip_scheme(&base, "https://").is_some();
+        let mut tls = ureq::tls::TlsConfig::builder();
+        if let Some(path) = &options.ca_file {
+            let pem = std::fs::read(path).map_err(|e| {
+                ReplicationError::Config(format!("cannot read CA file {}: {e}", path.display()))
+            })?;
+            let certs = ureq::tls::parse_pem(&pem)
+                .filter_map(|item| match item {
+                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
+                    Ok(_) => None,
+                    Err(e) => Some(Err(e)),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| {
+                    ReplicationError::Config(format!("CA file {}: {e}", path.display()))
+                })?;
+            if certs.is_empty() {
+                return Err(ReplicationError::Config(format!(
+                    "CA file {} holds no certificate",
+                    path.display()
+                )));
+            }
+            tls = tls.root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(certs)));
+        }
         let agent = ureq::Agent::config_builder()
             // 404 is an answer ("not published yet"), not a failure, and other
             // statuses are classified here, with the URL in the error.
@@ -268,6 +300,13 @@ impl HttpSource {
             .timeout_connect(Some(options.connect_timeout))
             .timeout_per_read(Some(options.read_timeout))
             .timeout_per_write(Some(options.read_timeout))
+            .timeout_global(Some(options.fetch_timeout))
+            // A feed given as https:// stays on https: a redirect to an
+            // http:// URL (a downgrade an attacker on the path could then
+            // exploit) is an error, not followed.
+            .https_only(https)
+            .max_redirects(5)
+            .tls_config(tls.build())
             .user_agent(USER_AGENT)
             // Diffs are gzip files already; asking for identity keeps servers
             // from wrapping them (or state files) in a second encoding.
@@ -287,9 +326,14 @@ impl HttpSource {
 
     /// GETs `url`: the body on success, `None` on 404, an error otherwise.
     fn fetch(&self, url: &str, limit: u64) -> Result<Option<Vec<u8>>, ReplicationError> {
-        let transport = |error| ReplicationError::Transport {
-            url: url.to_owned(),
-            error,
+        let transport = |error| match error {
+            ureq::Error::RequireHttpsOnly(to) => ReplicationError::Config(format!(
+                "{url} redirected to {to}: refusing to leave https for http"
+            )),
+            error => ReplicationError::Transport {
+                url: url.to_owned(),
+                error,
+            },
         };
         let response = self.agent.get(url).call().map_err(transport)?;
         let status = response.status().as_u16();
@@ -706,6 +750,136 @@ mod tests {
         assert_eq!(source.state(11).unwrap().unwrap().sequence, 11);
         assert!(source.diff(12).unwrap().is_some());
         assert_eq!(source.diff(13).unwrap(), None);
+    }
+
+    #[test]
+    fn a_trickling_server_cannot_hold_a_fetch_past_its_deadline() {
+        // About 100 bytes of state.txt, one byte every 100 ms: no read ever
+        // stalls for the 5 s read timeout, and the whole answer would take
+        // ten seconds.
+        let server = HttpFixture::start(&maldives_dir(), &["--trickle-ms", "100"]);
+        let options = SourceOptions {
+            read_timeout: Duration::from_secs(5),
+            fetch_timeout: Duration::from_secs(1),
+            ..test_options()
+        };
+        let source = HttpSource::new(&server.url("/"), &options).unwrap();
+        let err = source.latest_state().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ReplicationError::Transport {
+                    error: ureq::Error::Timeout(_),
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.is_retryable());
+    }
+
+    #[test]
+    fn redirects_are_followed_within_http() {
+        let target = HttpFixture::start(&maldives_dir(), &[]);
+        let server = HttpFixture::start(&maldives_dir(), &["--redirect-to", &target.url("")]);
+        let source = HttpSource::new(&server.url("/"), &test_options()).unwrap();
+        assert_eq!(source.latest_state().unwrap().sequence, 180);
+    }
+
+    /// A test CA and a certificate for 127.0.0.1 signed by it (openssl), in
+    /// `dir`: (CA file, certificate, key).
+    fn test_certificates(dir: &TempDir) -> (PathBuf, PathBuf, PathBuf) {
+        let p = |name: &str| dir.path().join(name);
+        let openssl = |args: &[&str]| {
+            let status = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .expect("openssl runs");
+            assert!(status.success(), "openssl {args:?}");
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=osmvec test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "leaf.csr",
+        ]);
+        std::fs::write(
+            p("leaf.ext"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+        )
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "leaf.ext",
+            "-out",
+            "cert.pem",
+        ]);
+        (p("ca.pem"), p("cert.pem"), p("key.pem"))
+    }
+
+    #[test]
+    fn an_https_feed_never_follows_a_redirect_to_http() {
+        let dir = TempDir::new();
+        let (ca, cert, key) = test_certificates(&dir);
+        let tls = ["--tls", cert.to_str().unwrap(), key.to_str().unwrap()];
+        let options = SourceOptions {
+            ca_file: Some(ca),
+            ..test_options()
+        };
+        // The HTTPS feed itself works (the CA file is trusted)...
+        let https = HttpFixture::start(&maldives_dir(), &tls);
+        let url = https.url("/").replacen("http://", "https://", 1);
+        check_maldives(&HttpSource::new(&url, &options).unwrap());
+        // ...but when it redirects to plain http, nothing is fetched there.
+        let plain = HttpFixture::start(&maldives_dir(), &[]);
+        let mut flags = tls.to_vec();
+        let to = plain.url("");
+        flags.extend(["--redirect-to", &to]);
+        let downgrading = HttpFixture::start(&maldives_dir(), &flags);
+        let url = downgrading.url("/").replacen("http://", "https://", 1);
+        let source = HttpSource::new(&url, &options).unwrap();
+        let err = source.latest_state().unwrap_err();
+        assert!(!err.is_retryable(), "{err:?}");
+        assert!(
+            err.to_string().contains("refusing to leave https for http"),
+            "{err}"
+        );
+        let err = source.diff(1).unwrap_err();
+        assert!(matches!(err, ReplicationError::Config(_)), "{err:?}");
     }
 
     #[test]

@@ -71,6 +71,20 @@ pub enum ReadError {
     #[error("{file}: decompressed data exceeds the limit of {limit} bytes")]
     TooLarge { file: String, limit: u64 },
 
+    /// A cap on what one document may hold was reached (one XML event's
+    /// bytes, one element's bytes, tags, way nodes or relation members, or
+    /// changes per diff): such input would cost memory without bound, and
+    /// real OSM data stays far below every cap (see [`super::ElementLimits`]).
+    #[error("{file}, {at}: {what} exceeds osmvec's limit of {limit} ({setting})")]
+    Limit {
+        file: String,
+        at: TextPos,
+        what: String,
+        limit: u64,
+        /// The option that sets the cap.
+        setting: &'static str,
+    },
+
     /// The text is not well-formed XML, ends early, or does not have the
     /// structure of an OSM or osmChange file.
     #[error("{file}, {at}: invalid XML: {message}")]

@@ -111,6 +111,39 @@ pub fn read_extract(
     }
 }
 
+/// Caps on one element of an XML document, so that reading costs memory in
+/// proportion to one element whatever the input holds (whitespace between
+/// elements costs nothing). Real OSM data stays far below each: the API
+/// allows 2,000 nodes per way, 32,000 members per relation and 255
+/// characters per tag value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ElementLimits {
+    /// One XML event: a start tag with its attributes, a comment, a run of
+    /// text (the parser buffers one event whole). 4 MiB: 16,000 times the
+    /// longest tag value the OSM API accepts.
+    pub max_event_bytes: u64,
+    /// One object, from its start tag to its end tag.
+    pub max_element_bytes: u64,
+    /// Tags of one object.
+    pub max_tags: usize,
+    /// Node references of one way.
+    pub max_way_nodes: usize,
+    /// Members of one relation.
+    pub max_members: usize,
+}
+
+impl Default for ElementLimits {
+    fn default() -> Self {
+        ElementLimits {
+            max_event_bytes: 4 << 20,
+            max_element_bytes: 64 << 20,
+            max_tags: 10_000,
+            max_way_nodes: 100_000,
+            max_members: 1_000_000,
+        }
+    }
+}
+
 /// Limits for reading osmChange files, which come from a server and so are
 /// not trusted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,12 +152,19 @@ pub struct OscOptions {
     /// defence against compression bombs; a busy planet minute is ~10 MiB,
     /// a Geofabrik daily diff of a continent a few hundred).
     pub max_decompressed_bytes: u64,
+    /// Changes (objects) in one diff: a diff is applied in one batch from an
+    /// in-memory overlay, so this bounds its memory (a planet minute holds
+    /// about 3,300, a planet day a few million).
+    pub max_changes: u64,
+    pub limits: ElementLimits,
 }
 
 impl Default for OscOptions {
     fn default() -> Self {
         OscOptions {
             max_decompressed_bytes: 1 << 30,
+            max_changes: 10_000_000,
+            limits: ElementLimits::default(),
         }
     }
 }
@@ -133,11 +173,14 @@ impl Default for OscOptions {
 /// hands each change to `on_change`, in file order. `name` identifies the
 /// input in errors (a path, or e.g. `sequence 123`).
 ///
-/// The reader streams and holds one object at a time. It fails on anything
+/// The reader streams and holds one object at a time (memory O(one element),
+/// within `opts.limits`, whatever the whitespace). It fails on anything
 /// that could make a diff apply wrongly: malformed or truncated XML or gzip,
 /// a root other than `<osmChange>`, an action other than create, modify or
 /// delete, objects outside an action, a missing or invalid id or version,
-/// and a created or modified node without valid coordinates. A deleted node
+/// a created or modified node without valid coordinates, and input beyond
+/// a cap ([`ReadError::Limit`]: more than `max_changes` changes, an element
+/// beyond [`ElementLimits`]). A deleted node
 /// may lack coordinates; it then gets [`UNDEFINED_COORD`].
 pub fn read_osc<R: Read>(
     name: &str,
@@ -147,7 +190,7 @@ pub fn read_osc<R: Read>(
     on_change: &mut dyn FnMut(Change) -> Result<(), ReadError>,
 ) -> Result<(), ReadError> {
     let codec = gzip.then_some(Codec::Gzip);
-    osc::read(name, input, codec, opts.max_decompressed_bytes, on_change)
+    osc::read(name, input, codec, opts, on_change)
 }
 
 /// [`read_osc`] on a file; `.gz` means gzip, `.bz2` bzip2.
@@ -166,7 +209,7 @@ pub fn read_osc_file(
         None
     };
     let raw = File::open(path).map_err(|e| ReadError::io(&name, e))?;
-    osc::read(&name, raw, codec, opts.max_decompressed_bytes, on_change)
+    osc::read(&name, raw, codec, opts, on_change)
 }
 
 #[cfg(test)]

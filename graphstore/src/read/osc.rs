@@ -2,7 +2,7 @@
 
 use std::io::Read;
 
-use super::error::{Codec, ReadError};
+use super::error::{Codec, ReadError, TextPos};
 use super::xml::{Body, Ev, Head, XmlInput, object_kind, parse_head, unexpected_eof, xml_error};
 use crate::element::{Action, Change, ElementType};
 
@@ -25,10 +25,29 @@ pub(crate) fn read(
     file: &str,
     raw: impl Read,
     codec: Option<Codec>,
-    limit: u64,
+    opts: &super::OscOptions,
     on_change: &mut dyn FnMut(Change) -> Result<(), ReadError>,
 ) -> Result<(), ReadError> {
-    let mut input = XmlInput::new(file, raw, codec, limit);
+    let mut input = XmlInput::new(file, raw, codec, opts.max_decompressed_bytes, opts.limits);
+    let mut changes = 0u64;
+    let max_changes = opts.max_changes;
+    let mut on_change = |c: Change, at: TextPos| -> Result<(), ReadError> {
+        changes += 1;
+        if changes > max_changes {
+            return Err(ReadError::Limit {
+                file: file.to_owned(),
+                at,
+                what: format!(
+                    "change {changes} ({} {})",
+                    c.element.kind().xml_name(),
+                    c.element.id()
+                ),
+                limit: max_changes,
+                setting: "changes per diff, OscOptions::max_changes",
+            });
+        }
+        on_change(c)
+    };
 
     let has_body = input.next_with(|at, ev| match ev {
         Ev::Start(e) if e.name().as_ref() == "osmChange" => Ok(true),
@@ -80,7 +99,7 @@ pub(crate) fn read(
                 })
             })?;
             match top {
-                Top::Action(action) => read_action(&mut input, action, on_change)?,
+                Top::Action(action) => read_action(&mut input, action, &mut on_change)?,
                 Top::EmptyAction => {}
                 Top::RootEnd => break,
             }
@@ -94,7 +113,7 @@ pub(crate) fn read(
 fn read_action(
     input: &mut XmlInput<'_>,
     action: Action,
-    on_change: &mut dyn FnMut(Change) -> Result<(), ReadError>,
+    on_change: &mut dyn FnMut(Change, TextPos) -> Result<(), ReadError>,
 ) -> Result<(), ReadError> {
     let file = input.file();
     loop {
@@ -143,9 +162,13 @@ fn read_action(
                 detail: format!("<{}> of a node without lat/lon", action.as_str()),
             });
         }
-        on_change(Change {
-            action,
-            element: head.into_element(body),
-        })?;
+        let at = head.at;
+        on_change(
+            Change {
+                action,
+                element: head.into_element(body),
+            },
+            at,
+        )?;
     }
 }

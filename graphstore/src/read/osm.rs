@@ -22,7 +22,7 @@ pub(crate) fn read(
     let raw = File::open(path).map_err(|e| ReadError::io(file, e))?;
     // Extracts are trusted local files and may be far larger than any
     // sensible cap (a planet is over 1 TiB as XML), so no limit here.
-    let mut input = XmlInput::new(file, raw, codec, u64::MAX);
+    let mut input = XmlInput::new(file, raw, codec, u64::MAX, super::ElementLimits::default());
 
     let (header, has_body) = input.next_with(|at, ev| match ev {
         Ev::Start(e) if e.name().as_ref() == "osm" => Ok((header(file, at, &e)?, true)),

@@ -23,6 +23,9 @@ pub(crate) enum SourceFailure {
     },
     /// More than the allowed number of decompressed bytes.
     TooLarge { limit: u64 },
+    /// One XML event (a tag with its attributes, a comment, a run of text)
+    /// longer than the allowed number of bytes.
+    EventTooLarge { limit: u64 },
 }
 
 /// Marks errors of the raw file so that they are not blamed on the
@@ -48,12 +51,17 @@ const BUFFER_SIZE: usize = 64 * 1024;
 
 /// A `BufRead` over the (decompressed) text that
 /// - stops with [`SourceFailure::TooLarge`] once more than `limit` bytes came
-///   out of the decompressor, so a compression bomb costs bounded memory and
-///   time;
+///   out of the decompressor, so a compression bomb costs bounded time;
+/// - stops with [`SourceFailure::EventTooLarge`] once the current XML event
+///   (since the last [`TrackedReader::mark`]) is longer than `max_event`
+///   bytes: the parser copies an event into its buffer, so this bounds that
+///   buffer;
 /// - counts the lines of everything the parser consumed, so that errors can
 ///   name a line and column without keeping or re-reading the text. Newline
-///   offsets are kept only since the last [`TrackedReader::mark`] (the start
-///   of the current XML event), which bounds that memory by the event size.
+///   offsets are kept only within the current event (4 bytes each, so at
+///   most 4 × `max_event`); whitespace between events is skipped by
+///   [`TrackedReader::skip_whitespace`], which only counts lines. Memory is
+///   therefore O(one event) however much whitespace a document holds.
 pub(crate) struct TrackedReader<'a> {
     inner: Box<dyn Read + 'a>,
     codec: Option<Codec>,
@@ -68,12 +76,19 @@ pub(crate) struct TrackedReader<'a> {
     mark_offset: u64,
     mark_line: u64,
     mark_line_start: u64,
-    newlines: Vec<u64>,
+    /// Newlines since the mark, as offsets from it.
+    newlines: Vec<u32>,
+    max_event: u64,
 }
 
 impl<'a> TrackedReader<'a> {
     /// Wraps `raw` (the bytes of the file) in the decompressor for `codec`.
-    pub(crate) fn new(raw: impl Read + 'a, codec: Option<Codec>, limit: u64) -> Self {
+    pub(crate) fn new(
+        raw: impl Read + 'a,
+        codec: Option<Codec>,
+        limit: u64,
+        max_event: u64,
+    ) -> Self {
         let raw_failed = Rc::new(Cell::new(false));
         let raw = RawSource {
             inner: raw,
@@ -99,6 +114,8 @@ impl<'a> TrackedReader<'a> {
             mark_line: 1,
             mark_line_start: 0,
             newlines: Vec::new(),
+            // Offsets within an event are u32 (with room for one more read).
+            max_event: max_event.min(u64::from(u32::MAX) - (1 << 20)),
         }
     }
 
@@ -107,14 +124,55 @@ impl<'a> TrackedReader<'a> {
         self.failure.take()
     }
 
+    #[cfg(test)]
+    pub(crate) fn newline_capacity(&self) -> usize {
+        self.newlines.capacity()
+    }
+
+    pub(crate) fn restore_failure(&mut self, f: SourceFailure) {
+        self.failure = Some(f);
+    }
+
     /// Starts a new event: forgets newline offsets before the current point.
     pub(crate) fn mark(&mut self) {
         self.mark_line += self.newlines.len() as u64;
         if let Some(&last) = self.newlines.last() {
-            self.mark_line_start = last + 1;
+            self.mark_line_start = self.mark_offset + u64::from(last) + 1;
         }
         self.newlines.clear();
         self.mark_offset = self.consumed;
+    }
+
+    /// Right after [`TrackedReader::mark`]: consumes the XML whitespace that
+    /// follows, counting its lines without keeping anything, and moves the
+    /// mark past it. Returns the bytes skipped.
+    pub(crate) fn skip_whitespace(&mut self) -> io::Result<u64> {
+        debug_assert!(self.newlines.is_empty() && self.mark_offset == self.consumed);
+        let mut skipped = 0u64;
+        loop {
+            if self.fill_buf()?.is_empty() {
+                break;
+            }
+            let avail = &self.buf[self.pos..self.filled];
+            let n = avail
+                .iter()
+                .position(|b| !matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+                .unwrap_or(avail.len());
+            for (i, &b) in avail[..n].iter().enumerate() {
+                if b == b'\n' {
+                    self.mark_line += 1;
+                    self.mark_line_start = self.consumed + i as u64 + 1;
+                }
+            }
+            self.pos += n;
+            self.consumed += n as u64;
+            self.mark_offset = self.consumed;
+            skipped += n as u64;
+            if self.pos < self.filled {
+                break;
+            }
+        }
+        Ok(skipped)
     }
 
     /// Bytes consumed by the parser so far.
@@ -126,10 +184,11 @@ impl<'a> TrackedReader<'a> {
     /// mark (earlier offsets report the mark's line).
     pub(crate) fn position(&self, offset: u64) -> TextPos {
         let offset = offset.max(self.mark_offset);
-        let before = self.newlines.partition_point(|&nl| nl < offset);
+        let rel = offset - self.mark_offset;
+        let before = self.newlines.partition_point(|&nl| u64::from(nl) < rel);
         let line_start = match before {
             0 => self.mark_line_start,
-            n => self.newlines[n - 1] + 1,
+            n => self.mark_offset + u64::from(self.newlines[n - 1]) + 1,
         };
         TextPos {
             line: self.mark_line + before as u64,
@@ -140,6 +199,7 @@ impl<'a> TrackedReader<'a> {
     fn fail(&mut self, failure: SourceFailure) -> io::Error {
         let message = match &failure {
             SourceFailure::TooLarge { .. } => "decompressed size limit exceeded",
+            SourceFailure::EventTooLarge { .. } => "XML event size limit exceeded",
             _ => "input failed",
         };
         self.failure = Some(failure);
@@ -149,6 +209,10 @@ impl<'a> TrackedReader<'a> {
 
 impl BufRead for TrackedReader<'_> {
     fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        if self.consumed - self.mark_offset > self.max_event {
+            let limit = self.max_event;
+            return Err(self.fail(SourceFailure::EventTooLarge { limit }));
+        }
         if self.pos >= self.filled {
             let n = loop {
                 match self.inner.read(&mut self.buf) {
@@ -180,10 +244,11 @@ impl BufRead for TrackedReader<'_> {
 
     fn consume(&mut self, amount: usize) {
         let amount = amount.min(self.filled - self.pos);
-        let base = self.consumed;
+        // Within an event (at most `max_event` < 4 GiB since the mark).
+        let base = (self.consumed - self.mark_offset) as u32;
         for (i, &byte) in self.buf[self.pos..self.pos + amount].iter().enumerate() {
             if byte == b'\n' {
-                self.newlines.push(base + i as u64);
+                self.newlines.push(base.wrapping_add(i as u32));
             }
         }
         self.pos += amount;

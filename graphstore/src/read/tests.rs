@@ -655,13 +655,14 @@ fn truncated_bzip2_extract_is_an_error() {
 
 #[test]
 fn gzip_bomb_hits_the_cap() {
-    let mut text = String::from("<osmChange><!-- ");
+    let mut text = String::from("<osmChange><modify>");
     text.push_str(&" ".repeat(20 << 20));
-    text.push_str(" --></osmChange>");
+    text.push_str("</modify></osmChange>");
     let bomb = gzip(text.as_bytes());
     assert!(bomb.len() < 100_000);
     let opts = OscOptions {
         max_decompressed_bytes: 1 << 20,
+        ..OscOptions::default()
     };
     let err = read_osc("bomb", bomb.as_slice(), true, &opts, &mut |_| Ok(())).unwrap_err();
     assert!(
@@ -862,4 +863,148 @@ fn read_speed() {
     })
     .unwrap();
     report(rel, n, start);
+}
+
+/// Defect 5 of issue 14: whitespace between elements cost the reader 8
+/// bytes per newline (900 MB of newlines inside `<modify>` took 7.9 GB).
+/// Now it is skipped beneath the parser and only counted: what the reader
+/// keeps stays at its initial size, and positions after it are still right.
+#[test]
+fn whitespace_between_elements_costs_no_memory_and_keeps_positions() {
+    let lines = 2_000_000;
+    let mut text = String::from("<osmChange version=\"0.6\">\n<modify>");
+    text.push_str(&"\n".repeat(lines));
+    text.push_str("  \t\r\n  <node id=\"1\" version=\"2\" lat=\"1\" lon=\"2\"/>");
+    text.push_str(&" \n".repeat(lines));
+    text.push_str("<node id=\"x\" version=\"1\" lat=\"1\" lon=\"2\"/></modify></osmChange>");
+    let mut input = super::xml::XmlInput::new(
+        "ws.osc",
+        text.as_bytes(),
+        None,
+        u64::MAX,
+        super::ElementLimits::default(),
+    );
+    let mut events = 0;
+    let mut max_kept = 0;
+    while !input
+        .next_with(|_, ev| Ok(matches!(ev, super::xml::Ev::Eof)))
+        .unwrap()
+    {
+        events += 1;
+        max_kept = max_kept.max(input.kept_bytes());
+    }
+    assert_eq!(events, 6, "osmChange, modify, two nodes and two end tags");
+    assert!(max_kept < 1 << 20, "the reader kept {max_kept} bytes");
+    // Through read_osc: the bad id is named at its line (the declaration
+    // line, the two runs of newlines and the one before the first node).
+    let e = osc_err(&text);
+    let line = 3 + 2 * lines;
+    assert!(
+        e.contains(&format!("line {line}, column 1:")),
+        "{e} (expected line {line})"
+    );
+}
+
+#[test]
+fn syntax_errors_after_skipped_whitespace_name_the_right_place() {
+    let mut text = String::from("<osmChange>\n<modify>");
+    text.push_str(&"\n".repeat(1000));
+    text.push_str("   <node id=\"1\" version=\"1\" lat=\"1\" lon=\"2\"></way>");
+    let e = osc_err(&text);
+    assert!(e.contains("line 1002"), "{e}");
+}
+
+#[test]
+fn an_endless_tag_is_refused_at_the_event_cap() {
+    // 20 MiB of whitespace inside one start tag (and, separately, one 20 MiB
+    // attribute value): the parser buffers an event whole, so it is capped
+    // (at 4 MiB).
+    for filler in [
+        " ".repeat(20 << 20),
+        format!("v=\"{}\"", "x".repeat(20 << 20)),
+    ] {
+        let text = format!(
+            "<osmChange><create>\n<node id=\"1\" version=\"1\" {filler} lat=\"1\" lon=\"2\"/></create></osmChange>"
+        );
+        let e = osc_err(&text);
+        assert!(
+            e.contains(
+                "line 2, column 1: one XML tag, comment or text exceeds osmvec's limit of 4194304"
+            ),
+            "{e}"
+        );
+    }
+    // A 2 MB value is within the cap.
+    let text = format!(
+        "<osmChange><create><node id=\"1\" version=\"1\" lat=\"1\" lon=\"2\"><tag k=\"note\" v=\"{}\"/></node></create></osmChange>",
+        "y".repeat(2 << 20)
+    );
+    let changes = osc_str(&text).unwrap();
+    assert_eq!(changes[0].element.tags()[0].1.len(), 2 << 20);
+}
+
+#[test]
+fn caps_on_tags_nodes_members_and_changes_are_clear_errors() {
+    let opts = OscOptions {
+        max_changes: 2,
+        limits: super::ElementLimits {
+            max_tags: 3,
+            max_way_nodes: 4,
+            max_members: 2,
+            max_element_bytes: 300,
+            ..Default::default()
+        },
+        ..OscOptions::default()
+    };
+    let read = |body: &str| {
+        let text = format!("<osmChange><create>\n{body}\n</create></osmChange>");
+        read_osc("caps.osc", text.as_bytes(), false, &opts, &mut |_| Ok(()))
+            .unwrap_err()
+            .to_string()
+    };
+    let tags: String = (0..4)
+        .map(|i| format!("<tag k=\"k{i}\" v=\"v\"/>"))
+        .collect();
+    let e = read(&format!(
+        "<node id=\"7\" version=\"1\" lat=\"1\" lon=\"1\">{tags}</node>"
+    ));
+    assert!(
+        e.starts_with("caps.osc, line 2, column ")
+            && e.contains("the tag count of node 7 exceeds osmvec's limit of 3 (tags per element"),
+        "{e}"
+    );
+    let nds: String = (0..5).map(|i| format!("<nd ref=\"{i}\"/>")).collect();
+    let e = read(&format!("<way id=\"8\" version=\"1\">{nds}</way>"));
+    assert!(
+        e.contains("the node count of way 8 exceeds osmvec's limit of 4"),
+        "{e}"
+    );
+    let members: String = (0..3)
+        .map(|i| format!("<member type=\"node\" ref=\"{i}\" role=\"\"/>"))
+        .collect();
+    let e = read(&format!(
+        "<relation id=\"9\" version=\"1\">{members}</relation>"
+    ));
+    assert!(
+        e.contains("the member count of relation 9 exceeds osmvec's limit of 2"),
+        "{e}"
+    );
+    let big: String = (0..3)
+        .map(|i| format!("<tag k=\"k{i}\" v=\"{}\"/>", "z".repeat(150)))
+        .collect();
+    let e = read(&format!(
+        "<node id=\"10\" version=\"1\" lat=\"1\" lon=\"1\">{big}</node>"
+    ));
+    assert!(
+        e.contains("the size of node 10 exceeds osmvec's limit of 300"),
+        "{e}"
+    );
+    let nodes: String = (1..=3)
+        .map(|i| format!("<node id=\"{i}\" version=\"1\" lat=\"1\" lon=\"1\"/>"))
+        .collect();
+    let e = read(&nodes);
+    assert!(
+        e.contains("change 3 (node 3) exceeds osmvec's limit of 2 (changes per diff"),
+        "{e}"
+    );
 }

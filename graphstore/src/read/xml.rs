@@ -8,10 +8,10 @@ use std::io::Read;
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::{Reader, XmlVersion};
 
-use super::UNDEFINED_COORD;
 use super::error::{Codec, ReadError, TextPos};
 use super::source::{SourceFailure, TrackedReader};
 use super::values::{parse_coordinate, parse_timestamp};
+use super::{ElementLimits, UNDEFINED_COORD};
 use crate::element::{Element, ElementType, Member, Meta, Node, Relation, Tags, Way};
 
 /// The events that matter to OSM files; whitespace, comments, the XML
@@ -29,6 +29,10 @@ pub(crate) struct XmlInput<'a> {
     file: &'a str,
     reader: Reader<TrackedReader<'a>>,
     buf: Vec<u8>,
+    limits: ElementLimits,
+    /// Whitespace consumed beneath the parser (between events), which its
+    /// own offsets do not count.
+    skipped: u64,
 }
 
 impl<'a> XmlInput<'a> {
@@ -39,16 +43,31 @@ impl<'a> XmlInput<'a> {
         raw: impl Read + 'a,
         codec: Option<Codec>,
         limit: u64,
+        limits: ElementLimits,
     ) -> Self {
         XmlInput {
             file,
-            reader: Reader::from_reader(TrackedReader::new(raw, codec, limit)),
+            reader: Reader::from_reader(TrackedReader::new(
+                raw,
+                codec,
+                limit,
+                limits.max_event_bytes,
+            )),
             buf: Vec::with_capacity(1024),
+            limits,
+            skipped: 0,
         }
     }
 
     pub(crate) fn file(&self) -> &'a str {
         self.file
+    }
+
+    /// Bytes the reader holds beyond the input itself: the event buffer and
+    /// the newline offsets of the current event.
+    #[cfg(test)]
+    pub(crate) fn kept_bytes(&self) -> usize {
+        self.buf.capacity() + self.reader.get_ref().newline_capacity() * 4
     }
 
     /// Reads the next significant event and hands it to `f` with the
@@ -69,8 +88,26 @@ impl<'a> XmlInput<'a> {
     ) -> Result<T, ReadError> {
         loop {
             self.buf.clear();
+            // A buffer grown by a long event is not kept for the next ones.
+            if self.buf.capacity() > 1 << 20 {
+                self.buf = Vec::with_capacity(1024);
+            }
             let source = self.reader.get_mut();
             source.mark();
+            // Whitespace between events never reaches the parser (which
+            // would buffer it, however long, as one text event). Not before
+            // the first event: the parser looks for a BOM and the XML
+            // declaration there.
+            if source.consumed() > 0 {
+                match source.skip_whitespace() {
+                    Ok(n) => self.skipped += n,
+                    Err(_) => {
+                        let at = source.position(source.consumed());
+                        return Err(self.source_error(at));
+                    }
+                }
+            }
+            let source = self.reader.get_mut();
             let at = source.position(source.consumed());
             let event = match self.reader.read_event_into(&mut self.buf) {
                 Ok(event) => event,
@@ -97,29 +134,54 @@ impl<'a> XmlInput<'a> {
         xml_error(self.file, at, message)
     }
 
-    fn convert_error(&mut self, err: quick_xml::Error, event_start: TextPos) -> ReadError {
+    /// The error of a failed read of the source beneath the parser.
+    fn source_error(&mut self, event_start: TextPos) -> ReadError {
         let file = self.file.to_owned();
-        match err {
-            quick_xml::Error::Io(io) => match self.reader.get_mut().take_failure() {
-                Some(SourceFailure::Io(source)) => ReadError::Io { file, source },
-                Some(SourceFailure::Decoder {
-                    codec,
-                    offset,
-                    error,
-                }) => ReadError::Compression {
-                    file,
-                    codec,
-                    offset,
-                    source: error,
-                },
-                Some(SourceFailure::TooLarge { limit }) => ReadError::TooLarge { file, limit },
-                None => ReadError::Io {
-                    file,
-                    source: std::io::Error::new(io.kind(), io.to_string()),
-                },
+        match self.reader.get_mut().take_failure() {
+            Some(SourceFailure::Io(source)) => ReadError::Io { file, source },
+            Some(SourceFailure::Decoder {
+                codec,
+                offset,
+                error,
+            }) => ReadError::Compression {
+                file,
+                codec,
+                offset,
+                source: error,
             },
+            Some(SourceFailure::TooLarge { limit }) => ReadError::TooLarge { file, limit },
+            Some(SourceFailure::EventTooLarge { limit }) => ReadError::Limit {
+                file,
+                at: event_start,
+                what: "one XML tag, comment or text".to_owned(),
+                limit,
+                setting: "bytes per XML event, ElementLimits::max_event_bytes",
+            },
+            None => ReadError::Io {
+                file,
+                source: std::io::Error::other("read failed"),
+            },
+        }
+    }
+
+    fn convert_error(&mut self, err: quick_xml::Error, event_start: TextPos) -> ReadError {
+        match err {
+            quick_xml::Error::Io(io) => {
+                let failure = self.reader.get_mut().take_failure();
+                match failure {
+                    Some(f) => {
+                        // Put it back for source_error.
+                        self.reader.get_mut().restore_failure(f);
+                        self.source_error(event_start)
+                    }
+                    None => ReadError::Io {
+                        file: self.file.to_owned(),
+                        source: std::io::Error::new(io.kind(), io.to_string()),
+                    },
+                }
+            }
             quick_xml::Error::Syntax(_) | quick_xml::Error::IllFormed(_) => {
-                let offset = self.reader.error_position();
+                let offset = self.reader.error_position() + self.skipped;
                 let at = self.reader.get_ref().position(offset);
                 xml_error(self.file, at, err.to_string())
             }
@@ -161,7 +223,10 @@ impl<'a> XmlInput<'a> {
     pub(crate) fn read_body(&mut self, head: &Head) -> Result<Body, ReadError> {
         let mut body = Body::default();
         let file = self.file;
+        let limits = self.limits;
+        let start = self.reader.get_ref().consumed();
         loop {
+            let used = self.reader.get_ref().consumed() - start;
             let child = self.next_with(|at, ev| {
                 let (e, open) = match ev {
                     Ev::End => return Ok(None),
@@ -169,7 +234,42 @@ impl<'a> XmlInput<'a> {
                     Ev::Start(e) => (e, true),
                     Ev::Empty(e) => (e, false),
                 };
+                let limit = |what: &str, limit: u64, setting: &'static str| ReadError::Limit {
+                    file: file.to_owned(),
+                    at,
+                    what: format!("{} of {}", what, head.describe()),
+                    limit,
+                    setting,
+                };
+                if used > limits.max_element_bytes {
+                    return Err(limit(
+                        "the size",
+                        limits.max_element_bytes,
+                        "bytes per element, ElementLimits::max_element_bytes",
+                    ));
+                }
                 parse_child(file, at, head, &e, &mut body)?;
+                if body.tags.len() > limits.max_tags {
+                    return Err(limit(
+                        "the tag count",
+                        limits.max_tags as u64,
+                        "tags per element, ElementLimits::max_tags",
+                    ));
+                }
+                if body.refs.len() > limits.max_way_nodes {
+                    return Err(limit(
+                        "the node count",
+                        limits.max_way_nodes as u64,
+                        "nodes per way, ElementLimits::max_way_nodes",
+                    ));
+                }
+                if body.members.len() > limits.max_members {
+                    return Err(limit(
+                        "the member count",
+                        limits.max_members as u64,
+                        "members per relation, ElementLimits::max_members",
+                    ));
+                }
                 Ok(Some((at, open)))
             })?;
             match child {
