@@ -144,6 +144,10 @@ enum Command {
         /// Save a checkpoint every N steps (0: only at the end).
         #[arg(long, default_value_t = 50)]
         save_every: u64,
+        /// Train through the reference forward pass instead of engine v2
+        /// (same steps up to float rounding, slower; for benchmarks).
+        #[arg(long)]
+        reference: bool,
         #[command(flatten)]
         model: ModelArgs,
         /// Print the summary as JSON.
@@ -355,6 +359,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             degree,
             major_version,
             save_every,
+            reference,
             model,
             json,
         } => {
@@ -374,6 +379,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     save_every,
                     model_dir,
                     device,
+                    reference,
                 },
                 stop,
             )?;

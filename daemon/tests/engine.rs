@@ -46,6 +46,7 @@ fn store_and_checkpoint(dir: &Path) -> (PathBuf, PathBuf) {
             save_every: 0,
             model_dir: default_model_dir(),
             device: Device::Cpu,
+            reference: false,
         },
         Arc::new(AtomicBool::new(false)),
     )

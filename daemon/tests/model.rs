@@ -43,6 +43,7 @@ fn train_args(store: &Path, out: &Path, steps: u64) -> TrainArgs {
         save_every: 0,
         model_dir: default_model_dir(),
         device: Device::Cpu,
+        reference: false,
     }
 }
 

@@ -577,17 +577,8 @@ impl<'s> DiffApplier<'s> {
         if !dirty.is_empty() {
             let generation = store.next_dirty_generation(&mut b)?;
             let seq = sequence.or(cur_seq).unwrap_or(0);
-            for tile in &dirty {
-                let since = match store.get_cf(cf::DIRTY_TILES, &tile.to_key())? {
-                    Some(v) => crate::embeddings::DirtyMark::decode(&v)?.since_sequence,
-                    None => seq,
-                };
-                let mark = crate::embeddings::DirtyMark {
-                    since_sequence: since,
-                    generation,
-                };
-                b.put_cf(store.cf(cf::DIRTY_TILES), tile.to_key(), mark.encode());
-            }
+            let tiles: Vec<TileId> = dirty.iter().copied().collect();
+            store.mark_tiles(&mut b, &tiles, seq, generation)?;
         }
         store.put_counts(&mut b, &counts);
         if sequence.is_some() || timestamp.is_some() {

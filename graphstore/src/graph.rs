@@ -461,6 +461,8 @@ impl SharedFeature {
 /// that would exceed them empties it first.
 pub struct FeatureCache {
     map: HashMap<(ElementType, i64), std::sync::Arc<SharedFeature>>,
+    /// Verdicts of the spatial predicates between cached features.
+    pairs: spatial::PairMemo,
     vertices: usize,
     /// Most features kept.
     pub max_features: usize,
@@ -472,6 +474,7 @@ impl Default for FeatureCache {
     fn default() -> Self {
         FeatureCache {
             map: HashMap::new(),
+            pairs: spatial::PairMemo::default(),
             vertices: 0,
             max_features: 200_000,
             max_vertices: 4_000_000,
@@ -483,6 +486,7 @@ impl FeatureCache {
     /// Forget everything (after the store changed).
     pub fn clear(&mut self) {
         self.map.clear();
+        self.pairs.clear();
         self.vertices = 0;
     }
 
@@ -552,7 +556,10 @@ pub fn build_tile_graphs(
         m
     };
     let mut need = missing(cache);
-    if cache.map.len() + need.len() > cache.max_features || cache.vertices > cache.max_vertices {
+    if cache.map.len() + need.len() > cache.max_features
+        || cache.vertices > cache.max_vertices
+        || cache.pairs.len() > 4 * cache.max_features
+    {
         cache.clear();
         need = missing(cache);
     }
@@ -598,7 +605,7 @@ pub fn build_tile_graphs(
             let resolved: Vec<&geometry::Resolved> = nodes.iter().map(|f| &f.resolved).collect();
             let outlines: Vec<Option<&spatial::Outline>> =
                 nodes.iter().map(|f| f.outline()).collect();
-            assemble_shared(*tile, &resolved, &outlines, sampled_from, cfg)
+            assemble_shared(*tile, &resolved, &outlines, &cache.pairs, sampled_from, cfg)
         })
         .collect())
 }
@@ -642,7 +649,14 @@ fn assemble(
     let outlines: Vec<Option<spatial::Outline>> = nodes.iter().map(spatial::outline_of).collect();
     let refs: Vec<&geometry::Resolved> = nodes.iter().collect();
     let o: Vec<Option<&spatial::Outline>> = outlines.iter().map(|o| o.as_ref()).collect();
-    assemble_shared(tile, &refs, &o, sampled_from, cfg)
+    assemble_shared(
+        tile,
+        &refs,
+        &o,
+        &spatial::PairMemo::default(),
+        sampled_from,
+        cfg,
+    )
 }
 
 /// [`assemble`] over shared features and their outlines.
@@ -650,6 +664,7 @@ fn assemble_shared(
     tile: TileId,
     nodes: &[&geometry::Resolved],
     outlines: &[Option<&spatial::Outline>],
+    pairs: &spatial::PairMemo,
     sampled_from: usize,
     cfg: &GraphConfig,
 ) -> TileGraph {
@@ -718,7 +733,7 @@ fn assemble_shared(
         both(&mut edges, p, w, EdgeKind::Connects);
     }
 
-    spatial::spatial_edges(nodes, outlines, &line_pairs, &mut edges);
+    spatial::spatial_edges(nodes, outlines, &line_pairs, pairs, &mut edges);
 
     edges.sort_unstable();
     edges.dedup();

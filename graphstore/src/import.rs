@@ -434,17 +434,14 @@ fn derive_all(
     // Tile counts, and every tile dirty: a fresh import needs embedding.
     let (seq, _) = store.replication_state()?;
     let mut b = WriteBatch::default();
-    let mark = crate::embeddings::DirtyMark {
-        since_sequence: seq.unwrap_or(0),
-        generation: store.next_dirty_generation(&mut b)?,
-    }
-    .encode();
+    let generation = store.next_dirty_generation(&mut b)?;
     for (tile, n) in &tiles {
         let mut v = Vec::new();
         put_uvarint(&mut v, *n);
         b.put_cf(store.cf(cf::TILES), tile.to_key(), v);
-        b.put_cf(store.cf(cf::DIRTY_TILES), tile.to_key(), &mark);
     }
+    let all: Vec<TileId> = tiles.keys().copied().collect();
+    store.mark_tiles(&mut b, &all, seq.unwrap_or(0), generation)?;
     store.write(b, false)?;
     Ok(Derived { tiles, oversize })
 }

@@ -80,6 +80,9 @@ pub struct EmbedReport {
     /// Each tile written, for the daemon's metrics and tile layer.
     #[serde(skip)]
     pub results: Vec<(TileId, TileResult)>,
+    /// Wall seconds of each encoder batch ([`embed_pipelined`]).
+    #[serde(skip)]
+    pub batch_seconds: Vec<f64>,
 }
 
 /// What happened to one tile: embedded at a sequence (with its drift, when
@@ -87,8 +90,8 @@ pub struct EmbedReport {
 pub type TileResult = Option<(u64, Option<f32>)>;
 
 /// Embeds `tiles` (fine tiles) with `model` and writes the results; clears
-/// the marks in `seen` whose generation is unchanged. The building block of
-/// `osmvec embed` and of the daemon.
+/// the marks in `seen` whose generation is unchanged. One encoder batch;
+/// [`embed_pipelined`] runs many with input building overlapped.
 pub fn embed_tiles(
     store: &Store,
     model: &Model,
@@ -97,19 +100,112 @@ pub fn embed_tiles(
     seen: &[(TileId, DirtyMark)],
     report: &mut EmbedReport,
 ) -> Result<()> {
+    if tiles.is_empty() {
+        report.marks_cleared += store.write_embeddings(&[], seen)?;
+        return Ok(());
+    }
+    let t0 = Instant::now();
+    let batch = inputs.batch(store, model, tiles)?;
+    let t1 = Instant::now();
+    let g = inputs.encode(model, &batch)?;
+    report.input_seconds += (t1 - t0).as_secs_f64();
+    report.encode_seconds += t1.elapsed().as_secs_f64();
+    write_results(store, model, &batch, &g, seen, report)
+}
+
+/// Embeds `tiles` in encoder batches of `batch_size`, building the next
+/// batch's inputs (store reads, geometry, graph assembly) while the encoder
+/// runs the current one, so both cores stay busy through the serial parts
+/// of either; each batch's results and the marks of its tiles (`marks`)
+/// are written in one store batch, as [`embed_tiles`] does. `stop` is
+/// checked between batches. `input_seconds` and `encode_seconds` then
+/// overlap; `batch_seconds` holds each batch's wall time.
+pub fn embed_pipelined(
+    store: &Store,
+    model: &Model,
+    inputs: &mut Inputs,
+    tiles: &[TileId],
+    batch_size: usize,
+    marks: &std::collections::HashMap<TileId, DirtyMark>,
+    stop: Option<&std::sync::atomic::AtomicBool>,
+    report: &mut EmbedReport,
+) -> Result<()> {
+    let chunks: Vec<&[TileId]> = tiles.chunks(batch_size.max(1)).collect();
+    if chunks.is_empty() {
+        return Ok(());
+    }
+    let t0 = Instant::now();
+    let mut next = Some(inputs.batch(store, model, chunks[0])?);
+    report.input_seconds += t0.elapsed().as_secs_f64();
+    for i in 0..chunks.len() {
+        let tb = Instant::now();
+        let batch = next.take().expect("built in the previous step");
+        let path = inputs.path;
+        let following = chunks.get(i + 1).copied();
+        let (encoded, built) = rayon::join(
+            || {
+                let t = Instant::now();
+                (encode_on(path, model, &batch), t.elapsed())
+            },
+            || {
+                let t = Instant::now();
+                (
+                    following.map(|c| inputs.batch(store, model, c)),
+                    t.elapsed(),
+                )
+            },
+        );
+        let ((encoded, te), (built, ti)) = (encoded, built);
+        report.encode_seconds += te.as_secs_f64();
+        report.input_seconds += ti.as_secs_f64();
+        let (g, fresh) = encoded?;
+        inputs.keep_context_vectors(&batch, fresh);
+        next = built.transpose()?;
+        let seen: Vec<(TileId, DirtyMark)> = batch
+            .tiles
+            .iter()
+            .filter_map(|t| marks.get(t).map(|m| (*t, *m)))
+            .collect();
+        write_results(store, model, &batch, &g, &seen, report)?;
+        report.batch_seconds.push(tb.elapsed().as_secs_f64());
+        if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed)) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn encode_on(
+    path: EncodePath,
+    model: &Model,
+    batch: &super::inputs::Batch,
+) -> Result<(osmvec_model::GraphEmbeddings, super::inputs::FreshContexts)> {
+    match path {
+        EncodePath::Reference => Ok((
+            super::inputs::encode_batch_reference(model, batch)?,
+            Vec::new(),
+        )),
+        EncodePath::Engine => super::inputs::encode_with_vectors(model, batch),
+    }
+}
+
+/// Writes one encoded batch: embeddings (with drift), removed tiles, the
+/// recorded contexts, cleared marks; one store batch.
+fn write_results(
+    store: &Store,
+    model: &Model,
+    batch: &super::inputs::Batch,
+    g: &osmvec_model::GraphEmbeddings,
+    seen: &[(TileId, DirtyMark)],
+    report: &mut EmbedReport,
+) -> Result<()> {
     let (seq, _) = store.replication_state()?;
     let now = chrono::Utc::now().timestamp();
+    let tiles = &batch.tiles;
     let mut updates = Vec::with_capacity(tiles.len());
-    let mut contexts = Vec::new();
-    if !tiles.is_empty() {
-        let t0 = Instant::now();
-        let batch = inputs.batch(store, model, tiles)?;
-        contexts = batch.context_fingerprints();
-        let t1 = Instant::now();
-        let g = inputs.encode(model, &batch)?;
+    let contexts = batch.context_fingerprints();
+    {
         let rows: Vec<Vec<f32>> = g.vectors.to_vec2()?;
-        report.input_seconds += (t1 - t0).as_secs_f64();
-        report.encode_seconds += t1.elapsed().as_secs_f64();
         for ((tile, present), row) in tiles.iter().zip(&g.present).zip(rows) {
             if *present {
                 report.embedded += 1;
@@ -301,20 +397,25 @@ pub fn embed(a: &EmbedArgs) -> Result<EmbedReport> {
         "embedding {bar:30} {pos}/{len} tiles {per_sec} eta {eta}",
     );
     let t0 = Instant::now();
-    let bs = a.batch_size.max(1);
     // Fine marks are cleared with the batch that handled their tile; coarse
     // marks (`--all`) once every child tile is done (a crash before that
     // leaves them, and the children are embedded again).
     let coarse: Vec<(TileId, DirtyMark)> =
         seen.iter().filter(|(t, _)| t.z != fine).copied().collect();
     let by_tile: std::collections::HashMap<TileId, DirtyMark> = seen.iter().copied().collect();
-    for chunk in tiles.chunks(bs) {
-        let marks: Vec<(TileId, DirtyMark)> = chunk
-            .iter()
-            .filter_map(|t| by_tile.get(t).map(|m| (*t, *m)))
-            .collect();
-        embed_tiles(&store, &model, &mut inputs, chunk, &marks, &mut report)?;
-        bar.inc(chunk.len() as u64);
+    // The progress bar moves a step of batches at a time.
+    for step in tiles.chunks(a.batch_size.max(1) * 8) {
+        embed_pipelined(
+            &store,
+            &model,
+            &mut inputs,
+            step,
+            a.batch_size,
+            &by_tile,
+            None,
+            &mut report,
+        )?;
+        bar.inc(step.len() as u64);
     }
     if !coarse.is_empty() {
         embed_tiles(&store, &model, &mut inputs, &[], &coarse, &mut report)?;

@@ -59,6 +59,8 @@ pub struct ContextInput {
     pub tile: Option<TileId>,
     /// Fingerprint of the store graph it was built from.
     pub fingerprint: u64,
+    /// The coarse tile's dirty-mark generation when the batch was planned.
+    pub generation: Option<u64>,
     /// The converted graph; `None` when `vector` came from the cache.
     pub graph: Option<Arc<TileGraph>>,
     /// Its region vector from an earlier batch (serving path only).
@@ -359,12 +361,14 @@ impl Inputs {
                 (Some(c), _) => contexts.push(ContextInput {
                     tile: Some(*p),
                     fingerprint: c.fingerprint,
+                    generation: c.generation,
                     graph: None,
                     vector: Some(c.value),
                 }),
                 (None, Some(c)) => contexts.push(ContextInput {
                     tile: Some(*p),
                     fingerprint: c.fingerprint,
+                    generation: c.generation,
                     graph: Some(c.value),
                     vector: None,
                 }),
@@ -373,6 +377,7 @@ impl Inputs {
                     contexts.push(ContextInput {
                         tile: Some(*p),
                         fingerprint: 0,
+                        generation: self.generations.get(p).copied().flatten(),
                         graph: None,
                         vector: None,
                     });
@@ -449,27 +454,35 @@ impl Inputs {
             return encode_batch_reference(model, batch);
         }
         let (emb, fresh) = encode_with_vectors(model, batch)?;
+        self.keep_context_vectors(batch, fresh);
+        Ok(emb)
+    }
+
+    /// Keeps the context vectors a batch's encoding computed, for later
+    /// batches (serving path; training never caches vectors).
+    pub fn keep_context_vectors(&mut self, batch: &Batch, fresh: FreshContexts) {
         self.contexts_encoded += fresh.len() as u64;
         self.contexts_cached += (batch.contexts.len() - fresh.len()) as u64;
         if !self.cache_fine {
             for (i, v) in fresh {
                 let c = &batch.contexts[i];
                 if let Some(t) = c.tile {
-                    let generation = self.generations.get(&t).copied().flatten();
                     self.context_vectors.insert(
                         t,
                         Cached {
                             fingerprint: c.fingerprint,
-                            generation,
+                            generation: c.generation,
                             value: v,
                         },
                     );
                 }
             }
         }
-        Ok(emb)
     }
 }
+
+/// Context vectors computed by an encoding, by context index.
+pub type FreshContexts = Vec<(usize, Arc<Vec<f32>>)>;
 
 /// A batch from graphs built elsewhere (a worker's jobs): `graphs[i]`'s
 /// context is `contexts[context_of[i]]`. Tag vectors come from memory or
@@ -500,6 +513,7 @@ pub fn batch_from_graphs(
         .zip(contexts)
         .map(|(g, sg)| ContextInput {
             tile: None,
+            generation: None,
             fingerprint: sg.fingerprint(),
             graph: Some(g),
             vector: None,
@@ -516,7 +530,7 @@ pub fn batch_from_graphs(
 /// Serving-path embeddings: contexts without a vector are encoded in one
 /// packed batch, then every fine graph is fused with its context's vector.
 /// Returns the embeddings and the vectors computed (by context index).
-fn encode_with_vectors(
+pub fn encode_with_vectors(
     model: &Model,
     batch: &Batch,
 ) -> Result<(GraphEmbeddings, Vec<(usize, Arc<Vec<f32>>)>)> {
@@ -554,7 +568,21 @@ fn encode_with_vectors(
         ctx.extend_from_slice(v);
     }
     let ctx = Tensor::from_vec(ctx, (batch.tiles.len(), dim), device)?;
-    let emb = engine.forward(&engine.pack(&batch.graphs)?, Some(&ctx))?;
+    let packed = engine.pack(&batch.graphs)?;
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let edges: usize = packed.edge_counts().iter().map(|e| e.1).sum();
+        tracing::debug!(
+            tiles = batch.tiles.len(),
+            nodes = ?packed.num_nodes(),
+            distinct_tag_rows = ?packed.distinct_shared(),
+            edges,
+            message_rows = ?packed.message_rows(),
+            relations = packed.edge_counts().len(),
+            contexts_encoded = fresh.len(),
+            "encoder batch"
+        );
+    }
+    let emb = engine.forward(&packed, Some(&ctx))?;
     Ok((emb, fresh))
 }
 

@@ -27,7 +27,7 @@ use osmvec_model::params::SplitMix64;
 use serde::Serialize;
 
 use super::checkpoint::{Model, ModelConfig};
-use super::inputs::{Inputs, encode_batch_training};
+use super::inputs::{Inputs, encode_batch_reference, encode_batch_training};
 use super::split::mix;
 use super::tags::{KeyWeights, TagVectors};
 
@@ -46,6 +46,8 @@ pub struct TrainArgs {
     pub save_every: u64,
     pub model_dir: PathBuf,
     pub device: Device,
+    /// Train through the reference forward pass (benchmarks).
+    pub reference: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -64,6 +66,11 @@ pub struct TrainReport {
     pub heldout_tiles: usize,
     pub tag_texts_encoded: u64,
     pub interrupted: bool,
+    /// Seconds building inputs and in forward + backward passes.
+    pub input_seconds: f64,
+    pub step_seconds_compute: f64,
+    /// `engine` or `reference`.
+    pub path: String,
 }
 
 /// Scans the store's features once: key counts for the tag weights, and the
@@ -207,6 +214,7 @@ pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>) -> Result<TrainReport> {
     let mut last_loss = None;
     let mut interrupted = false;
     let mut last_log = Instant::now();
+    let (mut input_seconds, mut compute_seconds) = (0f64, 0f64);
     for step in start_step..a.steps {
         if stop.load(Ordering::Relaxed) {
             interrupted = true;
@@ -225,7 +233,12 @@ pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>) -> Result<TrainReport> {
         let coords: Vec<(f64, f64)> = tiles.iter().map(|t| point_in_tile(*t, &mut rng)).collect();
         let batch = inputs.batch(&store, &model, &tiles)?;
         let t_fwd = Instant::now();
-        let g = encode_batch_training(&model, &batch)?;
+        input_seconds += (t_fwd - t_step).as_secs_f64();
+        let g = if a.reference {
+            encode_batch_reference(&model, &batch)?
+        } else {
+            encode_batch_training(&model, &batch)?
+        };
         let loc = model.location.forward(&coords)?;
         let groups: Vec<u64> = (0..tiles.len() as u64).collect();
         let loss = model.loss.forward(&loc, &g.vectors, &groups, &g.present)?;
@@ -234,6 +247,7 @@ pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>) -> Result<TrainReport> {
         let grad_norm = opt
             .step(&grads)
             .with_context(|| format!("optimiser step {}", step + 1))?;
+        compute_seconds += t_fwd.elapsed().as_secs_f64();
         model.loss.clamp_parameter(&model.params)?;
         let done = step + 1;
         model.meta.training.steps = done;
@@ -289,6 +303,9 @@ pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>) -> Result<TrainReport> {
         heldout_tiles: held_tiles.len(),
         tag_texts_encoded: inputs.vectors.encoded,
         interrupted,
+        input_seconds,
+        step_seconds_compute: compute_seconds,
+        path: if a.reference { "reference" } else { "engine" }.to_string(),
     })
 }
 

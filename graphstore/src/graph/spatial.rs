@@ -36,12 +36,76 @@ use crate::feature::FeatureKind;
 /// Adds the spatial edges of `nodes` (sorted by kind) to `edges`.
 /// `connected` are the polyline pairs (sorted) that share an OSM node: they
 /// get no `touches`/`crosses`.
+/// Verdicts of feature pairs already decided, shared by the tiles of a
+/// batch (and later batches while the store does not change): a pair's
+/// predicates depend on the two features' whole geometries only, not on the
+/// tile, so two features that share forty tiles are compared once. Sharded
+/// so that rayon's threads seldom wait for each other.
+pub(crate) struct PairMemo {
+    shards: Vec<std::sync::Mutex<std::collections::HashMap<PairKey, Verdict>>>,
+    len: std::sync::atomic::AtomicUsize,
+}
+
+/// `(type, id)` of the pair's first and second feature (in graph order).
+type PairKey = (u8, i64, u8, i64);
+
+impl Default for PairMemo {
+    fn default() -> Self {
+        PairMemo {
+            shards: (0..16).map(|_| Default::default()).collect(),
+            len: Default::default(),
+        }
+    }
+}
+
+impl PairMemo {
+    fn shard(&self, k: &PairKey) -> &std::sync::Mutex<std::collections::HashMap<PairKey, Verdict>> {
+        let h = (k.1 as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (k.3 as u64);
+        &self.shards[(h % self.shards.len() as u64) as usize]
+    }
+
+    fn get_or(&self, k: PairKey, compute: impl FnOnce() -> Option<Verdict>) -> Option<Verdict> {
+        if let Some(v) = self.shard(&k).lock().expect("pair memo").get(&k) {
+            return Some(*v);
+        }
+        let v = compute()?;
+        if self
+            .shard(&k)
+            .lock()
+            .expect("pair memo")
+            .insert(k, v)
+            .is_none()
+        {
+            self.len.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Some(v)
+    }
+
+    /// Pairs held.
+    pub(crate) fn len(&self) -> usize {
+        self.len.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn clear(&mut self) {
+        for s in &mut self.shards {
+            s.get_mut().expect("pair memo").clear();
+        }
+        *self.len.get_mut() = 0;
+    }
+}
+
+fn key_of(a: &Resolved, b: &Resolved) -> PairKey {
+    (a.element as u8, a.id, b.element as u8, b.id)
+}
+
 /// `outlines[i]` is [`outline_of`] `nodes[i]` (built by the caller, so that
-/// a feature shared by many tiles gets one outline).
+/// a feature shared by many tiles gets one outline); `memo` keeps the
+/// verdicts of pairs across tiles.
 pub(super) fn spatial_edges(
     nodes: &[&Resolved],
     outlines: &[Option<&Outline>],
     connected: &[(usize, usize)],
+    memo: &PairMemo,
     edges: &mut Vec<(usize, usize, EdgeKind)>,
 ) {
     let kind = |i: usize| nodes[i].feature.kind;
@@ -73,14 +137,21 @@ pub(super) fn spatial_edges(
         };
         for c in tree.locate_in_envelope_intersecting(AABB::from_point([p.x(), p.y()])) {
             let j = c.data;
-            let inside = match (kind(j), outlines[j], &nodes[j].geometry) {
-                (FeatureKind::Polygon, _, Some(g)) if exact_only => {
-                    guarded(|| g.contains(p)) == Some(true)
-                }
-                (FeatureKind::Polygon, Some(o), _) => o.locate(p.0) == Pos::Inside,
-                _ => false,
-            };
-            if inside {
+            if kind(j) != FeatureKind::Polygon {
+                continue;
+            }
+            let v = memo.get_or(key_of(r, nodes[j]), || {
+                let inside = match (outlines[j], &nodes[j].geometry) {
+                    (_, Some(g)) if exact_only => guarded(|| g.contains(p)) == Some(true),
+                    (Some(o), _) => o.locate(p.0) == Pos::Inside,
+                    _ => false,
+                };
+                Some(Verdict {
+                    a_within_b: inside,
+                    ..Verdict::default()
+                })
+            });
+            if v.is_some_and(|v| v.a_within_b) {
                 edges.push((i, j, EdgeKind::Within));
             }
         }
@@ -107,40 +178,44 @@ pub(super) fn spatial_edges(
         if nodes[a].geometry.is_none() || nodes[b].geometry.is_none() {
             continue;
         }
-        let quick = match (outlines[a], outlines[b]) {
-            (Some(oa), Some(ob)) if !exact_only => decide(ka, oa, kb, ob),
-            _ => None,
-        };
-        let verdict = match quick {
-            Some(v) => v,
-            None => {
-                let mut prepare = |i: usize| {
-                    if prepared[i].is_none() {
-                        let g = nodes[i].geometry.as_ref().expect("checked above");
-                        prepared[i] = Some(guarded(|| PreparedGeometry::from(g)));
-                    }
-                };
-                prepare(a);
-                prepare(b);
-                let (Some(Some(pa)), Some(Some(pb))) = (&prepared[a], &prepared[b]) else {
-                    continue;
-                };
-                match guarded(|| pa.relate(pb)) {
-                    Some(im) => Verdict::from_matrix(ka, kb, &im),
-                    None => {
-                        tracing::warn!(
-                            "relate failed between {}{} and {}{}",
-                            nodes[a].element.letter(),
-                            nodes[a].id,
-                            nodes[b].element.letter(),
-                            nodes[b].id
-                        );
-                        continue;
+        let verdict = memo.get_or(key_of(nodes[a], nodes[b]), || {
+            let quick = match (outlines[a], outlines[b]) {
+                (Some(oa), Some(ob)) if !exact_only => decide(ka, oa, kb, ob),
+                _ => None,
+            };
+            Some(match quick {
+                Some(v) => v,
+                None => {
+                    let mut prepare = |i: usize| {
+                        if prepared[i].is_none() {
+                            let g = nodes[i].geometry.as_ref().expect("checked above");
+                            prepared[i] = Some(guarded(|| PreparedGeometry::from(g)));
+                        }
+                    };
+                    prepare(a);
+                    prepare(b);
+                    let (Some(Some(pa)), Some(Some(pb))) = (&prepared[a], &prepared[b]) else {
+                        return None;
+                    };
+                    match guarded(|| pa.relate(pb)) {
+                        Some(im) => Verdict::from_matrix(ka, kb, &im),
+                        None => {
+                            tracing::warn!(
+                                "relate failed between {}{} and {}{}",
+                                nodes[a].element.letter(),
+                                nodes[a].id,
+                                nodes[b].element.letter(),
+                                nodes[b].id
+                            );
+                            return None;
+                        }
                     }
                 }
-            }
-        };
-        verdict.push(a, b, edges);
+            })
+        });
+        if let Some(v) = verdict {
+            v.push(a, b, edges);
+        }
     }
 }
 

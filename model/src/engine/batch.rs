@@ -34,8 +34,13 @@ pub(crate) struct TypeNodes {
     pub rows: Arc<SharedIndex>,
     /// `[n, own width]`, `None` when the own part is empty.
     pub own: Option<Tensor>,
-    /// `[B + 1]` node ranges per graph.
-    pub graph_ptr: Arc<SharedIndex>,
+    /// Graphs with at least one node of this type, and their node ranges
+    /// (`[present + 1]`): Set2Set runs on these rows only.
+    pub present_ptr: Arc<SharedIndex>,
+    /// Per graph: its row among the present ones, or `present` (a zero row)
+    /// for a graph without nodes of this type.
+    pub row_of_graph: Arc<SharedIndex>,
+    pub present: usize,
 }
 
 /// One relation with edges in the batch.
@@ -161,6 +166,23 @@ impl PackedBatch {
             }
             let distinct = index.len();
             drop(index);
+            let mut present_ptr = vec![0u32];
+            let mut row_of_graph = Vec::with_capacity(b);
+            let mut present = 0u32;
+            for w in ptr.windows(2) {
+                if w[1] > w[0] {
+                    row_of_graph.push(present);
+                    present_ptr.push(w[1]);
+                    present += 1;
+                } else {
+                    row_of_graph.push(u32::MAX);
+                }
+            }
+            for r in row_of_graph.iter_mut() {
+                if *r == u32::MAX {
+                    *r = present;
+                }
+            }
             types[ti] = Some(TypeNodes {
                 n: totals[ti],
                 table: Tensor::from_vec(table, (distinct, shared_width), device)?,
@@ -170,7 +192,9 @@ impl PackedBatch {
                 } else {
                     None
                 },
-                graph_ptr: Arc::new(SharedIndex::new(ptr)),
+                present_ptr: Arc::new(SharedIndex::new(present_ptr)),
+                row_of_graph: Arc::new(SharedIndex::new(row_of_graph)),
+                present: present as usize,
             });
         }
         // Edges per relation, offset into the batch.
@@ -247,6 +271,19 @@ impl PackedBatch {
     /// Distinct shared parts per type (what the first layer multiplies).
     pub fn distinct_shared(&self) -> [usize; NodeType::COUNT] {
         std::array::from_fn(|t| self.types[t].as_ref().map_or(0, |n| n.table.dims()[0]))
+    }
+
+    /// `(Σ active targets, Σ distinct senders)` over the relations: the rows
+    /// an aggregate-then-transform and a transform-then-aggregate layer
+    /// would multiply.
+    pub fn message_rows(&self) -> (usize, usize) {
+        let mut targets = 0;
+        let mut senders = 0;
+        for r in &self.relations {
+            targets += r.csr.active();
+            senders += r.csr.out_ptr.windows(2).filter(|w| w[1] > w[0]).count();
+        }
+        (targets, senders)
     }
 
     /// Edges per relation.

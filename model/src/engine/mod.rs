@@ -501,39 +501,56 @@ impl Engine {
             let v = match (&x[t], &batch.types[t]) {
                 (Some(xt), Some(nodes)) => {
                     let s2s = &w.set2set[t];
+                    // Only the graphs that have nodes of this type: the
+                    // others' rows are masked to zero in the end anyway.
+                    let bt = nodes.present;
                     let readout = ops::Readout {
-                        ptr: nodes.graph_ptr.clone(),
+                        ptr: nodes.present_ptr.clone(),
                     };
-                    // Step 1 starts from zero state: the gates are the bias.
-                    let mut gates = s2s
-                        .bias
-                        .unsqueeze(0)?
-                        .broadcast_as((b, 4 * d))?
-                        .contiguous()?;
-                    let mut c = None;
-                    let mut q_star = None;
-                    for step in 0..w.config.set2set_steps {
-                        if step > 0 {
-                            let q: &Tensor = q_star.as_ref().expect("set after step 1");
-                            gates = q.matmul(&s2s.gates)?.broadcast_add(&s2s.bias)?;
-                        }
+                    let lstm = |gates: &Tensor, c: Option<&Tensor>| -> Result<(Tensor, Tensor)> {
                         let i = candle_nn::ops::sigmoid(&gates.narrow(1, 0, d)?)?;
                         let f = candle_nn::ops::sigmoid(&gates.narrow(1, d, d)?)?;
                         let g = gates.narrow(1, 2 * d, d)?.tanh()?;
                         let o = candle_nn::ops::sigmoid(&gates.narrow(1, 3 * d, d)?)?;
                         let ig = i.mul(&g)?;
-                        let c_new = match &c {
-                            Some(c) => f.mul(c)?.add(&ig)?,
+                        let c = match c {
+                            Some(c) => f.broadcast_mul(c)?.add(&ig)?,
                             None => ig,
                         };
-                        let h = o.mul(&c_new.tanh()?)?;
-                        c = Some(c_new);
+                        let h = o.mul(&c.tanh()?)?;
+                        Ok((h, c))
+                    };
+                    // Step 1 starts from zero state: its gates are the bias,
+                    // the same for every graph, so one row stands for all.
+                    let (h1, c1) = lstm(&s2s.bias.unsqueeze(0)?, None)?;
+                    let q1 = h1.broadcast_as((bt, d))?.contiguous()?;
+                    let r1 = xt.apply_op2(&q1, readout.clone())?;
+                    let mut c = c1;
+                    let mut q_star = Tensor::cat(&[&q1, &r1], 1)?;
+                    for step in 1..w.config.set2set_steps {
+                        let gates = if step == 1 {
+                            // The hidden half of q* is still that one row.
+                            let wh = s2s.gates.narrow(0, 0, d)?;
+                            let wr = s2s.gates.narrow(0, d, d)?;
+                            r1.matmul(&wr)?
+                                .broadcast_add(&h1.matmul(&wh)?)?
+                                .broadcast_add(&s2s.bias)?
+                        } else {
+                            q_star.matmul(&s2s.gates)?.broadcast_add(&s2s.bias)?
+                        };
+                        let (h, c_new) = lstm(&gates, Some(&c))?;
+                        c = c_new;
                         let r = xt.apply_op2(&h, readout.clone())?;
-                        q_star = Some(Tensor::cat(&[&h, &r], 1)?);
+                        q_star = Tensor::cat(&[&h, &r], 1)?;
                     }
-                    let q_star = q_star.expect("at least one step");
-                    let mask = batch.present.narrow(1, t, 1)?;
-                    w.type_proj[t].forward(&q_star)?.broadcast_mul(&mask)?
+                    let pooled = w.type_proj[t].forward(&q_star)?; // [bt, d]
+                    if bt == b {
+                        pooled
+                    } else {
+                        let zero = Tensor::zeros((1, d), dt, &self.device)?;
+                        Tensor::cat(&[&pooled, &zero], 0)?
+                            .index_select(nodes.row_of_graph.on_device(&self.device)?, 0)?
+                    }
                 }
                 (None, None) => Tensor::zeros((b, d), dt, &self.device)?,
                 _ => {
