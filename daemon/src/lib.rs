@@ -1,6 +1,7 @@
 //! The `osmvec` daemon as a library: the binary in `main.rs` is a thin CLI
 //! over these modules, and the end-to-end tests drive the binary.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod embedding;

@@ -180,6 +180,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Benchmark: one daemon embedding cycle with a backlog of FILLER more
+    /// dirty marks (run on a copy of a store: it writes marks and
+    /// embeddings). Prints JSON.
+    BenchCycle {
+        #[arg(long)]
+        store: PathBuf,
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        filler: u64,
+        /// Mark every tile with features dirty first, as an import does.
+        #[arg(long)]
+        mark_all: bool,
+        #[arg(long, default_value_t = 3)]
+        cycles: usize,
+        #[arg(long, default_value_t = 512)]
+        per_cycle: usize,
+        #[arg(long, default_value_t = 256)]
+        batch_size: usize,
+        #[command(flatten)]
+        model: ModelArgs,
+    },
     /// The daemon: follow the replication source, embed dirty tiles, publish
     /// changes and embeddings to Kafka through the store's outbox.
     Run {
@@ -406,6 +428,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 reference,
             })?;
             print_report(&report, json)
+        }
+        Command::BenchCycle {
+            store,
+            checkpoint,
+            filler,
+            mark_all,
+            cycles,
+            per_cycle,
+            batch_size,
+            model,
+        } => {
+            let (device, model_dir) = model.resolve()?;
+            let report = osmvec::bench::bench_cycle(&osmvec::bench::CycleBenchArgs {
+                store,
+                checkpoint,
+                filler,
+                mark_all,
+                cycles,
+                per_cycle,
+                batch_size,
+                model_dir,
+                device,
+            })?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
         }
         Command::Run {
             config,

@@ -304,6 +304,19 @@ impl Store {
         self.finish_marks(b, added)
     }
 
+    /// Marks `tiles` dirty since `seq` (a tile already marked keeps its
+    /// sequence), in batches of 100,000: tools and benchmarks (diffs and
+    /// imports mark tiles in their own batches).
+    pub fn mark_tiles_dirty(&self, tiles: &[TileId], seq: u64) -> Result<()> {
+        for chunk in tiles.chunks(100_000) {
+            let mut b = WriteBatch::default();
+            let generation = self.next_dirty_generation(&mut b)?;
+            self.mark_tiles(&mut b, chunk, seq, generation)?;
+            self.write(b, false)?;
+        }
+        Ok(())
+    }
+
     /// The `limit` oldest marks, in (first-dirty sequence, tile) order: reads
     /// what it returns, whatever the size of the backlog.
     pub fn oldest_marks(&self, limit: usize) -> Result<Vec<(TileId, DirtyMark)>> {
