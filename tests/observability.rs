@@ -58,6 +58,28 @@ fn api_answers_checks_input_and_guards_state_changes() {
     let (status, body) = http("GET", &format!("{url}/v1/tiles/15/0/0"), None);
     assert_eq!(status, 404, "{body}");
     assert!(body.contains("no embedding for tile 15/0/0"), "{body}");
+    // Paginated: pages of 7, each `next` the `after` of the next, add up to
+    // the whole layer, in order.
+    assert_eq!(tiles["total"].as_u64().unwrap() as usize, rows.len());
+    assert!(tiles["next"].is_null());
+    let mut paged = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let q = after.as_ref().map_or(String::new(), |a| format!("&after={a}"));
+        let page = get_json(&format!("{url}/v1/tiles?limit=7{q}"));
+        let r = page["tiles"].as_array().unwrap();
+        assert!(r.len() <= 7);
+        paged.extend(r.iter().cloned());
+        match page["next"].as_str() {
+            Some(n) => after = Some(n.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(&paged, rows, "the pages differ from the whole layer");
+    for bad in ["limit=0", "limit=100001", "limit=x", "after=15/1", "after=99/0/0"] {
+        let (status, body) = http("GET", &format!("{url}/v1/tiles?{bad}"), None);
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
     for (path, needle) in [
         ("/v1/tiles/99/0/0", "z must"),
         ("/v1/tiles/15/abc/0", "x must"),
@@ -92,6 +114,31 @@ fn api_answers_checks_input_and_guards_state_changes() {
             .iter()
             .all(|v| v.as_f64().unwrap().is_finite())
     );
+
+    // A burst of /v1/embed: at most 4 compute at once, the rest wait up to a
+    // second and are then shed with 503; every request gets an answer, and
+    // the shed ones are counted.
+    let answers: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..64)
+            .map(|i| {
+                let url = &url;
+                s.spawn(move || {
+                    let lat = -60.0 + i as f64;
+                    http("GET", &format!("{url}/v1/embed?lat={lat}&lon=10"), None).0
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(answers.iter().all(|s| *s == 200 || *s == 503), "{answers:?}");
+    let shed = answers.iter().filter(|s| **s == 503).count();
+    let m = metrics();
+    assert_eq!(
+        sample(&m, r#"osmvec_http_requests_shed_total{endpoint="/v1/embed"}"#),
+        Some(shed as f64),
+        "{shed} answered 503"
+    );
+    eprintln!("64 concurrent /v1/embed: {} answered 200, {shed} shed (503)", 64 - shed);
 
     // Drift summary: the diffs re-embedded tiles of the same version.
     let d = get_json(&format!("{url}/v1/drift"));
@@ -309,8 +356,9 @@ fn prometheus_scrapes_and_the_drift_page_shows_the_published_tiles() {
         "Prometheus: sequence 180, {embedded} tiles embedded, {drifted} drift values, drifted share {share:.3}"
     );
 
-    // The drift page, headless: the tile layer holds every published tile.
-    let published = get_json(&format!("{url}/v1/tiles"))["count"]
+    // The drift page, headless: the tile layer holds every published tile
+    // (the page reads every page of /v1/tiles).
+    let published = get_json(&format!("{url}/v1/tiles"))["total"]
         .as_u64()
         .unwrap();
     let chromium = |args: &[&str]| {
