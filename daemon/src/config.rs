@@ -25,6 +25,9 @@ pub struct FileConfig {
     pub embed_batch: Option<usize>,
     pub max_tiles_per_cycle: Option<usize>,
     pub sweep_tiles_per_cycle: Option<usize>,
+    /// A dirty coarse tile re-embeds only the children whose context graph
+    /// changed (exact); false re-embeds every child.
+    pub context_pruning: Option<bool>,
     pub mode: Option<Mode>,
     /// Largest diff accepted (download and decompressed text), bytes.
     pub max_diff_bytes: Option<u64>,
@@ -276,6 +279,10 @@ pub struct RunOverrides {
     /// takes, after the cycle's dirty tiles [default: 256].
     #[arg(long, env = "OSMVEC_SWEEP_TILES_PER_CYCLE")]
     pub sweep_tiles_per_cycle: Option<usize>,
+    /// Whether a dirty coarse tile re-embeds only the children whose
+    /// context graph really changed (exact; embed mode) [default: true].
+    #[arg(long, env = "OSMVEC_CONTEXT_PRUNING")]
+    pub context_pruning: Option<bool>,
     /// Seconds librdkafka retries a message before it counts as failed
     /// (it is then sent again from the outbox) [default: 30].
     #[arg(long, env = "OSMVEC_MESSAGE_TIMEOUT")]
@@ -337,6 +344,7 @@ pub struct RunSettings {
     pub embed_batch: usize,
     pub max_tiles_per_cycle: usize,
     pub sweep_tiles_per_cycle: usize,
+    pub context_pruning: bool,
     pub mode: Mode,
     pub max_diff_bytes: u64,
     pub fetch_timeout_seconds: f64,
@@ -417,6 +425,7 @@ pub fn merge(o: RunOverrides, f: FileConfig) -> Result<RunSettings> {
             .sweep_tiles_per_cycle
             .or(f.sweep_tiles_per_cycle)
             .unwrap_or(256),
+        context_pruning: o.context_pruning.or(f.context_pruning).unwrap_or(true),
         mode: o.mode.or(f.mode).unwrap_or_default(),
         max_diff_bytes: o.max_diff_bytes.or(f.max_diff_bytes).unwrap_or(1 << 30),
         fetch_timeout_seconds: o.fetch_timeout.or(f.fetch_timeout_seconds).unwrap_or(600.0),

@@ -37,7 +37,9 @@ use serde::Serialize;
 use crate::config::{Mode, RunSettings};
 use crate::embedding::checkpoint::Model;
 use crate::embedding::checkpoint::git_revision;
-use crate::embedding::embed::{EmbedReport, embed_tiles, same_space, tiles_to_embed};
+use crate::embedding::embed::{
+    EmbedReport, embed_pipelined, embed_tiles, same_space, tiles_to_embed,
+};
 use crate::embedding::finetune::{FinetuneConfig, FinetuneReport};
 use crate::embedding::inputs::Inputs;
 use crate::embedding::tags::TagVectors;
@@ -64,6 +66,9 @@ pub struct RunOptions {
     pub max_tiles_per_cycle: usize,
     /// Most tiles the re-embed sweep of a new major version takes per cycle.
     pub sweep_tiles_per_cycle: usize,
+    /// A dirty coarse tile re-embeds only the children whose context
+    /// changed (embed mode).
+    pub context_pruning: bool,
     pub mode: Mode,
     pub max_outbox_per_drain: usize,
     pub shutdown_flush: Duration,
@@ -99,6 +104,7 @@ impl RunOptions {
             embed_batch: s.embed_batch,
             max_tiles_per_cycle: s.max_tiles_per_cycle,
             sweep_tiles_per_cycle: s.sweep_tiles_per_cycle,
+            context_pruning: s.context_pruning,
             mode: s.mode,
             max_outbox_per_drain: 10_000,
             shutdown_flush: Duration::from_secs(10),
@@ -357,7 +363,7 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
             &model,
             &mut inputs,
             o.max_tiles_per_cycle.max(1),
-            o.mode == Mode::Embed,
+            o.mode == Mode::Embed && o.context_pruning,
         )?;
         let by_tile: std::collections::HashMap<TileId, DirtyMark> = marks.into_iter().collect();
         let wait_for_more = !caught_up
@@ -369,24 +375,31 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
             work.len().min(o.max_tiles_per_cycle)
         };
         let mut er = EmbedReport::default();
-        for chunk in work[..take].chunks(o.embed_batch.max(1)) {
-            let seen: Vec<(TileId, DirtyMark)> = chunk
-                .iter()
-                .filter_map(|t| by_tile.get(t).map(|m| (*t, *m)))
-                .collect();
-            if o.mode == Mode::Ingest {
+        if o.mode == Mode::Ingest {
+            for chunk in work[..take].chunks(o.embed_batch.max(1)) {
+                let seen: Vec<(TileId, DirtyMark)> = chunk
+                    .iter()
+                    .filter_map(|t| by_tile.get(t).map(|m| (*t, *m)))
+                    .collect();
                 // Jobs for the workers, built from the store when sent.
                 store.queue_jobs(chunk, &seen)?;
                 er.tiles += chunk.len();
                 cycle.jobs_queued += chunk.len();
-                continue;
             }
-            let tb = Instant::now();
-            embed_tiles(&store, &model, &mut inputs, chunk, &seen, &mut er)?;
-            m.embed_batch_duration_seconds
-                .observe(tb.elapsed().as_secs_f64());
-            if stop.load(Ordering::Relaxed) {
-                break;
+        } else if take > 0 {
+            // The next batch's inputs are built while the encoder runs.
+            embed_pipelined(
+                &store,
+                &model,
+                &mut inputs,
+                &work[..take],
+                o.embed_batch,
+                &by_tile,
+                Some(&stop),
+                &mut er,
+            )?;
+            for s in std::mem::take(&mut er.batch_seconds) {
+                m.embed_batch_duration_seconds.observe(s);
             }
         }
         let dirty_done = er.tiles;
