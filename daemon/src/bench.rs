@@ -117,3 +117,54 @@ pub fn bench_cycle(a: &CycleBenchArgs) -> Result<CycleBenchReport> {
     report.median_cycle_seconds = s.get(s.len() / 2).copied().unwrap_or(0.0);
     Ok(report)
 }
+
+/// How two stores' tile embeddings differ (`osmvec compare-embeddings`):
+/// the same tiles, and the largest difference of any vector component.
+#[derive(Debug, Clone, Serialize)]
+pub struct EmbeddingComparison {
+    pub tiles_a: usize,
+    pub tiles_b: usize,
+    pub compared: usize,
+    pub only_in_a: usize,
+    pub only_in_b: usize,
+    pub max_abs_difference: f64,
+    pub max_cosine_distance: f64,
+}
+
+pub fn compare_embeddings(a: &std::path::Path, b: &std::path::Path) -> Result<EmbeddingComparison> {
+    let ea: HashMap<TileId, Vec<f32>> = Store::open(a)?
+        .tile_embeddings()?
+        .into_iter()
+        .map(|(t, e)| (t, e.vector))
+        .collect();
+    let eb: HashMap<TileId, Vec<f32>> = Store::open(b)?
+        .tile_embeddings()?
+        .into_iter()
+        .map(|(t, e)| (t, e.vector))
+        .collect();
+    let mut out = EmbeddingComparison {
+        tiles_a: ea.len(),
+        tiles_b: eb.len(),
+        compared: 0,
+        only_in_a: 0,
+        only_in_b: eb.keys().filter(|t| !ea.contains_key(t)).count(),
+        max_abs_difference: 0.0,
+        max_cosine_distance: 0.0,
+    };
+    for (t, va) in &ea {
+        let Some(vb) = eb.get(t) else {
+            out.only_in_a += 1;
+            continue;
+        };
+        out.compared += 1;
+        let d = va
+            .iter()
+            .zip(vb)
+            .map(|(x, y)| (x - y).abs() as f64)
+            .fold(0.0, f64::max);
+        out.max_abs_difference = out.max_abs_difference.max(d);
+        let c = crate::embedding::embed::cosine_distance(va, vb) as f64;
+        out.max_cosine_distance = out.max_cosine_distance.max(c);
+    }
+    Ok(out)
+}

@@ -202,6 +202,9 @@ enum Command {
         #[command(flatten)]
         model: ModelArgs,
     },
+    /// Benchmark helper: how the tile embeddings of two stores differ
+    /// (same tiles, largest component difference). Prints JSON.
+    CompareEmbeddings { a: PathBuf, b: PathBuf },
     /// The daemon: follow the replication source, embed dirty tiles, publish
     /// changes and embeddings to Kafka through the store's outbox.
     Run {
@@ -451,6 +454,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 model_dir,
                 device,
             })?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+        Command::CompareEmbeddings { a, b } => {
+            let report = osmvec::bench::compare_embeddings(&a, &b)?;
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
