@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 
 use crate::error::{ModelError, Result};
 use crate::gat::{NodeType, Relation};
@@ -97,7 +98,7 @@ impl PackedBatch {
     /// Packs `graphs` (all with the same feature widths) for `device`; the
     /// first `shared_width` columns of every row are deduplicated (0 < it
     /// ≤ every type's width).
-    pub fn new<G: std::borrow::Borrow<TileGraph>>(
+    pub fn new<G: std::borrow::Borrow<TileGraph> + Sync>(
         graphs: &[G],
         shared_width: usize,
         device: &Device,
@@ -137,65 +138,22 @@ impl PackedBatch {
         if totals.iter().any(|&n| n > u32::MAX as usize / 2) {
             return Err(ModelError::Input("batch too large".into()));
         }
-        for t in NodeType::ALL {
-            let ti = t.index();
-            if totals[ti] == 0 {
-                continue;
-            }
-            let width = in_dims[ti];
-            let own_w = width - shared_width;
-            let mut index: HashMap<RowKey, u32> = HashMap::new();
-            let mut table: Vec<f32> = Vec::new();
-            let mut rows = Vec::with_capacity(totals[ti]);
-            let mut own = Vec::with_capacity(totals[ti] * own_w);
-            let mut ptr = Vec::with_capacity(b + 1);
-            ptr.push(0u32);
-            for g in graphs {
-                let g = g.borrow();
-                for row in g.features(t).chunks_exact(width) {
-                    let (shared, mine) = row.split_at(shared_width);
-                    let next = index.len() as u32;
-                    let r = *index.entry(RowKey(shared)).or_insert_with(|| {
-                        table.extend_from_slice(shared);
-                        next
-                    });
-                    rows.push(r);
-                    own.extend_from_slice(mine);
-                }
-                ptr.push(rows.len() as u32);
-            }
-            let distinct = index.len();
-            drop(index);
-            let mut present_ptr = vec![0u32];
-            let mut row_of_graph = Vec::with_capacity(b);
-            let mut present = 0u32;
-            for w in ptr.windows(2) {
-                if w[1] > w[0] {
-                    row_of_graph.push(present);
-                    present_ptr.push(w[1]);
-                    present += 1;
-                } else {
-                    row_of_graph.push(u32::MAX);
-                }
-            }
-            for r in row_of_graph.iter_mut() {
-                if *r == u32::MAX {
-                    *r = present;
-                }
-            }
-            types[ti] = Some(TypeNodes {
-                n: totals[ti],
-                table: Tensor::from_vec(table, (distinct, shared_width), device)?,
-                rows: Arc::new(SharedIndex::new(rows)),
-                own: if own_w > 0 {
-                    Some(Tensor::from_vec(own, (totals[ti], own_w), device)?)
-                } else {
-                    None
-                },
-                present_ptr: Arc::new(SharedIndex::new(present_ptr)),
-                row_of_graph: Arc::new(SharedIndex::new(row_of_graph)),
-                present: present as usize,
-            });
+        // The three types in parallel (each one pass over its rows).
+        let packed: Vec<Result<Option<TypeNodes>>> = NodeType::ALL
+            .par_iter()
+            .map(|&t| {
+                pack_type(
+                    graphs,
+                    t,
+                    totals[t.index()],
+                    in_dims[t.index()],
+                    shared_width,
+                    device,
+                )
+            })
+            .collect();
+        for (t, p) in packed.into_iter().enumerate() {
+            types[t] = p?;
         }
         // Edges per relation, offset into the batch.
         let mut edges: BTreeMap<Relation, (Vec<u32>, Vec<u32>)> = BTreeMap::new();
@@ -214,9 +172,17 @@ impl PackedBatch {
         let mut relations = Vec::with_capacity(edges.len());
         let mut message_rows = [0usize; NodeType::COUNT];
         let mut pairs: [Vec<(u32, u32)>; NodeType::COUNT] = Default::default();
-        for (rel, (src, dst)) in edges {
-            let csr = EdgeCsr::new(&src, &dst, totals[rel.src.index()], totals[rel.dst.index()])
-                .map_err(|e| ModelError::Graph(format!("{}: {e}", rel.name())))?;
+        let built: Vec<(Relation, Result<EdgeCsr>)> = edges
+            .into_par_iter()
+            .map(|(rel, (src, dst))| {
+                let csr =
+                    EdgeCsr::new(&src, &dst, totals[rel.src.index()], totals[rel.dst.index()])
+                        .map_err(|e| ModelError::Graph(format!("{}: {e}", rel.name())));
+                (rel, csr)
+            })
+            .collect();
+        for (rel, csr) in built {
+            let csr = csr?;
             let t = rel.dst.index();
             let offset = message_rows[t];
             for (k, &i) in csr.targets.iter().enumerate() {
@@ -293,4 +259,73 @@ impl PackedBatch {
             .map(|r| (r.relation, r.csr.src.len()))
             .collect()
     }
+}
+
+/// One type's rows of every graph: distinct shared parts, row map, own
+/// parts, node ranges.
+fn pack_type<G: std::borrow::Borrow<TileGraph>>(
+    graphs: &[G],
+    t: NodeType,
+    total: usize,
+    width: usize,
+    shared_width: usize,
+    device: &Device,
+) -> Result<Option<TypeNodes>> {
+    if total == 0 {
+        return Ok(None);
+    }
+    let b = graphs.len();
+    let own_w = width - shared_width;
+    let mut index: HashMap<RowKey, u32> = HashMap::new();
+    let mut table: Vec<f32> = Vec::new();
+    let mut rows = Vec::with_capacity(total);
+    let mut own = Vec::with_capacity(total * own_w);
+    let mut ptr = Vec::with_capacity(b + 1);
+    ptr.push(0u32);
+    for g in graphs {
+        let g = g.borrow();
+        for row in g.features(t).chunks_exact(width) {
+            let (shared, mine) = row.split_at(shared_width);
+            let next = index.len() as u32;
+            let r = *index.entry(RowKey(shared)).or_insert_with(|| {
+                table.extend_from_slice(shared);
+                next
+            });
+            rows.push(r);
+            own.extend_from_slice(mine);
+        }
+        ptr.push(rows.len() as u32);
+    }
+    let distinct = index.len();
+    drop(index);
+    let mut present_ptr = vec![0u32];
+    let mut row_of_graph = Vec::with_capacity(b);
+    let mut present = 0u32;
+    for w in ptr.windows(2) {
+        if w[1] > w[0] {
+            row_of_graph.push(present);
+            present_ptr.push(w[1]);
+            present += 1;
+        } else {
+            row_of_graph.push(u32::MAX);
+        }
+    }
+    for r in row_of_graph.iter_mut() {
+        if *r == u32::MAX {
+            *r = present;
+        }
+    }
+    Ok(Some(TypeNodes {
+        n: total,
+        table: Tensor::from_vec(table, (distinct, shared_width), device)?,
+        rows: Arc::new(SharedIndex::new(rows)),
+        own: if own_w > 0 {
+            Some(Tensor::from_vec(own, (total, own_w), device)?)
+        } else {
+            None
+        },
+        present_ptr: Arc::new(SharedIndex::new(present_ptr)),
+        row_of_graph: Arc::new(SharedIndex::new(row_of_graph)),
+        present: present as usize,
+    }))
 }

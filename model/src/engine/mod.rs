@@ -218,7 +218,10 @@ impl Engine {
     }
 
     /// Packs graphs for this engine's device.
-    pub fn pack<G: std::borrow::Borrow<TileGraph>>(&self, graphs: &[G]) -> Result<PackedBatch> {
+    pub fn pack<G: std::borrow::Borrow<TileGraph> + Sync>(
+        &self,
+        graphs: &[G],
+    ) -> Result<PackedBatch> {
         PackedBatch::new(graphs, self.shared_width, &self.device)
     }
 
