@@ -390,6 +390,7 @@ pub fn worker(o: &WorkerOptions, stop: Arc<AtomicBool>) -> Result<()> {
     // Jobs read while serving callbacks before a publish: the next batch's.
     let mut carry: Vec<Polled> = Vec::new();
     let mut carry_bytes = 0;
+    let mut carry_next: HashMap<i32, i64> = HashMap::new();
     let mut failures = 0u32;
     tracing::info!(
         group = %o.group,
@@ -423,12 +424,9 @@ pub fn worker(o: &WorkerOptions, stop: Arc<AtomicBool>) -> Result<()> {
         // A batch: up to `batch` jobs or `max_wait`.
         let mut jobs: Vec<Polled> = std::mem::take(&mut carry);
         let mut job_bytes = std::mem::take(&mut carry_bytes);
-        // Next offset to commit per partition (after the batch's last record).
-        let mut next: HashMap<i32, i64> = HashMap::new();
-        for j in &jobs {
-            let e = next.entry(j.partition).or_insert(0);
-            *e = (*e).max(j.offset + 1);
-        }
+        // Next offset to commit per partition (after the batch's last
+        // record, the carried ones included).
+        let mut next: HashMap<i32, i64> = std::mem::take(&mut carry_next);
         let deadline = Instant::now() + o.max_wait;
         while jobs.len() < o.batch && Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
             match consumer.poll(Duration::from_millis(20)) {
@@ -465,9 +463,18 @@ pub fn worker(o: &WorkerOptions, stop: Arc<AtomicBool>) -> Result<()> {
         // Serve the consumer's callbacks before publishing: a partition the
         // group took away meanwhile is another worker's now, and its jobs
         // are that worker's to publish (from the committed offset).
-        while let Some(r) = consumer.poll(Duration::ZERO) {
+        // What this poll returns belongs to the next batch (at most one
+        // batch of it: the rest stays in the consumer's queue).
+        let mut taken = 0;
+        while taken < o.batch {
+            let Some(r) = consumer.poll(Duration::ZERO) else {
+                break;
+            };
+            taken += 1;
             match r {
                 Ok(msg) => {
+                    let e = carry_next.entry(msg.partition()).or_insert(0);
+                    *e = (*e).max(msg.offset() + 1);
                     if let Some(j) = take_message(&msg, m, &mut carry_bytes) {
                         carry.push(j);
                     }
@@ -491,8 +498,13 @@ pub fn worker(o: &WorkerOptions, stop: Arc<AtomicBool>) -> Result<()> {
         }
         next.retain(|p, _| !revoked.contains(p));
         carry.retain(|j| !revoked.contains(&j.partition));
+        carry_next.retain(|p, _| !revoked.contains(p));
         // Publish, wait for every acknowledgement, then commit.
-        if let Err(e) = publish(&producer, o, &records) {
+        if let Err(e) = publish(&producer, o, &records, &stop) {
+            if stop.load(Ordering::Relaxed) {
+                // Uncommitted: the group gives these jobs to another worker.
+                break;
+            }
             failures += 1;
             m.publish_failures_total.inc();
             let delay = Duration::from_secs(1 << failures.min(6)).min(Duration::from_secs(60));
@@ -509,6 +521,7 @@ pub fn worker(o: &WorkerOptions, stop: Arc<AtomicBool>) -> Result<()> {
                 *e = (*e).min(j.offset);
             }
             carry_bytes = 0;
+            carry_next.clear();
             for (p, o_) in rewind.iter().filter(|(p, _)| !revoked.contains(p)) {
                 if let Err(e) = consumer.seek(
                     &o.topics.jobs,
@@ -566,7 +579,9 @@ pub fn worker(o: &WorkerOptions, stop: Arc<AtomicBool>) -> Result<()> {
             println!("{}", serde_json::to_string(&report)?);
         }
     }
-    producer.flush(Duration::from_secs(10))?;
+    if let Err(e) = producer.flush(Duration::from_secs(3)) {
+        tracing::warn!(error = %e, "records still in flight at the stop (their batch is redone)");
+    }
     tracing::info!("worker stopped");
     Ok(())
 }
@@ -621,7 +636,12 @@ fn embed_jobs(
 }
 
 /// Sends a batch's records and waits for every acknowledgement.
-fn publish(producer: &BaseProducer, o: &WorkerOptions, records: &Records) -> Result<()> {
+fn publish(
+    producer: &BaseProducer,
+    o: &WorkerOptions,
+    records: &Records,
+    stop: &AtomicBool,
+) -> Result<()> {
     for (_, t, e) in records {
         let key = t.to_string();
         let (payload, idk) = match e {
@@ -650,11 +670,21 @@ fn publish(producer: &BaseProducer, o: &WorkerOptions, records: &Records) -> Res
             }
         }
     }
-    producer
-        .flush(Duration::from_millis(o.message_timeout_ms + 5_000))
-        .context("flushing the embeddings")?;
-    if producer.in_flight_count() > 0 {
-        bail!("embeddings still in flight after the flush");
+    // Wait for every acknowledgement, in short steps so that a stop is
+    // answered at once (the batch is then redone by whoever owns it next).
+    let deadline = Instant::now() + Duration::from_millis(o.message_timeout_ms + 5_000);
+    while producer.in_flight_count() > 0 {
+        if stop.load(Ordering::Relaxed) {
+            bail!("stopping before every embedding was acknowledged");
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{} embeddings still unacknowledged after {} ms",
+                producer.in_flight_count(),
+                o.message_timeout_ms + 5_000
+            );
+        }
+        producer.poll(Duration::from_millis(50));
     }
     Ok(())
 }
