@@ -67,7 +67,8 @@ fn tile_fingerprints(store: &Path) -> BTreeMap<TileId, u64> {
 fn context_fingerprints(store: &Path) -> BTreeMap<TileId, u64> {
     let ckpt = store.parent().unwrap().join("ckpt/checkpoint.json");
     let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&ckpt).expect("the checkpoint next to the twin")).unwrap();
+        serde_json::from_slice(&std::fs::read(&ckpt).expect("the checkpoint next to the twin"))
+            .unwrap();
     let cfg: osmvec_graphstore::graph::GraphConfig =
         serde_json::from_value(meta["config"]["graphs"].clone()).unwrap();
     let st = Store::open(store).unwrap();
@@ -76,7 +77,14 @@ fn context_fingerprints(store: &Path) -> BTreeMap<TileId, u64> {
         .unwrap()
         .into_keys()
         .filter(|t| t.z == coarse)
-        .map(|t| (t, osmvec_graphstore::graph::build_tile_graph(&st, t, &cfg).unwrap().fingerprint()))
+        .map(|t| {
+            (
+                t,
+                osmvec_graphstore::graph::build_tile_graph(&st, t, &cfg)
+                    .unwrap()
+                    .fingerprint(),
+            )
+        })
         .collect()
 }
 

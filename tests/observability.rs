@@ -65,7 +65,9 @@ fn api_answers_checks_input_and_guards_state_changes() {
     let mut paged = Vec::new();
     let mut after: Option<String> = None;
     loop {
-        let q = after.as_ref().map_or(String::new(), |a| format!("&after={a}"));
+        let q = after
+            .as_ref()
+            .map_or(String::new(), |a| format!("&after={a}"));
         let page = get_json(&format!("{url}/v1/tiles?limit=7{q}"));
         let r = page["tiles"].as_array().unwrap();
         assert!(r.len() <= 7);
@@ -76,7 +78,13 @@ fn api_answers_checks_input_and_guards_state_changes() {
         }
     }
     assert_eq!(&paged, rows, "the pages differ from the whole layer");
-    for bad in ["limit=0", "limit=100001", "limit=x", "after=15/1", "after=99/0/0"] {
+    for bad in [
+        "limit=0",
+        "limit=100001",
+        "limit=x",
+        "after=15/1",
+        "after=99/0/0",
+    ] {
         let (status, body) = http("GET", &format!("{url}/v1/tiles?{bad}"), None);
         assert_eq!(status, 400, "{bad}: {body}");
     }
@@ -130,15 +138,24 @@ fn api_answers_checks_input_and_guards_state_changes() {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    assert!(answers.iter().all(|s| *s == 200 || *s == 503), "{answers:?}");
+    assert!(
+        answers.iter().all(|s| *s == 200 || *s == 503),
+        "{answers:?}"
+    );
     let shed = answers.iter().filter(|s| **s == 503).count();
     let m = metrics();
     assert_eq!(
-        sample(&m, r#"osmvec_http_requests_shed_total{endpoint="/v1/embed"}"#),
+        sample(
+            &m,
+            r#"osmvec_http_requests_shed_total{endpoint="/v1/embed"}"#
+        ),
         Some(shed as f64),
         "{shed} answered 503"
     );
-    eprintln!("64 concurrent /v1/embed: {} answered 200, {shed} shed (503)", 64 - shed);
+    eprintln!(
+        "64 concurrent /v1/embed: {} answered 200, {shed} shed (503)",
+        64 - shed
+    );
 
     // Drift summary: the diffs re-embedded tiles of the same version.
     let d = get_json(&format!("{url}/v1/drift"));
