@@ -757,6 +757,111 @@ mod tests {
         }
     }
 
+    /// A daemon's shared state over an empty store and an untrained model,
+    /// served on a free port.
+    fn test_daemon() -> (Arc<Shared>, SocketAddr, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_or_create(dir.path(), Default::default()).unwrap();
+        let config = crate::embedding::checkpoint::ModelConfig::new(3, 2);
+        let device = osmvec_model::Device::Cpu;
+        let model = Model::new(config, Default::default(), "1.0".into(), &device).unwrap();
+        let shared = Arc::new(Shared {
+            metrics: Metrics::new(&Default::default(), "test").unwrap(),
+            store: Arc::new(store),
+            model: RwLock::new(Arc::new(model)),
+            drift: Mutex::new(DriftWindow::new(0.05, 3600.0)),
+            model_drift: Mutex::new(None),
+            tiles: RwLock::new(Default::default()),
+            paused: AtomicBool::new(false),
+            finetune_requested: AtomicBool::new(false),
+            last_finetune: Mutex::new(None),
+            token: None,
+            ingest_only: false,
+            embed_slots: tokio::sync::Semaphore::new(EMBED_CONCURRENCY),
+        });
+        let addr = serve("127.0.0.1:0", shared.clone()).unwrap();
+        (shared, addr, dir)
+    }
+
+    fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let r = agent.get(format!("http://{addr}{path}")).call().unwrap();
+        let status = r.status().as_u16();
+        (status, r.into_body().read_to_string().unwrap())
+    }
+
+    /// `/v1/embed` computes at most EMBED_CONCURRENCY at once: with every
+    /// slot taken, a request waits its second and is shed with 503 (and
+    /// counted); with a slot free it is answered.
+    #[test]
+    fn embed_requests_beyond_the_cap_are_shed() {
+        let (shared, addr, _dir) = test_daemon();
+        let (status, body) = http_get(addr, "/v1/embed?lat=4.2&lon=73.5");
+        assert_eq!(status, 200, "{body}");
+        let held = shared
+            .embed_slots
+            .try_acquire_many(EMBED_CONCURRENCY as u32)
+            .unwrap();
+        let (status, body) = http_get(addr, "/v1/embed?lat=4.2&lon=73.5");
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("too many /v1/embed requests"), "{body}");
+        let shed = shared
+            .metrics
+            .http_requests_shed_total
+            .with_label_values(&["/v1/embed"])
+            .get();
+        assert_eq!(shed, 1);
+        drop(held);
+        assert_eq!(http_get(addr, "/v1/embed?lat=4.2&lon=73.5").0, 200);
+        // The connection gauge saw them (closed or kept alive, at most 3).
+        assert!(shared.metrics.http_connections.get() <= 3);
+    }
+
+    #[test]
+    fn tiles_come_in_pages() {
+        let (shared, addr, _dir) = test_daemon();
+        {
+            let mut t = shared.tiles.write().unwrap();
+            for x in 0..25 {
+                t.insert(
+                    TileId { z: 15, x, y: 7 },
+                    TileState {
+                        drift: None,
+                        sequence: u64::from(x),
+                    },
+                );
+            }
+        }
+        let mut rows = Vec::new();
+        let mut after = String::new();
+        let mut pages = 0;
+        loop {
+            let (status, body) = http_get(addr, &format!("/v1/tiles?limit=10{after}"));
+            assert_eq!(status, 200, "{body}");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["total"], 25);
+            pages += 1;
+            rows.extend(
+                v["tiles"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| r[1].as_u64().unwrap()),
+            );
+            match v["next"].as_str() {
+                Some(n) => after = format!("&after={n}"),
+                None => break,
+            }
+        }
+        assert_eq!(pages, 3);
+        assert_eq!(rows, (0..25).collect::<Vec<u64>>());
+        assert_eq!(http_get(addr, "/v1/tiles?limit=0").0, 400);
+        assert_eq!(http_get(addr, "/v1/tiles?after=15/x/7").0, 400);
+    }
+
     #[test]
     fn tokens_compare_whole() {
         assert!(constant_time_eq(b"secret", b"secret"));
