@@ -111,7 +111,7 @@ if want synthetic; then
 fi
 if want backlog; then
   echo; echo "## one daemon cycle (512 tiles) against the backlog, six-extract store"
-  echo "| dirty marks waiting | cycle s (median of 3) | reading the cycle's marks s | full scan + sort of every mark s (each cycle before) |"
+  echo "| dirty marks waiting | cycle of 512 s (median of 3) | reading the cycle's marks s (largest) | full scan + sort of every mark s (each cycle before) |"
   echo "|---|---|---|---|"
   for filler in 10000 1000000; do
     rm -rf "$work/bk"; cp -r "$work/six" "$work/bk"
@@ -126,7 +126,7 @@ if want scale; then
   malta=$E/malta-2016-11-09.osm.pbf
   diff=$data/diffs/planet-minute/004230996.osc.gz
   echo; echo "## scale: $n x Malta against one Malta"
-  echo "| store | objects | import s | objects/s | store MB | planet minutely diff applied s | cycle of 512 with the whole import dirty s |"
+  echo "| store | objects | import s | objects/s | store MB | planet minutely diff applied s | first cycle with the whole import dirty s |"
   echo "|---|---|---|---|---|---|---|"
   python3 ops/synth-extract.py "$malta" "$n" "$work/scale.osm.pbf" 2>/dev/null
   for name in one many; do
@@ -135,9 +135,9 @@ if want scale; then
     objs=$(j '.counts.nodes + .counts.ways + .counts.relations' "$work/s-$name.json")
     ta=$(now); "$bin" apply --store "$work/s-$name" "$diff" > /dev/null; tb=$(now)
     [ $name = one ] && "$bin" train --store "$work/s-one" --out "$work/s-ckpt" --steps 1 --batch-size 64 --save-every 0 > /dev/null
-    "$bin" bench-cycle --store "$work/s-$name" --checkpoint "$work/s-ckpt" --cycles 3 > "$work/s-$name-cycle.json"
+    "$bin" bench-cycle --store "$work/s-$name" --checkpoint "$work/s-ckpt" --cycles 1 > "$work/s-$name-cycle.json"
     mb=$(du -sm "$work/s-$name" | cut -f1)
-    echo "| $([ $name = one ] && echo "Malta" || echo "$n x Malta") | $objs | $(f1 "$(echo "$t1 - $t0" | bc -l)") | $(f0 "$(echo "$objs / ($t1 - $t0)" | bc -l)") | $mb | $(printf '%.2f' "$(echo "$tb - $ta" | bc -l)") | $(printf '%.2f' "$(j .median_cycle_seconds "$work/s-$name-cycle.json")") ($(j .marks "$work/s-$name-cycle.json") marks) |"
+    echo "| $([ $name = one ] && echo "Malta" || echo "$n x Malta") | $objs | $(f1 "$(echo "$t1 - $t0" | bc -l)") | $(f0 "$(echo "$objs / ($t1 - $t0)" | bc -l)") | $mb | $(printf '%.2f' "$(echo "$tb - $ta" | bc -l)") | $(printf '%.2f' "$(j '.cycle_seconds[0]' "$work/s-$name-cycle.json")") ($(j '.tiles_per_cycle[0]' "$work/s-$name-cycle.json") tiles of $(j .marks "$work/s-$name-cycle.json") marks) |"
     rm -rf "$work/s-$name"
   done
   rm -f "$work/scale.osm.pbf"

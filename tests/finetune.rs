@@ -74,13 +74,15 @@ fn forced_finetunes_are_promoted_or_rejected_by_the_gate() {
         ),
         Some(1.0)
     );
-    assert_eq!(
-        sample(
-            &metrics,
-            r#"osmvec_finetune_eval_score{metric="retrieval_top10",model="candidate"}"#
-        ),
-        report["candidate"]["retrieval_top10"].as_f64()
-    );
+    // The same f64 through two decimal renderings (Prometheus text, JSON):
+    // serde_json's default float parser may land one ulp off.
+    let scraped = sample(
+        &metrics,
+        r#"osmvec_finetune_eval_score{metric="retrieval_top10",model="candidate"}"#,
+    )
+    .expect("the candidate's score is exported");
+    let reported = report["candidate"]["retrieval_top10"].as_f64().unwrap();
+    assert!((scraped - reported).abs() <= 1e-12 * reported.abs().max(1.0), "{scraped} vs {reported}");
     assert_eq!(
         sample(&metrics, r#"osmvec_model_info{model_version="1.1"}"#),
         Some(1.0)

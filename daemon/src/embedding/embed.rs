@@ -22,7 +22,7 @@
 //! mark it) with a context graph equal to today's, which is what a full
 //! re-embed computes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -120,6 +120,7 @@ pub fn embed_tiles(
 /// are written in one store batch, as [`embed_tiles`] does. `stop` is
 /// checked between batches. `input_seconds` and `encode_seconds` then
 /// overlap; `batch_seconds` holds each batch's wall time.
+#[allow(clippy::too_many_arguments)] // the daemon's cycle state, passed through as is
 pub fn embed_pipelined(
     store: &Store,
     model: &Model,
@@ -295,21 +296,33 @@ pub fn tiles_to_embed(
         }
         let tiles: Vec<TileId> = coarse.iter().map(|(t, _)| *t).collect();
         inputs.invalidate_contexts(&tiles);
-        let built: Vec<Option<StoreGraph>> = if prune {
-            inputs
-                .build_graphs(store, &cfg, &tiles)?
-                .into_iter()
-                .map(Some)
-                .collect()
-        } else {
-            vec![None; tiles.len()]
-        };
-        for ((t, m), g) in coarse.into_iter().zip(built) {
-            let children = store.children_with_features(t)?;
+        let children: Vec<Vec<TileId>> = tiles
+            .iter()
+            .map(|t| store.children_with_features(*t))
+            .collect::<std::result::Result<_, _>>()?;
+        let recorded: Vec<Vec<Option<u64>>> = children
+            .iter()
+            .map(|c| store.context_fingerprints(c))
+            .collect::<std::result::Result<_, _>>()?;
+        // A context graph is built only where a child has a recorded
+        // context to compare with (none after an import: every child is
+        // marked without building anything).
+        let to_build: Vec<TileId> = tiles
+            .iter()
+            .zip(&recorded)
+            .filter(|(_, r)| prune && r.iter().any(|x| x.is_some()))
+            .map(|(t, _)| *t)
+            .collect();
+        let mut built: HashMap<TileId, StoreGraph> = to_build
+            .iter()
+            .copied()
+            .zip(inputs.build_graphs(store, &cfg, &to_build)?)
+            .collect();
+        for (((t, m), children), recorded) in coarse.into_iter().zip(children).zip(recorded) {
+            let g = built.remove(&t);
             let marked: Vec<TileId> = match &g {
                 Some(g) => {
                     let fp = g.fingerprint();
-                    let recorded = store.context_fingerprints(&children)?;
                     children
                         .iter()
                         .zip(recorded)
@@ -318,7 +331,9 @@ pub fn tiles_to_embed(
                         .collect()
                 }
                 None => {
-                    store.forget_context_fingerprints(&children)?;
+                    if !prune {
+                        store.forget_context_fingerprints(&children)?;
+                    }
                     children.clone()
                 }
             };

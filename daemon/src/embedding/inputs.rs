@@ -533,7 +533,7 @@ pub fn batch_from_graphs(
 pub fn encode_with_vectors(
     model: &Model,
     batch: &Batch,
-) -> Result<(GraphEmbeddings, Vec<(usize, Arc<Vec<f32>>)>)> {
+) -> Result<(GraphEmbeddings, FreshContexts)> {
     let engine: &Engine = model.engine()?;
     let device = &model.device;
     let missing: Vec<usize> = (0..batch.contexts.len())

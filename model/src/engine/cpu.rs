@@ -94,11 +94,13 @@ fn leaky_grad(z: f32, slope: f32) -> f32 {
 macro_rules! multiversion {
     ($vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $body:ident) => {
         #[inline]
+        #[allow(clippy::too_many_arguments)]
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
                 if std::is_x86_feature_detected!("avx2") {
                     #[target_feature(enable = "avx2")]
+                    #[allow(clippy::too_many_arguments)]
                     unsafe fn fast($($arg: $ty),*) $(-> $ret)? {
                         $body($($arg),*)
                     }
@@ -430,6 +432,7 @@ pub(crate) fn readout_fwd(ptr: &[u32], x: Mat, q: Mat, out: &mut [f32]) {
 }
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn readout_bwd_graph_body(
     ptr: &[u32],
     x: Mat,

@@ -500,8 +500,8 @@ impl Engine {
         let b = batch.len();
         let dt = crate::MODEL_DTYPE;
         let mut per_type = Vec::with_capacity(NodeType::COUNT);
-        for t in 0..NodeType::COUNT {
-            let v = match (&x[t], &batch.types[t]) {
+        for (t, (xt, nodes)) in x.iter().zip(&batch.types).enumerate() {
+            let v = match (xt, nodes) {
                 (Some(xt), Some(nodes)) => {
                     let s2s = &w.set2set[t];
                     // Only the graphs that have nodes of this type: the
@@ -575,11 +575,7 @@ impl Engine {
     }
 }
 
-fn logit<'a>(
-    logits: &'a [Option<Tensor>; NodeType::COUNT],
-    t: usize,
-    rel: Relation,
-) -> Result<&'a Tensor> {
+fn logit(logits: &[Option<Tensor>; NodeType::COUNT], t: usize, rel: Relation) -> Result<&Tensor> {
     logits[t].as_ref().ok_or_else(|| {
         ModelError::Graph(format!(
             "{}: no logits for {}",
