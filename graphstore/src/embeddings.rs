@@ -373,26 +373,42 @@ impl Store {
         seen: DirtyMark,
         children: &[TileId],
     ) -> Result<usize> {
+        self.expand_coarse_marks_of(&[(coarse, seen, children.to_vec())])
+    }
+
+    /// [`Store::expand_coarse_mark`] for several coarse tiles (their
+    /// children are disjoint) in one synced batch: a cycle after a large
+    /// import handles hundreds of coarse marks at once.
+    pub fn expand_coarse_marks_of(
+        &self,
+        items: &[(TileId, DirtyMark, Vec<TileId>)],
+    ) -> Result<usize> {
         let mut b = WriteBatch::default();
         let mut added = 0;
-        for (child, own) in children.iter().zip(self.current_marks(children)?) {
-            let new = match own {
-                Some(own) => DirtyMark {
-                    since_sequence: own.since_sequence.min(seen.since_sequence),
-                    generation: own.generation.max(seen.generation),
-                },
-                None => seen,
-            };
-            self.put_mark(&mut b, *child, own, new, &mut added);
-        }
-        if let Some(cur) = self.current_mark(coarse)?
-            && cur.generation == seen.generation
-        {
-            self.delete_mark(&mut b, coarse, cur, &mut added);
+        let mut written = 0;
+        let coarse: Vec<TileId> = items.iter().map(|(t, _, _)| *t).collect();
+        let current = self.current_marks(&coarse)?;
+        for ((coarse, seen, children), cur) in items.iter().zip(current) {
+            for (child, own) in children.iter().zip(self.current_marks(children)?) {
+                let new = match own {
+                    Some(own) => DirtyMark {
+                        since_sequence: own.since_sequence.min(seen.since_sequence),
+                        generation: own.generation.max(seen.generation),
+                    },
+                    None => *seen,
+                };
+                self.put_mark(&mut b, *child, own, new, &mut added);
+            }
+            written += children.len();
+            if let Some(cur) = cur
+                && cur.generation == seen.generation
+            {
+                self.delete_mark(&mut b, *coarse, cur, &mut added);
+            }
         }
         self.finish_marks(&mut b, added)?;
         self.write(b, true)?;
-        Ok(children.len())
+        Ok(written)
     }
 
     /// The recorded context fingerprints of `tiles` (see the module docs).

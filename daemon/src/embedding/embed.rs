@@ -318,6 +318,7 @@ pub fn tiles_to_embed(
             .copied()
             .zip(inputs.build_graphs(store, &cfg, &to_build)?)
             .collect();
+        let mut expansions = Vec::with_capacity(coarse.len());
         for (((t, m), children), recorded) in coarse.into_iter().zip(children).zip(recorded) {
             let g = built.remove(&t);
             let marked: Vec<TileId> = match &g {
@@ -340,13 +341,15 @@ pub fn tiles_to_embed(
             report.coarse_marks += 1;
             report.children_marked += marked.len();
             report.children_pruned += children.len() - marked.len();
-            store.expand_coarse_mark(t, m, &marked)?;
             if let Some(g) = &g
                 && !marked.is_empty()
             {
                 inputs.keep_context_graph(model, store, t, g)?;
             }
+            expansions.push((t, m, marked));
         }
+        // One synced batch for the round's coarse marks.
+        store.expand_coarse_marks_of(&expansions)?;
     }
     let marks = store.oldest_marks(limit)?;
     let fine: Marks = marks
