@@ -82,7 +82,10 @@ fn forced_finetunes_are_promoted_or_rejected_by_the_gate() {
     )
     .expect("the candidate's score is exported");
     let reported = report["candidate"]["retrieval_top10"].as_f64().unwrap();
-    assert!((scraped - reported).abs() <= 1e-12 * reported.abs().max(1.0), "{scraped} vs {reported}");
+    assert!(
+        (scraped - reported).abs() <= 1e-12 * reported.abs().max(1.0),
+        "{scraped} vs {reported}"
+    );
     assert_eq!(
         sample(&metrics, r#"osmvec_model_info{model_version="1.1"}"#),
         Some(1.0)
