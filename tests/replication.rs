@@ -634,39 +634,11 @@ fn sigterm_stops_replication_cleanly() {
     );
 }
 
-/// Runs `osmvec args…` to its end and returns its exit status, stderr and
-/// peak resident set size in bytes (getrusage of exactly this child, via
-/// wait4: the peak over the process's whole life, `VmHWM`). The child is
-/// reaped by that wait4, which std's `Child` does not know about.
-#[allow(clippy::zombie_processes)]
+/// Runs `osmvec args…` to its end: exit status, stderr, peak resident set
+/// in bytes (harness::osmvec_peak_rss).
 fn run_measured(args: &[&str]) -> (std::process::ExitStatus, String, u64) {
-    use std::os::unix::process::ExitStatusExt;
-    let mut child = Command::new(bin())
-        .args(args)
-        .env("OSMVEC_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("osmvec runs");
-    let mut err = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        std::io::Read::read_to_string(&mut err, &mut s).unwrap();
-        s
-    });
-    let mut status = 0;
-    // SAFETY: a plain wait4 on our own child, into locals.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = child.id() as libc::pid_t;
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(r, pid, "wait4 failed");
-    let stderr = reader.join().unwrap();
-    // ru_maxrss is in kilobytes on Linux.
-    (
-        std::process::ExitStatus::from_raw(status),
-        stderr,
-        usage.ru_maxrss as u64 * 1024,
-    )
+    let (status, _, stderr, kb) = osmvec_peak_rss(args);
+    (status, stderr, kb as u64 * 1024)
 }
 
 /// A private copy of the Maldives feed in which diff 1 is `diff` and the

@@ -134,6 +134,12 @@ pub fn merge_worker(
             .map(|s| s * 1000)
             .unwrap_or(d.message_timeout_ms),
         json: false,
+        properties: kafka_properties(&f.kafka.properties)?,
+        cloudevents_source: f
+            .kafka
+            .cloudevents_source
+            .clone()
+            .unwrap_or(d.cloudevents_source),
         http_listen: match o
             .http_listen
             .or(f.worker.http_listen)
@@ -157,8 +163,37 @@ pub struct FileKafka {
     /// Largest record sent (librdkafka `message.max.bytes`; keep it at or
     /// below the broker's limit).
     pub max_message_bytes: Option<usize>,
+    /// CloudEvents `source` of every record (`ce_source`).
+    pub cloudevents_source: Option<String>,
     #[serde(default)]
     pub topics: FileTopics,
+    /// librdkafka settings passed through to every client (security,
+    /// SASL, SSL, compression, client id …); see `kafka::client_config`.
+    #[serde(default)]
+    pub properties: std::collections::BTreeMap<String, toml::Value>,
+}
+
+/// `[kafka.properties]` values as librdkafka strings (TOML numbers and
+/// booleans are accepted as such; tables and arrays are not settings).
+fn kafka_properties(
+    p: &std::collections::BTreeMap<String, toml::Value>,
+) -> Result<std::collections::BTreeMap<String, String>> {
+    let mut out = std::collections::BTreeMap::new();
+    for (k, v) in p {
+        let s = match v {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            other => anyhow::bail!(
+                "kafka.properties.{k} must be a string, number or boolean (a librdkafka setting), not {}",
+                other.type_str()
+            ),
+        };
+        crate::publish::kafka::check_property(k)?;
+        out.insert(k.clone(), s);
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -176,6 +211,7 @@ pub struct FileTopics {
 pub struct FileHttp {
     pub listen: Option<String>,
     pub token: Option<String>,
+    pub export_max_tiles: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -295,6 +331,11 @@ pub struct RunOverrides {
     /// answer 403).
     #[arg(long, env = "OSMVEC_HTTP_TOKEN", hide_env_values = true)]
     pub http_token: Option<String>,
+    /// Largest tile cover (fine tiles in the bbox) one GET
+    /// /v1/tiles.parquet may ask for; beyond it the answer is 400
+    /// [default: 250000].
+    #[arg(long, env = "OSMVEC_HTTP_EXPORT_MAX_TILES")]
+    pub http_export_max_tiles: Option<u64>,
     /// Cosine distance above which a tile update counts as drifted
     /// [default: 0.05].
     #[arg(long, env = "OSMVEC_DRIFT_THRESHOLD")]
@@ -352,6 +393,7 @@ pub struct RunSettings {
     /// None: no HTTP listener.
     pub http_listen: Option<String>,
     pub http_token: Option<String>,
+    pub http_export_max_tiles: u64,
     pub drift_threshold: f64,
     pub drift_window_seconds: f64,
     pub finetune: FinetuneConfig,
@@ -413,6 +455,12 @@ pub fn merge(o: RunOverrides, f: FileConfig) -> Result<RunSettings> {
                 .map(|s| s * 1000)
                 .unwrap_or(d.message_timeout_ms),
             encoding: o.encoding.or(f.kafka.encoding).unwrap_or(d.encoding),
+            properties: kafka_properties(&f.kafka.properties)?,
+            cloudevents_source: f
+                .kafka
+                .cloudevents_source
+                .clone()
+                .unwrap_or(d.cloudevents_source),
         },
         poll_interval_seconds: o.poll_interval.or(f.poll_interval_seconds).unwrap_or(30.0),
         debounce_seconds: o.debounce.or(f.debounce_seconds).unwrap_or(2.0),
@@ -439,6 +487,10 @@ pub fn merge(o: RunOverrides, f: FileConfig) -> Result<RunSettings> {
             addr => Some(addr),
         },
         http_token: o.http_token.or(f.http.token).filter(|t| !t.is_empty()),
+        http_export_max_tiles: o
+            .http_export_max_tiles
+            .or(f.http.export_max_tiles)
+            .unwrap_or(250_000),
         drift_threshold: o.drift_threshold.or(f.drift.threshold).unwrap_or(0.05),
         drift_window_seconds: o.drift_window.or(f.drift.window_seconds).unwrap_or(3600.0),
         finetune: {
@@ -528,6 +580,32 @@ mod tests {
         assert_eq!(s.embed_batch, 7);
         assert_eq!(s.store, f.store.unwrap());
         assert_eq!(s.max_tiles_per_cycle, f.max_tiles_per_cycle.unwrap());
+    }
+
+    #[test]
+    fn kafka_properties_pass_through_to_run_and_worker_and_reserved_ones_are_refused() {
+        let text = "store = \"/s\"\nsource = \"/f\"\ncheckpoint = \"/c\"\n\
+                    [kafka]\ncloudevents_source = \"urn:osmvec:eu-1\"\n\
+                    [kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\
+                    \"queue.buffering.max.ms\" = 7\n\"enable.ssl.certificate.verification\" = true\n";
+        let f: FileConfig = toml::from_str(text).unwrap();
+        let s = merge(RunOverrides::default(), f.clone()).unwrap();
+        assert_eq!(s.kafka.cloudevents_source, "urn:osmvec:eu-1");
+        assert_eq!(s.kafka.properties["security.protocol"], "SASL_SSL");
+        assert_eq!(s.kafka.properties["queue.buffering.max.ms"], "7");
+        assert_eq!(
+            s.kafka.properties["enable.ssl.certificate.verification"],
+            "true"
+        );
+        let (w, _, _) = merge_worker(WorkerOverrides::default(), f).unwrap();
+        assert_eq!(w.properties, s.kafka.properties);
+        assert_eq!(w.cloudevents_source, "urn:osmvec:eu-1");
+        let bad: FileConfig = toml::from_str(
+            "store = \"/s\"\nsource = \"/f\"\ncheckpoint = \"/c\"\n[kafka.properties]\nacks = \"1\"\n",
+        )
+        .unwrap();
+        let e = format!("{:#}", merge(RunOverrides::default(), bad).unwrap_err());
+        assert!(e.contains("kafka.properties.acks cannot be set"), "{e}");
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod embedding;
+pub mod export;
 pub mod follow;
 pub mod jobs;
 pub mod observe;

@@ -67,6 +67,55 @@ enum Command {
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
+    /// Write tile embeddings to a file where data people work: GeoParquet
+    /// (GeoPandas, DuckDB, QGIS), plain Parquet, or a NumPy matrix with a
+    /// CSV of its tiles. Streams in bounded memory; the file appears only
+    /// when complete (docs/export.md).
+    ExportEmbeddings {
+        #[arg(long, env = "OSMVEC_STORE")]
+        store: PathBuf,
+        /// The fine tiles intersecting W,S,E,N (degrees, edges included).
+        #[arg(long, value_parser = parse_bbox_arg, allow_hyphen_values = true, required_unless_present = "all", conflicts_with = "all")]
+        bbox: Option<[f64; 4]>,
+        /// Every stored tile embedding.
+        #[arg(long)]
+        all: bool,
+        #[arg(long, value_enum, default_value_t = EmbeddingFormat::Geoparquet)]
+        format: EmbeddingFormat,
+        /// Output file (`.npy` also writes FILE.tiles.csv).
+        #[arg(long, short)]
+        output: PathBuf,
+        /// Print the summary as one JSON line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The location encoder of a checkpoint on many points at once: from a
+    /// CSV or Parquet file of lon/lat (an `id` column is carried over) or a
+    /// grid over a bbox; writes Parquet with an `embedding` column.
+    EmbedPoints {
+        #[arg(long, env = "OSMVEC_CHECKPOINT")]
+        checkpoint: PathBuf,
+        /// CSV (header row with lon/lat or longitude/latitude) or .parquet.
+        #[arg(long, required_unless_present = "bbox", conflicts_with = "bbox")]
+        input: Option<PathBuf>,
+        /// A grid over W,S,E,N (degrees) instead of an input file.
+        #[arg(long, value_parser = parse_bbox_arg, allow_hyphen_values = true, requires = "step_m")]
+        bbox: Option<[f64; 4]>,
+        /// Grid spacing in metres (with --bbox).
+        #[arg(long, value_parser = parse_step_m)]
+        step_m: Option<f64>,
+        /// Refuse inputs or grids of more points than this.
+        #[arg(long, default_value_t = 50_000_000)]
+        max_points: u64,
+        #[arg(long, short)]
+        output: PathBuf,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu", env = "OSMVEC_DEVICE")]
+        device: String,
+        /// Print the summary as one JSON line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Apply osmChange files (.osc, .osc.gz) in the given order, each in one
     /// atomic write. Does not move the replication sequence (see `replicate`).
     Apply {
@@ -306,6 +355,26 @@ enum ExportFormat {
     Opl,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum EmbeddingFormat {
+    Geoparquet,
+    Parquet,
+    Npy,
+}
+
+fn parse_bbox_arg(s: &str) -> Result<[f64; 4], String> {
+    osmvec::export::parse_bbox(s)
+}
+
+fn parse_step_m(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 1.0 => Ok(v),
+        _ => Err(format!(
+            "step must be a number of metres, at least 1, got {s:?}"
+        )),
+    }
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("OSMVEC_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -348,6 +417,55 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Apply { store, json, files } => cli::apply(&store, &files, json),
+        Command::ExportEmbeddings {
+            store,
+            bbox,
+            all: _,
+            format,
+            output,
+            json,
+        } => {
+            // Read-only: an export runs beside the daemon that owns the
+            // store, on the state as of its start.
+            let st = osmvec_graphstore::Store::open_read_only(&store)?;
+            st.ensure_consistent()?;
+            let format = match format {
+                EmbeddingFormat::Geoparquet => osmvec::export::Format::GeoParquet,
+                EmbeddingFormat::Parquet => osmvec::export::Format::Parquet,
+                EmbeddingFormat::Npy => osmvec::export::Format::Npy,
+            };
+            let report = osmvec::export::export_embeddings(&st, bbox, format, &output)?;
+            print_report(&report, json)
+        }
+        Command::EmbedPoints {
+            checkpoint,
+            input,
+            bbox,
+            step_m,
+            max_points,
+            output,
+            device,
+            json,
+        } => {
+            let device = osmvec::embedding::device(&device)?;
+            let model = osmvec::embedding::checkpoint::Model::load(&checkpoint, &device)?;
+            let points = match (input, bbox, step_m) {
+                (Some(p), _, _) => osmvec::export::points::Points::File(p),
+                (None, Some(bbox), Some(step_m)) => {
+                    osmvec::export::points::Points::Grid { bbox, step_m }
+                }
+                _ => anyhow::bail!("give --input FILE, or --bbox W,S,E,N with --step-m M"),
+            };
+            let report = osmvec::export::points::embed_points(
+                &model,
+                &checkpoint,
+                &points,
+                &output,
+                max_points,
+            )?;
+            print_report(&report, json)
+        }
+
         Command::Replicate {
             store,
             source,

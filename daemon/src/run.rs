@@ -83,6 +83,8 @@ pub struct RunOptions {
     /// Where to serve /metrics, the API and the drift page (None: nowhere).
     pub http_listen: Option<String>,
     pub http_token: Option<String>,
+    /// Largest tile cover of one GET /v1/tiles.parquet.
+    pub http_export_max_tiles: u64,
     pub drift_threshold: f64,
     pub drift_window_seconds: f64,
     pub finetune: FinetuneConfig,
@@ -129,6 +131,7 @@ impl RunOptions {
             json: false,
             http_listen: s.http_listen,
             http_token: s.http_token,
+            http_export_max_tiles: s.http_export_max_tiles,
             drift_threshold: s.drift_threshold,
             drift_window_seconds: s.drift_window_seconds,
             finetune: s.finetune,
@@ -178,6 +181,7 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         token: o.http_token.clone(),
         ingest_only: o.mode == Mode::Ingest,
         embed_slots: tokio::sync::Semaphore::new(crate::observe::api::EMBED_CONCURRENCY),
+        export_max_tiles: o.http_export_max_tiles,
     });
     let m = &shared.metrics;
     m.model_info

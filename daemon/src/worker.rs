@@ -34,7 +34,6 @@ use osmvec_graphstore::embeddings::TileEmbedding;
 use osmvec_graphstore::graph::TileGraph as StoreGraph;
 use osmvec_graphstore::tiles::TileId;
 use osmvec_model::Device;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -47,7 +46,9 @@ use crate::embedding::inputs::{batch_from_graphs, encode_batch};
 use crate::embedding::tags::TagVectors;
 use crate::jobs::TileJob;
 use crate::observe::worker::{WorkerMetrics, WorkerStatus};
-use crate::publish::kafka::{Topics, record_headers, tile_idempotency_key};
+use crate::publish::kafka::{
+    CloudEvent, Topics, client_config, event_type, record_headers, tile_idempotency_key,
+};
 use crate::publish::messages::{Encoding, TileEmbeddingMessage};
 
 #[derive(Debug, Clone)]
@@ -70,6 +71,10 @@ pub struct WorkerOptions {
     pub json: bool,
     /// Where /metrics, /healthz and /readyz are served (None: not at all).
     pub http_listen: Option<String>,
+    /// librdkafka settings for every client (`[kafka.properties]`).
+    pub properties: std::collections::BTreeMap<String, String>,
+    /// CloudEvents `source` of the records it publishes.
+    pub cloudevents_source: String,
 }
 
 /// One line per batch.
@@ -333,9 +338,8 @@ fn take_message(
 
 pub fn worker(o: &WorkerOptions, stop: Arc<AtomicBool>) -> Result<()> {
     let mut model = Model::load(&o.checkpoint, &o.device)?;
-    let mut cc = ClientConfig::new();
-    cc.set("bootstrap.servers", &o.brokers)
-        .set("group.id", &o.group)
+    let mut cc = client_config(&o.brokers, &o.properties);
+    cc.set("group.id", &o.group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "6000")
@@ -349,16 +353,14 @@ pub fn worker(o: &WorkerOptions, stop: Arc<AtomicBool>) -> Result<()> {
     consumer
         .subscribe(&[&o.topics.jobs])
         .with_context(|| format!("subscribing to {}", o.topics.jobs))?;
-    let models: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &o.brokers)
+    let models: BaseConsumer = client_config(&o.brokers, &o.properties)
         .set("group.id", format!("{}-models", o.group))
         .set("enable.auto.commit", "false")
         .create()?;
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(&o.topics.models, 0, Offset::Beginning)?;
     models.assign(&tpl)?;
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", &o.brokers)
+    let producer: BaseProducer = client_config(&o.brokers, &o.properties)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5")
@@ -644,16 +646,28 @@ fn publish(
 ) -> Result<()> {
     for (_, t, e) in records {
         let key = t.to_string();
-        let (payload, idk) = match e {
+        let (payload, idk, ce_type, time) = match e {
             Some(e) => (
                 Some(o.encoding.encode_tile(&TileEmbeddingMessage::new(*t, e))?),
                 tile_idempotency_key(*t, e),
+                event_type::TILE_EMBEDDING,
+                e.computed_at,
             ),
-            None => (None, format!("{t}|tombstone|worker")),
+            None => (
+                None,
+                format!("{t}|tombstone|worker"),
+                event_type::TILE_EMBEDDING_DELETED,
+                chrono::Utc::now().timestamp(),
+            ),
+        };
+        let ce = CloudEvent {
+            ty: ce_type,
+            subject: &key,
+            time,
         };
         let mut rec: BaseRecord<'_, str, [u8]> = BaseRecord::to(&o.topics.embeddings)
             .key(key.as_str())
-            .headers(record_headers(&idk, o.encoding));
+            .headers(record_headers(&idk, o.encoding, &o.cloudevents_source, ce));
         if let Some(p) = &payload {
             rec = rec.payload(p.as_slice());
         }

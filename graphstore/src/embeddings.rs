@@ -548,6 +548,40 @@ impl Store {
         Ok(out)
     }
 
+    /// Visits the stored tile embeddings in tile key order — every one, or
+    /// those of the fine tiles intersecting `bbox` (west, south, east,
+    /// north; degrees, edges included) — without holding more than one in
+    /// memory, so an export of the planet streams. `f` returns `false` to
+    /// stop early; its errors pass through (a store error converts into
+    /// the caller's type). Returns how many were visited.
+    pub fn for_each_tile_embedding<E: From<StoreError>>(
+        &self,
+        bbox: Option<[f64; 4]>,
+        f: impl FnMut(TileId, TileEmbedding) -> Result<bool, E>,
+    ) -> Result<u64, E> {
+        self.embedding_view().for_each(bbox, f)
+    }
+
+    /// A consistent view of the tile embeddings (a RocksDB snapshot): an
+    /// export's passes over a region see the same tiles whatever the daemon
+    /// writes meanwhile.
+    pub fn embedding_view(&self) -> EmbeddingView<'_> {
+        EmbeddingView {
+            store: self,
+            snapshot: self.db().snapshot(),
+        }
+    }
+
+    /// RocksDB's estimate of the number of stored tile embeddings (for a
+    /// progress bar; exact after a compaction, close otherwise).
+    pub fn estimated_tile_embeddings(&self) -> Result<u64> {
+        Ok(self
+            .db()
+            .property_int_value_cf(self.cf(cf::TILE_EMBEDDINGS), "rocksdb.estimate-num-keys")
+            .map_err(|e| self.db_err(e))?
+            .unwrap_or(0))
+    }
+
     /// Writes embedding results in one batch: `Some` stores a tile's new
     /// embedding, `None` deletes it (the tile has no feature left). Then
     /// clears each mark in `seen` whose generation is unchanged; returns how
@@ -654,6 +688,71 @@ impl Store {
             }
         }
         Ok(())
+    }
+}
+
+/// See [`Store::embedding_view`].
+pub struct EmbeddingView<'a> {
+    store: &'a Store,
+    snapshot: rocksdb::Snapshot<'a>,
+}
+
+impl EmbeddingView<'_> {
+    fn read_options(&self) -> rocksdb::ReadOptions {
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_snapshot(&self.snapshot);
+        ro
+    }
+
+    /// [`Store::for_each_tile_embedding`] in this view.
+    pub fn for_each<E: From<StoreError>>(
+        &self,
+        bbox: Option<[f64; 4]>,
+        mut f: impl FnMut(TileId, TileEmbedding) -> Result<bool, E>,
+    ) -> Result<u64, E> {
+        let st = self.store;
+        let cf = st.cf(cf::TILE_EMBEDDINGS);
+        let mut seen = 0u64;
+        let mut visit = |k: &[u8], v: &[u8]| -> Result<bool, E> {
+            let t = TileId::from_key(k).ok_or_else(|| StoreError::corrupt("embedding key"))?;
+            seen += 1;
+            f(t, TileEmbedding::decode(v)?)
+        };
+        match bbox {
+            None => {
+                for kv in st
+                    .db()
+                    .iterator_cf_opt(cf, self.read_options(), IteratorMode::Start)
+                {
+                    let (k, v) = kv.map_err(|e| st.db_err(e))?;
+                    if !visit(&k, &v)? {
+                        break;
+                    }
+                }
+            }
+            Some(b) => {
+                let z = st.tile_config().fine_zoom;
+                let nw = TileId::containing(z, b[0], b[3]);
+                let se = TileId::containing(z, b[2], b[1]);
+                // One seek per column of the cover: keys are (z, x, y), so
+                // a column's tiles are one contiguous key range.
+                'columns: for x in nw.x..=se.x {
+                    let first = TileId { z, x, y: nw.y }.to_key();
+                    let last = TileId { z, x, y: se.y }.to_key();
+                    let mode = IteratorMode::From(&first, rocksdb::Direction::Forward);
+                    for kv in st.db().iterator_cf_opt(cf, self.read_options(), mode) {
+                        let (k, v) = kv.map_err(|e| st.db_err(e))?;
+                        if k.as_ref() > last.as_slice() {
+                            break;
+                        }
+                        if !visit(&k, &v)? {
+                            break 'columns;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(seen)
     }
 }
 

@@ -177,21 +177,36 @@ impl Store {
         if !path.join("CURRENT").exists() {
             return Err(StoreError::Missing(path.to_path_buf()));
         }
-        Self::open_inner(path, None)
+        Self::open_inner(path, None, false)
+    }
+
+    /// Opens an existing store for reading only, beside a process that has
+    /// it open for writing (RocksDB's lock is not taken): the state as of
+    /// the open, e.g. for an export while the daemon runs. Writes fail.
+    pub fn open_read_only(path: &Path) -> Result<Store> {
+        if !path.join("CURRENT").exists() {
+            return Err(StoreError::Missing(path.to_path_buf()));
+        }
+        Self::open_inner(path, None, true)
     }
 
     /// Opens a store, creating it with `tiles` if it does not exist. An
     /// existing store keeps its own tile configuration.
     pub fn open_or_create(path: &Path, tiles: TileConfig) -> Result<Store> {
-        Self::open_inner(path, Some(tiles))
+        Self::open_inner(path, Some(tiles), false)
     }
 
-    fn open_inner(path: &Path, create: Option<TileConfig>) -> Result<Store> {
+    fn open_inner(path: &Path, create: Option<TileConfig>, read_only: bool) -> Result<Store> {
         let opts = db_options();
         let cfs = cf::ALL
             .iter()
             .map(|n| ColumnFamilyDescriptor::new(*n, db_options()));
-        let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| StoreError::Db {
+        let db = if read_only {
+            DB::open_cf_descriptors_read_only(&opts, path, cfs, false)
+        } else {
+            DB::open_cf_descriptors(&opts, path, cfs)
+        }
+        .map_err(|e| StoreError::Db {
             path: path.to_path_buf(),
             source: e,
         })?;
@@ -218,7 +233,9 @@ impl Store {
                     .ok_or_else(|| StoreError::corrupt("tile configuration missing"))?;
                 store.tiles = serde_json::from_slice(&cfg)
                     .map_err(|e| StoreError::Corrupt(format!("tile configuration: {e}")))?;
-                store.ensure_dirty_index()?;
+                if !read_only {
+                    store.ensure_dirty_index()?;
+                }
             }
             None => {
                 let Some(cfg) = create else {

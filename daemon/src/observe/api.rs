@@ -63,6 +63,8 @@ pub struct Shared {
     pub ingest_only: bool,
     /// Permits of `/v1/embed` (its concurrency cap).
     pub embed_slots: tokio::sync::Semaphore,
+    /// Largest tile cover one `/v1/tiles.parquet` request may ask for.
+    pub export_max_tiles: u64,
 }
 
 /// The tile endpoints' answer in ingest mode.
@@ -123,6 +125,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/tiles", get(tiles))
         .route("/v1/tiles/{z}/{x}/{y}", get(tile))
+        .route("/v1/tiles.parquet", get(tiles_parquet))
         .route("/v1/embed", get(embed))
         .route("/v1/drift", get(drift))
         .route("/v1/pause", post(pause))
@@ -412,6 +415,141 @@ async fn tiles(State(s): State<AppState>, Query(q): Query<HashMap<String, String
         json!({ "count": rows.len(), "total": total, "next": next.flatten(), "tiles": rows }),
     )
     .into_response()
+}
+
+/// `GET /v1/tiles.parquet?bbox=W,S,E,N[&format=parquet]`: the tile
+/// embeddings of a region as GeoParquet (plain Parquet with
+/// `format=parquet`), the same file `osmvec export-embeddings` writes,
+/// streamed as it is written: the store is read on a blocking thread into a
+/// bounded channel, so a large region costs the server a few row groups of
+/// memory, not the whole answer. Regions whose tile cover exceeds
+/// `export_max_tiles` are refused with 400; an empty one is 404.
+async fn tiles_parquet(
+    State(s): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    if s.ingest_only {
+        return ingest_only();
+    }
+    let Some(b) = q.get("bbox") else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bbox=W,S,E,N (degrees) is required",
+        );
+    };
+    let bbox = match crate::export::parse_bbox(b) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let geometry = match q.get("format").map(String::as_str) {
+        None | Some("geoparquet") => true,
+        Some("parquet") => false,
+        Some(f) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("format must be geoparquet or parquet, got {f:?}"),
+            );
+        }
+    };
+    let zoom = s.store.tile_config().fine_zoom;
+    let cover = crate::export::tiles_in_cover(zoom, bbox);
+    if cover > s.export_max_tiles {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the bbox covers {cover} z{zoom} tiles, more than the {} one request may ask for \
+                 (http.export_max_tiles): split the region, or run `osmvec export-embeddings` \
+                 on the store",
+                s.export_max_tiles
+            ),
+        );
+    }
+    // One blocking thread reads the region twice in one snapshot: first
+    // the survey (its answer decides between 404 and 200), then the rows
+    // into a bounded channel the response body drains.
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
+    let (surveyed, survey_rx) = tokio::sync::oneshot::channel::<Result<u64, String>>();
+    let store = s.store.clone();
+    tokio::task::spawn_blocking(move || {
+        let view = store.embedding_view();
+        let survey = match crate::export::survey(&view, Some(bbox)) {
+            Ok(sv) if sv.tiles > 0 => sv,
+            Ok(_) => {
+                let _ = surveyed.send(Ok(0));
+                return;
+            }
+            Err(e) => {
+                let _ = surveyed.send(Err(format!("{e:#}")));
+                return;
+            }
+        };
+        if surveyed.send(Ok(survey.tiles)).is_err() {
+            return;
+        }
+        let meta = crate::export::tiles::ExportMeta {
+            store_sequence: store
+                .replication_state()
+                .ok()
+                .and_then(|r| r.0)
+                .unwrap_or(0),
+            zoom,
+            bbox: Some(bbox),
+        };
+        // A failure mid-stream is sent as an error item: the body is then
+        // cut without its last chunk, so the client sees a failed download
+        // rather than a short file that looks complete.
+        let abort = tx.clone();
+        let result = (|| -> anyhow::Result<()> {
+            let mut rows = crate::export::TileRows::new(
+                crate::export::ChannelWriter::new(tx),
+                geometry,
+                meta,
+                &survey,
+            )?;
+            view.for_each(Some(bbox), |t, e| -> anyhow::Result<bool> {
+                rows.push(t, &e)?;
+                Ok(true)
+            })?;
+            let mut w = rows.finish()?;
+            std::io::Write::flush(&mut w)?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            let message = format!("{e:#}");
+            tracing::warn!(error = %message, "GET /v1/tiles.parquet failed mid-stream");
+            let _ = abort.blocking_send(Err(std::io::Error::other(message)));
+        }
+    });
+    match survey_rx.await {
+        Ok(Ok(0)) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("no tile embeddings in bbox {b}"),
+            );
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(_) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the export thread stopped",
+            );
+        }
+    }
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "application/vnd.apache.parquet"),
+            (
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"osmvec-tiles.parquet\"",
+            ),
+        ],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response()
 }
 
 /// Parses `z/x/y` path segments: integers, z ≤ 30, x and y < 2^z.
@@ -778,6 +916,7 @@ mod tests {
             token: None,
             ingest_only: false,
             embed_slots: tokio::sync::Semaphore::new(EMBED_CONCURRENCY),
+            export_max_tiles: 1_000,
         });
         let addr = serve("127.0.0.1:0", shared.clone()).unwrap();
         (shared, addr, dir)

@@ -40,11 +40,46 @@ use super::messages::{
     rfc3339,
 };
 
-/// The headers of every record osmvec publishes from a tile or change: the
-/// idempotency key consumers deduplicate on, and the value's content type
-/// (the single-process daemon and the workers write the same).
-pub fn record_headers(idempotency_key: &str, encoding: Encoding) -> OwnedHeaders {
-    OwnedHeaders::new()
+/// CloudEvents types (`ce_type`) of osmvec's records.
+pub mod event_type {
+    pub const TILE_EMBEDDING: &str = "org.osmvec.tile-embedding.v1";
+    /// A tombstone on the embeddings topic: the tile has no feature left.
+    pub const TILE_EMBEDDING_DELETED: &str = "org.osmvec.tile-embedding.deleted.v1";
+    pub const CHANGE: &str = "org.osmvec.change.v1";
+    pub const MODEL: &str = "org.osmvec.model.v1";
+    pub const EMBED_JOB: &str = "org.osmvec.embed-job.v1";
+    pub const DEAD_LETTER: &str = "org.osmvec.dead-letter.v1";
+}
+
+/// The CloudEvents attributes of one record beside its id (binary content
+/// mode: one `ce_` header per attribute, the value is the event's data and
+/// `content-type` its media type), so that CloudEvents SDKs and routers
+/// (Knative, Argo Events, Debezium-style pipelines) read osmvec's topics
+/// without knowing its schema.
+#[derive(Debug, Clone, Copy)]
+pub struct CloudEvent<'a> {
+    /// One of [`event_type`].
+    pub ty: &'static str,
+    /// What the event is about: the tile (`z/x/y`), the object
+    /// (`node/123`) or the model version.
+    pub subject: &'a str,
+    /// When it happened (Unix seconds): a tile's computation, a change's
+    /// edit, a job's or model's publication.
+    pub time: i64,
+}
+
+/// The headers of every record osmvec publishes: the idempotency key
+/// consumers deduplicate on (also the CloudEvents `ce_id`), the value's
+/// content type, and the other CloudEvents attributes (the single-process
+/// daemon and the workers write the same).
+pub fn record_headers(
+    idempotency_key: &str,
+    encoding: Encoding,
+    source: &str,
+    ce: CloudEvent<'_>,
+) -> OwnedHeaders {
+    let time = rfc3339(ce.time);
+    OwnedHeaders::new_with_capacity(8)
         .insert(Header {
             key: "osmvec-idempotency-key",
             value: Some(idempotency_key),
@@ -53,6 +88,74 @@ pub fn record_headers(idempotency_key: &str, encoding: Encoding) -> OwnedHeaders
             key: "content-type",
             value: Some(encoding.content_type()),
         })
+        .insert(Header {
+            key: "ce_specversion",
+            value: Some("1.0"),
+        })
+        .insert(Header {
+            key: "ce_id",
+            value: Some(idempotency_key),
+        })
+        .insert(Header {
+            key: "ce_source",
+            value: Some(source),
+        })
+        .insert(Header {
+            key: "ce_type",
+            value: Some(ce.ty),
+        })
+        .insert(Header {
+            key: "ce_subject",
+            value: Some(ce.subject),
+        })
+        .insert(Header {
+            key: "ce_time",
+            value: Some(time.as_str()),
+        })
+}
+
+/// librdkafka settings osmvec sets itself because its guarantees rest on
+/// them (exactly-once outbox: idempotent producer with `acks=all`; workers
+/// commit offsets only after publishing), or that have their own key.
+const RESERVED: &[(&str, &str)] = &[
+    ("bootstrap.servers", "use kafka.brokers"),
+    (
+        "enable.idempotence",
+        "the outbox's delivery guarantee needs the idempotent producer",
+    ),
+    ("acks", "the outbox's delivery guarantee needs acks=all"),
+    (
+        "enable.auto.commit",
+        "workers commit offsets after publishing",
+    ),
+    ("group.id", "use worker.group"),
+    ("group.instance.id", "use worker.instance_id"),
+    ("message.max.bytes", "use kafka.max_message_bytes"),
+    ("message.timeout.ms", "use kafka.message_timeout_seconds"),
+];
+
+/// Refuses a `[kafka.properties]` key osmvec must control, saying why.
+pub fn check_property(key: &str) -> Result<()> {
+    if let Some((_, why)) = RESERVED.iter().find(|(k, _)| *k == key) {
+        anyhow::bail!("kafka.properties.{key} cannot be set: {why}");
+    }
+    Ok(())
+}
+
+/// A client configuration for `brokers` with the user's librdkafka
+/// `properties` (security.protocol, sasl.*, ssl.*, compression.type,
+/// client.id …): one place, so the publisher, the admin client and the
+/// workers' consumers and producer reach the broker the same way.
+pub fn client_config(
+    brokers: &str,
+    properties: &std::collections::BTreeMap<String, String>,
+) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers);
+    for (k, v) in properties {
+        c.set(k, v);
+    }
+    c
 }
 
 /// Idempotency key of a tile embedding: tile, model version, sequence.
@@ -104,6 +207,11 @@ pub struct KafkaConfig {
     /// are cut to fit it, embedding records always do (checked at start),
     /// larger jobs go to the dead-letter topic.
     pub max_message_bytes: usize,
+    /// librdkafka settings for every client (`[kafka.properties]`).
+    pub properties: std::collections::BTreeMap<String, String>,
+    /// CloudEvents `source` (`ce_source`) of every record: a URI
+    /// reference naming this deployment.
+    pub cloudevents_source: String,
 }
 
 impl Default for KafkaConfig {
@@ -116,6 +224,8 @@ impl Default for KafkaConfig {
             message_timeout_ms: 30_000,
             encoding: Encoding::Json,
             max_message_bytes: 1_000_000,
+            properties: Default::default(),
+            cloudevents_source: "urn:osmvec".into(),
         }
     }
 }
@@ -239,6 +349,9 @@ struct Built {
     payload: Option<Vec<u8>>,
     idempotency_key: String,
     job: bool,
+    /// CloudEvents type and time.
+    ce_type: &'static str,
+    time: i64,
 }
 
 pub struct Publisher {
@@ -283,15 +396,19 @@ impl Publisher {
     }
 
     fn producer(config: &KafkaConfig, jobs: bool) -> Result<BaseProducer<Ctx>> {
-        let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", &config.brokers)
-            .set("enable.idempotence", "true")
+        let mut c = client_config(&config.brokers, &config.properties);
+        c.set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
             .set("message.timeout.ms", config.message_timeout_ms.to_string())
             .set("message.max.bytes", config.max_message_bytes.to_string());
         if jobs {
-            c.set("compression.type", "lz4").set("linger.ms", "20");
+            // Jobs are large and repetitive (tag texts): LZ4 unless the
+            // deployment chose a codec for every producer.
+            if !config.properties.contains_key("compression.type") {
+                c.set("compression.type", "lz4");
+            }
+            c.set("linger.ms", "20");
         }
         c.create_with_context(Ctx::default())
             .with_context(|| format!("creating a Kafka producer for {}", config.brokers))
@@ -332,10 +449,10 @@ impl Publisher {
     /// but a failure there is only logged (its records then stay in the
     /// store).
     pub fn ensure_topics(&self, timeout: Duration) -> Result<()> {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &self.config.brokers)
-            .create()
-            .context("creating a Kafka admin client")?;
+        let admin: AdminClient<DefaultClientContext> =
+            client_config(&self.config.brokers, &self.config.properties)
+                .create()
+                .context("creating a Kafka admin client")?;
         let t = &self.config.topics;
         let repl = || TopicReplication::Fixed(self.config.replication_factor);
         let topics = [
@@ -433,10 +550,16 @@ impl Publisher {
             Box::new((MODEL_KEY.to_vec(), 0)),
         )
         .key(version.as_str())
-        .headers(OwnedHeaders::new().insert(Header {
-            key: "content-type",
-            value: Some(self.config.encoding.content_type()),
-        }))
+        .headers(record_headers(
+            &format!("model|{version}"),
+            self.config.encoding,
+            &self.config.cloudevents_source,
+            CloudEvent {
+                ty: event_type::MODEL,
+                subject: version.as_str(),
+                time: chrono::Utc::now().timestamp(),
+            },
+        ))
         .payload(payload.as_slice());
         match self.producer.send(record) {
             Ok(()) => *in_flight = true,
@@ -505,6 +628,10 @@ impl Publisher {
                     payload: Some(payload),
                     idempotency_key: idk,
                     job: false,
+                    ce_type: event_type::CHANGE,
+                    time: c
+                        .timestamp
+                        .unwrap_or_else(|| chrono::Utc::now().timestamp()),
                 }
             }
             OutboxItem::Job(t) => {
@@ -518,6 +645,8 @@ impl Publisher {
                         payload: Some(payload),
                         idempotency_key: format!("{t}|job|{seq}"),
                         job: true,
+                        ce_type: event_type::EMBED_JOB,
+                        time: chrono::Utc::now().timestamp(),
                     },
                     Err(err) => return Ok(Err(format!("cannot build the job: {err:#}"))),
                 }
@@ -533,6 +662,8 @@ impl Publisher {
                             payload: Some(enc.encode_tile(&m)?),
                             idempotency_key: tile_idempotency_key(*t, &emb),
                             job: false,
+                            ce_type: event_type::TILE_EMBEDDING,
+                            time: emb.computed_at,
                         }
                     }
                     None => {
@@ -543,6 +674,8 @@ impl Publisher {
                             payload: None,
                             idempotency_key: format!("{t}|tombstone|{}", e.id),
                             job: false,
+                            ce_type: event_type::TILE_EMBEDDING_DELETED,
+                            time: chrono::Utc::now().timestamp(),
                         }
                     }
                 }
@@ -591,6 +724,12 @@ impl Publisher {
                 .headers(record_headers(
                     &format!("dead|{}|{}", hex(&e.key), e.id),
                     Encoding::Json,
+                    &self.config.cloudevents_source,
+                    CloudEvent {
+                        ty: event_type::DEAD_LETTER,
+                        subject: key,
+                        time: chrono::Utc::now().timestamp(),
+                    },
                 ))
                 .payload(value.as_slice());
         match self.producer.send(record) {
@@ -673,6 +812,12 @@ impl Publisher {
                     .headers(record_headers(
                         &built.idempotency_key,
                         if built.job { Encoding::Cbor } else { enc },
+                        &self.config.cloudevents_source,
+                        CloudEvent {
+                            ty: built.ce_type,
+                            subject: &built.key,
+                            time: built.time,
+                        },
                     ));
             if let Some(p) = &built.payload {
                 record = record.payload(p.as_slice());
@@ -856,5 +1001,101 @@ impl Publisher {
         self.in_flight.len()
             + self.dead_in_flight.len()
             + usize::from(self.model_events.front().is_some_and(|m| m.2))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::Headers;
+
+    #[test]
+    fn records_carry_cloudevents_binary_mode_headers() {
+        let h = record_headers(
+            "15/1/2|1.0|7",
+            Encoding::Cbor,
+            "urn:osmvec:test",
+            CloudEvent {
+                ty: event_type::TILE_EMBEDDING,
+                subject: "15/1/2",
+                time: 1_764_633_600,
+            },
+        );
+        let got: Vec<(String, String)> = h
+            .iter()
+            .map(|x| {
+                (
+                    x.key.to_string(),
+                    String::from_utf8(x.value.unwrap().to_vec()).unwrap(),
+                )
+            })
+            .collect();
+        let want = [
+            ("osmvec-idempotency-key", "15/1/2|1.0|7"),
+            ("content-type", "application/cbor"),
+            ("ce_specversion", "1.0"),
+            ("ce_id", "15/1/2|1.0|7"),
+            ("ce_source", "urn:osmvec:test"),
+            ("ce_type", "org.osmvec.tile-embedding.v1"),
+            ("ce_subject", "15/1/2"),
+            ("ce_time", "2025-12-02T00:00:00Z"),
+        ];
+        let want: Vec<(String, String)> = want
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn properties_osmvec_relies_on_are_refused_with_the_reason() {
+        for k in [
+            "enable.idempotence",
+            "acks",
+            "enable.auto.commit",
+            "bootstrap.servers",
+        ] {
+            let e = check_property(k).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("kafka.properties.{k} cannot be set: ")),
+                "{e}"
+            );
+        }
+        for k in [
+            "security.protocol",
+            "sasl.username",
+            "compression.type",
+            "client.id",
+        ] {
+            check_property(k).unwrap();
+        }
+        let mut p = std::collections::BTreeMap::new();
+        p.insert("compression.type".to_string(), "zstd".to_string());
+        p.insert("client.id".to_string(), "osmvec-eu-1".to_string());
+        let c = client_config("10.0.0.1:9092", &p);
+        assert_eq!(c.get("bootstrap.servers"), Some("10.0.0.1:9092"));
+        assert_eq!(c.get("compression.type"), Some("zstd"));
+        assert_eq!(c.get("client.id"), Some("osmvec-eu-1"));
+    }
+
+    /// The codecs a deployment may pick are compiled in: librdkafka
+    /// refuses to create a producer with a codec it was built without.
+    #[test]
+    fn ssl_and_every_compression_codec_are_built_in() {
+        for codec in ["gzip", "snappy", "lz4", "zstd"] {
+            let p: std::result::Result<BaseProducer, _> = ClientConfig::new()
+                .set("bootstrap.servers", "127.0.0.1:1")
+                .set("compression.type", codec)
+                .create();
+            assert!(p.is_ok(), "{codec}: {:?}", p.err());
+        }
+        let p: std::result::Result<BaseProducer, _> = ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .set("security.protocol", "sasl_ssl")
+            .set("sasl.mechanisms", "SCRAM-SHA-512")
+            .set("sasl.username", "u")
+            .set("sasl.password", "p")
+            .create();
+        assert!(p.is_ok(), "SASL_SSL with SCRAM: {:?}", p.err());
     }
 }
