@@ -563,6 +563,23 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
         publisher.drain(&store, 0, Duration::from_millis(200))?;
     }
     m.observe_publisher(&publisher.stats);
+    if let Some(ms) = o
+        .kafka
+        .properties
+        .get("statistics.interval.ms")
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|ms| *ms > 0 && *ms <= 10_000)
+    {
+        // One more statistics report, so the figures include the last
+        // deliveries: bytes on the wire per topic beside the payload bytes
+        // (what a `compression.type` buys).
+        publisher.poll_for(Duration::from_millis(ms + 100));
+        let wire = serde_json::json!({
+            "producers": publisher.wire(),
+            "payload_bytes": publisher.stats.payload_bytes,
+        });
+        tracing::info!(wire = %wire, "bytes sent (librdkafka statistics)");
+    }
     tracing::info!(
         delivered = publisher.stats.delivered,
         failed = publisher.stats.failed,
