@@ -439,6 +439,12 @@ pub fn follow(
     let mut parse_attempt = 0u32;
     let mut behind_warned = None;
     let stopping = || opts.stop.load(Ordering::Relaxed);
+    // A request the fetcher cannot take because it ended on the stop is
+    // no error: the loop's next turn sees the stop.
+    let want = |seq: u64, after: Duration| match fetcher.want(seq, after) {
+        Err(_) if stopping() => Ok(()),
+        r => r,
+    };
     let outcome = |applied, current, behind| FollowOutcome {
         applied,
         sequence: current,
@@ -461,7 +467,7 @@ pub fn follow(
                     );
                 }
                 current = Some(s);
-                fetcher.want(s + 1, Duration::ZERO)?;
+                want(s + 1, Duration::ZERO)?;
             }
             Fetched::Diff {
                 seq,
@@ -477,7 +483,7 @@ pub fn follow(
                     if opts.max_diffs.is_some_and(|m| applied >= m) {
                         return Ok(outcome(applied, current, latest > seq));
                     }
-                    fetcher.want(seq + 1, Duration::ZERO)?;
+                    want(seq + 1, Duration::ZERO)?;
                 }
                 Err(e) => {
                     parse_attempt += 1;
@@ -488,7 +494,7 @@ pub fn follow(
                         )));
                     }
                     tracing::warn!(sequence = seq, attempt = parse_attempt, error = %e, "diff unreadable, fetching it again");
-                    fetcher.want(seq, opts.backoff.initial * parse_attempt)?;
+                    want(seq, opts.backoff.initial * parse_attempt)?;
                 }
             },
             Fetched::NotYet { wanted, .. } => {
@@ -512,6 +518,13 @@ pub fn follow(
                     tracing::error!(error = %e, "waiting for the source to pass the store");
                     behind_warned = Some(latest);
                 }
+            }
+            // The fetcher thread ends when it sees the stop: a stop that
+            // lands between the check above and this answer is a stop, not
+            // a failure.
+            Fetched::Failed(_) if stopping() => {
+                tracing::info!("stop requested; the last diff was applied whole");
+                return Ok(outcome(applied, current, false));
             }
             Fetched::Failed(e) => return Err(e),
         }

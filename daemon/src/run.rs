@@ -256,6 +256,12 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
     // never hold this loop (it keeps embedding and draining) nor a stop.
     let fetcher = Fetcher::spawn(source, o.backoff, o.poll_interval, stop.clone())?;
     fetcher.start(start_of(&store)?)?;
+    // A request the fetcher cannot take because it ended on the stop is no
+    // error: the loop's next turn sees the stop.
+    let want = |seq: u64, after: Duration| match fetcher.want(seq, after) {
+        Err(_) if stop.load(Ordering::Relaxed) => Ok(()),
+        r => r,
+    };
     let mut next_fetched: Option<Fetched> = None;
     let mut parse_attempt = 0u32;
     let mut behind_warned: Option<u64> = None;
@@ -303,7 +309,7 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
             let f = next_fetched.take().or_else(|| fetcher.try_take());
             match f {
                 None => {}
-                Some(Fetched::StartsAfter(s)) => fetcher.want(s + 1, Duration::ZERO)?,
+                Some(Fetched::StartsAfter(s)) => want(s + 1, Duration::ZERO)?,
                 Some(Fetched::Diff {
                     seq,
                     state,
@@ -324,7 +330,7 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
                             if pending_since.is_none() {
                                 pending_since = Some(Instant::now());
                             }
-                            fetcher.want(seq + 1, Duration::ZERO)?;
+                            want(seq + 1, Duration::ZERO)?;
                         }
                         Err(e) => {
                             parse_attempt += 1;
@@ -335,7 +341,7 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
                                 )));
                             }
                             tracing::warn!(sequence = seq, attempt = parse_attempt, error = %e, "diff unreadable, fetching it again");
-                            fetcher.want(seq, o.backoff.initial * parse_attempt)?;
+                            want(seq, o.backoff.initial * parse_attempt)?;
                         }
                     }
                 }
@@ -355,6 +361,8 @@ pub fn run(o: &RunOptions, stop: Arc<AtomicBool>) -> Result<()> {
                     }
                     caught_up = true;
                 }
+                // The fetcher ends on the stop: then this is the stop.
+                Some(Fetched::Failed(_)) if stop.load(Ordering::Relaxed) => break,
                 Some(Fetched::Failed(e)) => return Err(e),
             }
         }
