@@ -890,16 +890,22 @@ impl Publisher {
                 BaseRecord::with_opaque_to(&built.topic, Box::new(token.clone()))
                     .key(built.key.as_str())
                     // Jobs are CBOR whatever kafka.encoding says.
-                    .headers(record_headers(
-                        &built.idempotency_key,
-                        if built.job { Encoding::Cbor } else { enc },
-                        &self.config.cloudevents_source,
-                        CloudEvent {
-                            ty: built.ce_type,
-                            subject: &built.key,
-                            time: built.time,
-                        },
-                    ));
+                    .headers(if built.job {
+                        // Jobs keep the two headers they had (only workers
+                        // read them; see docs/messages.md on tansu).
+                        legacy_headers(&built.idempotency_key, Encoding::Cbor)
+                    } else {
+                        record_headers(
+                            &built.idempotency_key,
+                            enc,
+                            &self.config.cloudevents_source,
+                            CloudEvent {
+                                ty: built.ce_type,
+                                subject: &built.key,
+                                time: built.time,
+                            },
+                        )
+                    });
             if let Some(p) = &built.payload {
                 record = record.payload(p.as_slice());
             }
