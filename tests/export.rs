@@ -174,38 +174,24 @@ fn exports_hold_exactly_the_stored_tiles_and_open_in_pyarrow_and_geopandas() {
     assert_eq!(report["tiles"].as_u64().unwrap() as usize, n);
     let checked = py_reader("check_export.py", &[path_str(&geo), path_str(&want)]);
     println!("geoparquet: {checked}");
-    let plain = out.join("male-plain.parquet");
-    osmvec_ok(&[
-        "export-embeddings",
-        "--store",
-        path_str(&s.store),
-        "--bbox",
-        &bbox_arg(BBOX),
-        "--format",
-        "parquet",
-        "-o",
-        path_str(&plain),
-    ]);
-    py_reader(
-        "check_export.py",
-        &["--format", "parquet", path_str(&plain), path_str(&want)],
-    );
-    let npy = out.join("male.npy");
-    osmvec_ok(&[
-        "export-embeddings",
-        "--store",
-        path_str(&s.store),
-        "--bbox",
-        &bbox_arg(BBOX),
-        "--format",
-        "npy",
-        "-o",
-        path_str(&npy),
-    ]);
-    py_reader(
-        "check_export.py",
-        &["--format", "npy", path_str(&npy), path_str(&want)],
-    );
+    for (format, name) in [("parquet", "male-plain.parquet"), ("npy", "male.npy")] {
+        let file = out.join(name);
+        osmvec_ok(&[
+            "export-embeddings",
+            "--store",
+            path_str(&s.store),
+            "--bbox",
+            &bbox_arg(BBOX),
+            "--format",
+            format,
+            "-o",
+            path_str(&file),
+        ]);
+        py_reader(
+            "check_export.py",
+            &["--format", format, path_str(&file), path_str(&want)],
+        );
+    }
 
     // The same over HTTP, streamed.
     let agent: ureq::Agent = ureq::Agent::config_builder()

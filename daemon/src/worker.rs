@@ -46,9 +46,7 @@ use crate::embedding::inputs::{batch_from_graphs, encode_batch};
 use crate::embedding::tags::TagVectors;
 use crate::jobs::TileJob;
 use crate::observe::worker::{WorkerMetrics, WorkerStatus};
-use crate::publish::kafka::{
-    Topics, client_config, event_type, legacy_headers, tile_idempotency_key,
-};
+use crate::publish::kafka::{Topics, client_config, legacy_headers, tile_idempotency_key};
 use crate::publish::messages::{Encoding, TileEmbeddingMessage};
 
 #[derive(Debug, Clone)]
@@ -73,7 +71,8 @@ pub struct WorkerOptions {
     pub http_listen: Option<String>,
     /// librdkafka settings for every client (`[kafka.properties]`).
     pub properties: std::collections::BTreeMap<String, String>,
-    /// CloudEvents `source` of the records it publishes.
+    /// CloudEvents `source` for the records it publishes (read from the
+    /// shared file; unused until the workers' records carry the headers).
     pub cloudevents_source: String,
 }
 
@@ -667,25 +666,17 @@ fn publish(
 ) -> Result<()> {
     for (_, t, e) in records {
         let key = t.to_string();
-        let (payload, idk, ce_type, time) = match e {
+        let (payload, idk) = match e {
             Some(e) => (
                 Some(o.encoding.encode_tile(&TileEmbeddingMessage::new(*t, e))?),
                 tile_idempotency_key(*t, e),
-                event_type::TILE_EMBEDDING,
-                e.computed_at,
             ),
-            None => (
-                None,
-                format!("{t}|tombstone|worker"),
-                event_type::TILE_EMBEDDING_DELETED,
-                chrono::Utc::now().timestamp(),
-            ),
+            None => (None, format!("{t}|tombstone|worker")),
         };
         // Not yet the CloudEvents headers the single-process daemon writes:
         // with them, tests/workers.rs lost records under parallel load on
         // tansu 0.6.0 (REQTMOUT from the broker; not root-caused), so the
         // workers keep the two headers they had (docs/messages.md).
-        let _ = (ce_type, time, &o.cloudevents_source);
         let mut rec: BaseRecord<'_, str, [u8]> = BaseRecord::to(&o.topics.embeddings)
             .key(key.as_str())
             .headers(legacy_headers(&idk, o.encoding));

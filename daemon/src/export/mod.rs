@@ -21,7 +21,7 @@ use osmvec_graphstore::Store;
 use osmvec_graphstore::tiles::{MAX_LAT, count_in_bbox};
 use serde::Serialize;
 
-pub use tiles::{Survey, TileRows, TileSchema, survey};
+pub use tiles::{Survey, TileRows, TileSchema, survey, write_rows};
 
 /// File formats of `export-embeddings`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,18 +198,15 @@ pub fn export_embeddings(
     let bytes = match format {
         Format::GeoParquet | Format::Parquet => {
             let (guard, f) = AtomicFile::create(out)?;
-            let mut rows = TileRows::new(
-                BufWriter::with_capacity(1 << 20, f),
+            let w = tiles::write_rows(
+                &view,
+                bbox,
+                &survey,
                 format == Format::GeoParquet,
                 meta,
-                &survey,
+                BufWriter::with_capacity(1 << 20, f),
+                || bar.inc(1),
             )?;
-            view.for_each(bbox, |t, e| -> Result<bool> {
-                rows.push(t, &e)?;
-                bar.inc(1);
-                Ok(true)
-            })?;
-            let w = rows.finish()?;
             let f = w.into_inner().map_err(|e| e.into_error())?;
             guard.commit(f)?
         }

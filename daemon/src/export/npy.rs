@@ -63,14 +63,7 @@ impl NpyTiles {
     }
 
     pub fn push(&mut self, t: TileId, e: &TileEmbedding) -> Result<()> {
-        if e.vector.len() != self.dim {
-            bail!(
-                "tile {t} has a {}-long embedding, the tiles before it {}: \
-                 the store mixes models of different widths",
-                e.vector.len(),
-                self.dim
-            );
-        }
+        super::tiles::check_width(t, e.vector.len(), self.dim)?;
         if self.rows == self.expected {
             bail!(
                 "more tiles than the export's first pass counted ({})",

@@ -179,12 +179,8 @@ pub fn survey(view: &EmbeddingView<'_>, bbox: Option<[f64; 4]>) -> Result<Survey
                 bail!("tile {t} has an empty embedding");
             }
             s.dim = dim;
-        } else if dim != s.dim {
-            bail!(
-                "tile {t} has a {dim}-long embedding, the tiles before it {}: \
-                 the store mixes models of different widths",
-                s.dim
-            );
+        } else {
+            check_width(t, dim, s.dim)?;
         }
         if !versions.contains(&e.model_version) {
             versions.insert(e.model_version);
@@ -201,6 +197,37 @@ pub fn survey(view: &EmbeddingView<'_>, bbox: Option<[f64; 4]>) -> Result<Survey
     })?;
     s.model_versions = versions.into_iter().collect();
     Ok(s)
+}
+
+/// The second pass: the surveyed rows of `view` written as (Geo)Parquet on
+/// `out` (the CLI's file, the HTTP answer's channel); `on_row` after each.
+pub fn write_rows<W: Write + Send>(
+    view: &EmbeddingView<'_>,
+    bbox: Option<[f64; 4]>,
+    survey: &Survey,
+    geometry: bool,
+    meta: ExportMeta,
+    out: W,
+    mut on_row: impl FnMut(),
+) -> Result<W> {
+    let mut rows = TileRows::new(out, geometry, meta, survey)?;
+    view.for_each(bbox, |t, e| -> Result<bool> {
+        rows.push(t, &e)?;
+        on_row();
+        Ok(true)
+    })?;
+    rows.finish()
+}
+
+/// Every row of an export has the first row's vector length.
+pub fn check_width(t: TileId, dim: usize, expected: usize) -> Result<()> {
+    if dim != expected {
+        bail!(
+            "tile {t} has a {dim}-long embedding, the tiles before it {expected}: \
+             the store mixes models of different widths"
+        );
+    }
+    Ok(())
 }
 
 /// The file metadata: GeoParquet's `geo` (with geometry) and `osmvec`.
@@ -284,14 +311,7 @@ impl<W: Write + Send> TileRows<W> {
     }
 
     pub fn push(&mut self, t: TileId, e: &TileEmbedding) -> Result<()> {
-        if e.vector.len() != self.schema.dim {
-            bail!(
-                "tile {t} has a {}-long embedding, the tiles before it {}: \
-                 the store mixes models of different widths",
-                e.vector.len(),
-                self.schema.dim
-            );
-        }
+        check_width(t, e.vector.len(), self.schema.dim)?;
         let c = &mut self.cols;
         c.tiles.push(t);
         c.versions.push(e.model_version.clone());

@@ -499,21 +499,16 @@ async fn tiles_parquet(
         // cut without its last chunk, so the client sees a failed download
         // rather than a short file that looks complete.
         let abort = tx.clone();
-        let result = (|| -> anyhow::Result<()> {
-            let mut rows = crate::export::TileRows::new(
-                crate::export::ChannelWriter::new(tx),
-                geometry,
-                meta,
-                &survey,
-            )?;
-            view.for_each(Some(bbox), |t, e| -> anyhow::Result<bool> {
-                rows.push(t, &e)?;
-                Ok(true)
-            })?;
-            let mut w = rows.finish()?;
-            std::io::Write::flush(&mut w)?;
-            Ok(())
-        })();
+        let result = crate::export::write_rows(
+            &view,
+            Some(bbox),
+            &survey,
+            geometry,
+            meta,
+            crate::export::ChannelWriter::new(tx),
+            || {},
+        )
+        .and_then(|mut w| Ok(std::io::Write::flush(&mut w)?));
         if let Err(e) = result {
             let message = format!("{e:#}");
             tracing::warn!(error = %message, "GET /v1/tiles.parquet failed mid-stream");

@@ -79,15 +79,7 @@ pub fn record_headers(
     ce: CloudEvent<'_>,
 ) -> OwnedHeaders {
     let time = rfc3339(ce.time);
-    OwnedHeaders::new_with_capacity(8)
-        .insert(Header {
-            key: "osmvec-idempotency-key",
-            value: Some(idempotency_key),
-        })
-        .insert(Header {
-            key: "content-type",
-            value: Some(encoding.content_type()),
-        })
+    legacy_headers(idempotency_key, encoding)
         .insert(Header {
             key: "ce_specversion",
             value: Some("1.0"),
@@ -115,9 +107,10 @@ pub fn record_headers(
 }
 
 /// The two headers records had before the CloudEvents ones: the
-/// idempotency key and the content type (what the workers still write).
+/// idempotency key and the content type (what ingest mode's jobs and the
+/// workers' records still carry; [`record_headers`] adds the rest).
 pub fn legacy_headers(idempotency_key: &str, encoding: Encoding) -> OwnedHeaders {
-    OwnedHeaders::new()
+    OwnedHeaders::new_with_capacity(8)
         .insert(Header {
             key: "osmvec-idempotency-key",
             value: Some(idempotency_key),
