@@ -112,8 +112,10 @@ pub fn import(
     Ok(())
 }
 
+/// Read-only (no lock, nothing written): works beside a running daemon and
+/// on a store whose disk is full.
 pub fn stats(store: &Path, json: bool) -> Result<()> {
-    let st = Store::open(store)?;
+    let st = Store::open_read_only(store)?;
     let s = st.stats()?;
     if json {
         println!("{}", serde_json::to_string(&s)?);

@@ -402,7 +402,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             format: ExportFormat::Opl,
             output,
         } => {
-            let st = osmvec_graphstore::Store::open(&store)?;
+            let st = osmvec_graphstore::Store::open_read_only(&store)?;
             st.ensure_consistent()?;
             match output {
                 Some(p) => {

@@ -197,10 +197,7 @@ impl<'s> DiffApplier<'s> {
                     .db()
                     .batched_multi_get_cf(store.cf($cf), keys.iter(), true);
                 for (id, v) in ids.into_iter().zip(vals) {
-                    let v = v.map_err(|e| StoreError::Db {
-                        path: store.path().to_path_buf(),
-                        source: e,
-                    })?;
+                    let v = v.map_err(|e| StoreError::db(store.path(), e))?;
                     let old = v.map(|v| $decode(id, &v)).transpose()?;
                     $map.insert(
                         id,

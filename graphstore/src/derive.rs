@@ -26,10 +26,7 @@ impl Lookup for Store {
         let res = self.db().batched_multi_get_cf(cf, keys.iter(), false);
         let mut out = Vec::with_capacity(ids.len());
         for r in res {
-            let v = r.map_err(|e| crate::error::StoreError::Db {
-                path: self.path().to_path_buf(),
-                source: e,
-            })?;
+            let v = r.map_err(|e| crate::error::StoreError::db(self.path(), e))?;
             out.push(match v {
                 Some(v) => {
                     let (lat, lon) = codec::decode_node_location(&v)?;

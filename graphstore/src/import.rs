@@ -246,12 +246,7 @@ fn write_raw(
             .db()
             .multi_get_cf(keys.iter().map(|(c, k)| (*c, k.as_slice())))
             .into_iter()
-            .map(|r| {
-                r.map_err(|e| StoreError::Db {
-                    path: store.path().to_path_buf(),
-                    source: e,
-                })
-            })
+            .map(|r| r.map_err(|e| StoreError::db(store.path(), e)))
             .collect::<Result<_>>()?
     } else {
         vec![None; batch.len()]

@@ -68,10 +68,7 @@ impl<'a> View<'a> {
     }
 
     fn db_err(&self, e: rocksdb::Error) -> StoreError {
-        StoreError::Db {
-            path: self.store.path().to_path_buf(),
-            source: e,
-        }
+        StoreError::db(self.store.path(), e)
     }
 
     /// Features (type, id) indexed in a tile, in key order.
