@@ -135,9 +135,9 @@ fn a_disk_filling_up_mid_replay_stops_cleanly_and_resumes_to_the_same_store() {
         path_str(&store),
         path_str(&maldives_base()),
     ]);
-    // Leave room for about half of what the replay writes, then fill the rest.
+    // Leave room for about a third of what the replay writes, then fill the rest.
     let (_, free) = fs_used_and_free(&small.dir);
-    let room = (growth / 2).max(256 << 10);
+    let room = (growth / 3).max(64 << 10);
     let filler = small.dir.join("filler");
     std::fs::write(&filler, vec![0x5a; (free - room) as usize]).unwrap();
     eprintln!("replay grows the store by {growth} bytes; {room} bytes left free of {free}",);

@@ -201,6 +201,10 @@ fn run(
     store.put_replication_state(&mut b, seq, ts);
     b.delete_cf(store.cf(cf::META), meta::IMPORT_IN_PROGRESS);
     store.write(b, true)?;
+    // The imported data into table files now, not at the next open: that
+    // open would otherwise rewrite the whole import from the log (on a
+    // nearly full disk it fails there), and the log would hold it twice.
+    store.flush()?;
     let fine = store.tile_config().fine_zoom;
     Ok(ImportSummary {
         files: summaries,

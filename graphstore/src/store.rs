@@ -494,6 +494,14 @@ impl Store {
         Ok(n)
     }
 
+    /// Writes every column family's memtable to table files (and lets
+    /// RocksDB drop the log that held them).
+    pub fn flush(&self) -> Result<()> {
+        let cfs: Vec<&ColumnFamily> = cf::ALL.iter().map(|n| self.cf(n)).collect();
+        self.db.flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())
+            .map_err(|e| self.db_err(e))
+    }
+
     /// Writes a consistent copy of the store, as of now, to `to` (which must
     /// not exist), while it stays open: RocksDB's checkpoint, hard links
     /// where `to` is on the same file system, copies otherwise. A backup of
