@@ -498,7 +498,8 @@ impl Store {
     /// RocksDB drop the log that held them).
     pub fn flush(&self) -> Result<()> {
         let cfs: Vec<&ColumnFamily> = cf::ALL.iter().map(|n| self.cf(n)).collect();
-        self.db.flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())
+        self.db
+            .flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())
             .map_err(|e| self.db_err(e))
     }
 

@@ -98,7 +98,7 @@ fn mutate(text: &mut Vec<u8>, rng: &mut XorShift) -> String {
             text.truncate(at);
             format!("cut at byte {at}")
         }
-        2 | 3 | 4 => {
+        2..=4 => {
             let lines: Vec<&[u8]> = text.split(|b| *b == b'\n').collect();
             let n = lines.len();
             let (a, b) = (rng.below(n), rng.below(n));
@@ -121,7 +121,7 @@ fn mutate(text: &mut Vec<u8>, rng: &mut XorShift) -> String {
             *text = out.join(&b'\n');
             what
         }
-        5 | 6 => {
+        5..=6 => {
             // A number inside an attribute value, replaced by junk.
             let quotes: Vec<usize> = text
                 .windows(2)
