@@ -17,7 +17,7 @@
 #
 # Usage: bash ops/soak.sh [MINUTES] [DIR]     (default 60 minutes, target/soak)
 #   PUBLISH_EVERY (s, default 5), SAMPLE_SECONDS (default 60), PORT (broker, 19096),
-#   BROKER (memory, the default, or sqlite)
+#   BROKER (memory, the default, or sqlite), OSMVEC_BIN (default target/release/osmvec)
 # Writes DIR/samples.csv, DIR/summary.json and, with ops/py-readers.sh's
 # matplotlib, DIR/soak.png (docs/reliability.md shows one).
 set -euo pipefail
@@ -30,7 +30,7 @@ every=${PUBLISH_EVERY:-5}
 sample=${SAMPLE_SECONDS:-60}
 bash ops/install.sh >&2
 bash ops/broker.sh install
-bin=$repo/target/release/osmvec
+bin=${OSMVEC_BIN:-$repo/target/release/osmvec}
 feed=$repo/tests/data/replication/maldives/minute
 base=$repo/tests/data/replication/maldives/base-2017-03-01T0749Z.osm.pbf
 export OSMVEC_LOG=${OSMVEC_LOG:-info}

@@ -46,7 +46,10 @@ use crate::embedding::inputs::{batch_from_graphs, encode_batch};
 use crate::embedding::tags::TagVectors;
 use crate::jobs::TileJob;
 use crate::observe::worker::{WorkerMetrics, WorkerStatus};
-use crate::publish::kafka::{Topics, client_config, legacy_headers, tile_idempotency_key};
+use crate::publish::kafka::{
+    CloudEvent, Topics, client_config, event_type, record_headers, tile_idempotency_key,
+    tombstone_idempotency_key,
+};
 use crate::publish::messages::{Encoding, TileEmbeddingMessage};
 
 #[derive(Debug, Clone)]
@@ -72,7 +75,7 @@ pub struct WorkerOptions {
     /// librdkafka settings for every client (`[kafka.properties]`).
     pub properties: std::collections::BTreeMap<String, String>,
     /// CloudEvents `source` for the records it publishes (read from the
-    /// shared file; unused until the workers' records carry the headers).
+    /// shared file, as the single-process daemon does).
     pub cloudevents_source: String,
 }
 
@@ -538,7 +541,7 @@ pub fn worker(o: &WorkerOptions, stop: Arc<AtomicBool>) -> Result<()> {
         }
         failures = 0;
         commit(&consumer, &o.topics.jobs, &next, m);
-        for (_, t, e) in records {
+        for (_, t, _, e) in records {
             match e {
                 Some(e) => {
                     report.embedded += 1;
@@ -587,8 +590,9 @@ pub fn worker(o: &WorkerOptions, stop: Arc<AtomicBool>) -> Result<()> {
     Ok(())
 }
 
-/// A batch's records: (partition, tile, embedding or None for a tombstone).
-type Records = Vec<(i32, TileId, Option<TileEmbedding>)>;
+/// A batch's records: (partition, tile, the job's sequence, embedding or
+/// None for a tombstone).
+type Records = Vec<(i32, TileId, u64, Option<TileEmbedding>)>;
 
 /// Embeds `todo` with the graphs and contexts the jobs carry.
 fn embed_jobs(
@@ -600,7 +604,7 @@ fn embed_jobs(
     let mut records: Records = Vec::new();
     let (empty, full): (Vec<_>, Vec<_>) = todo.into_iter().partition(|j| j.job.g.n.is_empty());
     for j in empty {
-        records.push((j.partition, j.tile, None));
+        records.push((j.partition, j.tile, j.job.seq, None));
     }
     if full.is_empty() {
         return Ok(records);
@@ -614,7 +618,7 @@ fn embed_jobs(
     let now = chrono::Utc::now().timestamp();
     for ((j, row), present) in full.iter().zip(rows).zip(&g.present) {
         if !*present {
-            records.push((j.partition, j.tile, None));
+            records.push((j.partition, j.tile, j.job.seq, None));
             continue;
         }
         let drift = published
@@ -624,6 +628,7 @@ fn embed_jobs(
         records.push((
             j.partition,
             j.tile,
+            j.job.seq,
             Some(TileEmbedding {
                 model_version: model.meta.model_version.clone(),
                 sequence: j.job.seq,
@@ -664,22 +669,34 @@ fn publish(
     records: &Records,
     stop: &AtomicBool,
 ) -> Result<()> {
-    for (_, t, e) in records {
+    for (_, t, seq, e) in records {
         let key = t.to_string();
-        let (payload, idk) = match e {
+        let (payload, idk, ty, time) = match e {
             Some(e) => (
                 Some(o.encoding.encode_tile(&TileEmbeddingMessage::new(*t, e))?),
                 tile_idempotency_key(*t, e),
+                event_type::TILE_EMBEDDING,
+                e.computed_at,
             ),
-            None => (None, format!("{t}|tombstone|worker")),
+            None => (
+                None,
+                tombstone_idempotency_key(*t, *seq),
+                event_type::TILE_EMBEDDING_DELETED,
+                chrono::Utc::now().timestamp(),
+            ),
         };
-        // Not yet the CloudEvents headers the single-process daemon writes:
-        // with them, tests/workers.rs lost records under parallel load on
-        // tansu 0.6.0 (REQTMOUT from the broker; not root-caused), so the
-        // workers keep the two headers they had (docs/messages.md).
         let mut rec: BaseRecord<'_, str, [u8]> = BaseRecord::to(&o.topics.embeddings)
             .key(key.as_str())
-            .headers(legacy_headers(&idk, o.encoding));
+            .headers(record_headers(
+                &idk,
+                o.encoding,
+                &o.cloudevents_source,
+                CloudEvent {
+                    ty,
+                    subject: &key,
+                    time,
+                },
+            ));
         if let Some(p) = &payload {
             rec = rec.payload(p.as_slice());
         }

@@ -7,34 +7,34 @@ use crate::read::ReadError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("RocksDB error at {path}: {source}")]
+    // RocksDB's error is shown in the message and deliberately not exposed
+    // as `source()`: callers print errors with their chain (`{:#}`), which
+    // would repeat it.
+    #[error("RocksDB error at {path}: {error}")]
     Db {
         path: PathBuf,
-        #[source]
-        source: rocksdb::Error,
+        error: rocksdb::Error,
     },
     /// The file system holding the store ran out of space. RocksDB refuses
     /// the write whole (a diff is one write batch), so nothing stored is
     /// lost: freeing space and running the same command again resumes.
     #[error(
-        "the file system holding the store at {path} is full ({source}); free space and run the same command again: a diff is applied whole or not at all, so nothing already stored is lost"
+        "the file system holding the store at {path} is full ({error}); free space and run the same command again: a diff is applied whole or not at all, so nothing already stored is lost"
     )]
     DiskFull {
         path: PathBuf,
-        #[source]
-        source: rocksdb::Error,
+        error: rocksdb::Error,
     },
     /// RocksDB found a damaged file (a checksum mismatch, a bad magic
     /// number, a truncated table): the disk or something beside osmvec
     /// changed the store's files. Nothing can be trusted to be repaired in
     /// place; the message says how to rebuild.
     #[error(
-        "the store at {path} is damaged ({source}); osmvec does not repair it in place: restore it from a backup (e.g. a `cp -a` of a stopped store) or rebuild it with `osmvec import` and replicate from the extract's sequence"
+        "the store at {path} is damaged ({error}); osmvec does not repair it in place: restore it from a backup (e.g. a `cp -a` of a stopped store) or rebuild it with `osmvec import` and replicate from the extract's sequence"
     )]
     Damaged {
         path: PathBuf,
-        #[source]
-        source: rocksdb::Error,
+        error: rocksdb::Error,
     },
     #[error("store at {path} is not an osmvec store ({why})")]
     NotAStore { path: PathBuf, why: String },
@@ -71,11 +71,18 @@ impl StoreError {
     pub fn db(path: &std::path::Path, source: rocksdb::Error) -> Self {
         let path = path.to_path_buf();
         match source.kind() {
-            rocksdb::ErrorKind::Corruption => StoreError::Damaged { path, source },
-            rocksdb::ErrorKind::IOError if is_no_space(&source) => {
-                StoreError::DiskFull { path, source }
-            }
-            _ => StoreError::Db { path, source },
+            rocksdb::ErrorKind::Corruption => StoreError::Damaged {
+                path,
+                error: source,
+            },
+            rocksdb::ErrorKind::IOError if is_no_space(&source) => StoreError::DiskFull {
+                path,
+                error: source,
+            },
+            _ => StoreError::Db {
+                path,
+                error: source,
+            },
         }
     }
 

@@ -170,6 +170,15 @@ pub fn tile_idempotency_key(t: TileId, e: &TileEmbedding) -> String {
     format!("{t}|{}|{}", e.model_version, e.sequence)
 }
 
+/// The idempotency key of tile `t`'s tombstone: `z/x/y|tombstone|N`, where N
+/// tells one deletion of the tile from a later one and is the same when the
+/// record is sent again: the outbox entry's id in the single process, the
+/// job's replication sequence in a worker (a worker redoing a batch, or
+/// another worker taking it over, repeats the key).
+pub fn tombstone_idempotency_key(t: TileId, n: u64) -> String {
+    format!("{t}|tombstone|{n}")
+}
+
 /// Topic names.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -746,7 +755,7 @@ impl Publisher {
                             topic: topics.embeddings.clone(),
                             key: t.to_string(),
                             payload: None,
-                            idempotency_key: format!("{t}|tombstone|{}", e.id),
+                            idempotency_key: tombstone_idempotency_key(*t, e.id),
                             job: false,
                             ce_type: event_type::TILE_EMBEDDING_DELETED,
                             time: chrono::Utc::now().timestamp(),
@@ -883,22 +892,16 @@ impl Publisher {
                 BaseRecord::with_opaque_to(&built.topic, Box::new(token.clone()))
                     .key(built.key.as_str())
                     // Jobs are CBOR whatever kafka.encoding says.
-                    .headers(if built.job {
-                        // Jobs keep the two headers they had (only workers
-                        // read them; see docs/messages.md on tansu).
-                        legacy_headers(&built.idempotency_key, Encoding::Cbor)
-                    } else {
-                        record_headers(
-                            &built.idempotency_key,
-                            enc,
-                            &self.config.cloudevents_source,
-                            CloudEvent {
-                                ty: built.ce_type,
-                                subject: &built.key,
-                                time: built.time,
-                            },
-                        )
-                    });
+                    .headers(record_headers(
+                        &built.idempotency_key,
+                        if built.job { Encoding::Cbor } else { enc },
+                        &self.config.cloudevents_source,
+                        CloudEvent {
+                            ty: built.ce_type,
+                            subject: &built.key,
+                            time: built.time,
+                        },
+                    ));
             if let Some(p) = &built.payload {
                 record = record.payload(p.as_slice());
             }
