@@ -58,13 +58,16 @@ else
 fi
 brokers=127.0.0.1:$port
 
-start_source() { # extra flags... -> sets source_pid, source_url
+source_port=0
+start_source() { # extra flags... -> sets source_pid, source_url, source_port
   local fifo=$dir/source.port
   rm -f "$fifo"
-  python3 tests/fixtures/http_source.py --loop 180 "$@" "$feed" 0 > "$fifo" &
+  # The same port on a restart: the daemon keeps the URL it was given.
+  python3 tests/fixtures/http_source.py --loop 180 "$@" "$feed" "$source_port" > "$fifo" &
   source_pid=$!
   for _ in $(seq 100); do grep -q PORT "$fifo" 2>/dev/null && break; sleep 0.1; done
-  source_url=http://127.0.0.1:$(awk '/PORT/ {print $2}' "$fifo")/
+  source_port=$(awk '/PORT/ {print $2}' "$fifo")
+  source_url=http://127.0.0.1:$source_port/
 }
 start_source --hide-after 1 --publish-every "$every"
 pids+=("$source_pid")
@@ -101,11 +104,13 @@ kill "$source_pid"; wait "$source_pid" 2>/dev/null || true
 start_source --hide-after "$final"
 pids+=("$source_pid")
 echo "soak: feed frozen at sequence $final (published $published); waiting for the daemon" >&2
+caught_up=false
 for _ in $(seq 1800); do
   seq=$(curl -sf "http://127.0.0.1:$http/metrics" | awk '/^osmvec_replication_sequence / {print $2}')
-  [ "${seq%.*}" = "$final" ] && break
+  if [ "${seq%.*}" = "$final" ]; then caught_up=true; break; fi
   sleep 1
 done
+echo "soak: daemon at sequence ${seq%.*} (caught up: $caught_up)" >&2
 sleep 20 # the outbox drains, the workers finish their last batches
 "$bin" export --store "$dir/store" --format opl > "$dir/store.opl"
 "$bin" export --store "$dir/reference" --format opl > "$dir/reference.opl"
@@ -116,16 +121,19 @@ for p in "$ingest" "${workers[@]}"; do
   kill -TERM "$p"
   set +e; wait "$p"; codes+=($?); set -e
 done
-python3 - "$dir" "$final" "$same" "${codes[@]}" <<'PY'
+python3 - "$dir" "$final" "$same" "$caught_up" "${seq%.*}" "${codes[@]}" <<'PY'
 import json, sys
 d, final, same = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "true"
-codes = [int(c) for c in sys.argv[4:]]
+caught_up, reached = sys.argv[4] == "true", sys.argv[5]
+codes = [int(c) for c in sys.argv[6:]]
 s = json.load(open(f"{d}/summary.json"))
-s.update({"final_sequence": final, "passes": final / 180, "store_equals_reference": same,
+s.update({"final_sequence": final, "passes": final / 180, "caught_up": caught_up,
+          "daemon_sequence": int(reached) if reached.isdigit() else None,
+          "store_equals_reference": same,
           "exit_codes": dict(zip(["ingest", "worker1", "worker2"], codes))})
 json.dump(s, open(f"{d}/summary.json", "w"), indent=1)
 print(json.dumps(s, indent=1))
-ok = same and all(c == 0 for c in codes)
+ok = caught_up and same and all(c == 0 for c in codes)
 sys.exit(0 if ok else 1)
 PY
 if py=$(bash ops/py-readers.sh 2>/dev/null); then

@@ -79,7 +79,7 @@ pub fn record_headers(
     ce: CloudEvent<'_>,
 ) -> OwnedHeaders {
     let time = rfc3339(ce.time);
-    legacy_headers(idempotency_key, encoding)
+    base_headers(idempotency_key, encoding)
         .insert(Header {
             key: "ce_specversion",
             value: Some("1.0"),
@@ -106,10 +106,9 @@ pub fn record_headers(
         })
 }
 
-/// The two headers records had before the CloudEvents ones: the
-/// idempotency key and the content type (what ingest mode's jobs and the
-/// workers' records still carry; [`record_headers`] adds the rest).
-pub fn legacy_headers(idempotency_key: &str, encoding: Encoding) -> OwnedHeaders {
+/// The two headers osmvec's own readers need: the idempotency key and the
+/// content type ([`record_headers`] adds the CloudEvents attributes).
+fn base_headers(idempotency_key: &str, encoding: Encoding) -> OwnedHeaders {
     OwnedHeaders::new_with_capacity(8)
         .insert(Header {
             key: "osmvec-idempotency-key",
