@@ -519,8 +519,12 @@ fn broker_outage_loses_nothing() {
         applied_while_down > 0,
         "no diff applied while the broker was down"
     );
+    // Keep reading the cycle lines: a full stdout pipe would block the
+    // daemon in a write for good (seen when the broker came back slowly).
+    let drain = std::thread::spawn(move || lines.for_each(drop));
     r.broker.restart();
     let status = child.wait().unwrap();
+    drain.join().unwrap();
     let log = log.join().unwrap();
     assert!(status.success(), "osmvec run failed:\n{log}");
     assert!(
