@@ -9,8 +9,9 @@
 # SHIFT_VERSIONS per pass (--shift-versions), so every pass changes the map
 # again and re-embeds what pass 1 did; every pass ends in the content of
 # sequence 180, versions shifted. SHIFT_VERSIONS=0 replays the versions as
-# they are: later passes then dirty nothing (the store has those versions). One sequence is published
-# every PUBLISH_EVERY seconds (5: twelve times the planet's minutely rate).
+# they are: later passes then dirty nothing (the store has those versions).
+# One sequence is published every PUBLISH_EVERY seconds (5: twelve times the
+# planet's minutely rate).
 # A light HTTP load runs meanwhile (ops/soak-monitor.py: /metrics, /healthz,
 # /v1/tiles pages, /v1/embed, a small /v1/tiles.parquet, about one request
 # a second). At the end the source is restarted with the feed frozen at the

@@ -68,21 +68,14 @@ impl StoreError {
     /// A RocksDB error on the store at `path`, sorted into what the user
     /// must do about it: a full disk and a damaged file get their own
     /// variants (and advice), anything else stays [`StoreError::Db`].
-    pub fn db(path: &std::path::Path, source: rocksdb::Error) -> Self {
+    pub fn db(path: &std::path::Path, error: rocksdb::Error) -> Self {
         let path = path.to_path_buf();
-        match source.kind() {
-            rocksdb::ErrorKind::Corruption => StoreError::Damaged {
-                path,
-                error: source,
-            },
-            rocksdb::ErrorKind::IOError if is_no_space(&source) => StoreError::DiskFull {
-                path,
-                error: source,
-            },
-            _ => StoreError::Db {
-                path,
-                error: source,
-            },
+        match error.kind() {
+            rocksdb::ErrorKind::Corruption => StoreError::Damaged { path, error },
+            rocksdb::ErrorKind::IOError if is_no_space(&error) => {
+                StoreError::DiskFull { path, error }
+            }
+            _ => StoreError::Db { path, error },
         }
     }
 
