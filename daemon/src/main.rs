@@ -652,8 +652,16 @@ fn tune_allocator() {
     // SAFETY: mallopt only changes allocator parameters; called before any
     // other thread exists.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        // glibc refuses thresholds above 32 MiB (HEAP_MAX_SIZE / 2) and
+        // any M_TRIM_THRESHOLD turns the dynamic mmap threshold off, so
+        // the earlier 1 GiB here left every block over 128 KiB mmapped
+        // afresh (a tensor's pages zeroed by the kernel on every batch).
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        // Thread arenas give whole heaps back when they empty, whatever the
+        // trim threshold: one arena halves the page faults of `embed --all`
+        // (six-extract store: 470k -> 285k, system time -1 s of 16 s).
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 

@@ -239,17 +239,21 @@ impl PackedBatch {
         std::array::from_fn(|t| self.types[t].as_ref().map_or(0, |n| n.table.dims()[0]))
     }
 
-    /// `(Σ active targets, Σ distinct senders)` over the relations: the rows
-    /// an aggregate-then-transform and a transform-then-aggregate layer
-    /// would multiply.
-    pub fn message_rows(&self) -> (usize, usize) {
+    /// `(Σ active targets, Σ distinct senders, Σ the smaller of the two)`
+    /// over the relations: the rows an aggregate-then-transform, a
+    /// transform-then-aggregate and a per-relation choice would multiply.
+    pub fn message_rows(&self) -> (usize, usize, usize) {
         let mut targets = 0;
         let mut senders = 0;
+        let mut best = 0;
         for r in &self.relations {
-            targets += r.csr.active();
-            senders += r.csr.out_ptr.windows(2).filter(|w| w[1] > w[0]).count();
+            let t = r.csr.active();
+            let s = r.csr.out_ptr.windows(2).filter(|w| w[1] > w[0]).count();
+            targets += t;
+            senders += s;
+            best += t.min(s);
         }
-        (targets, senders)
+        (targets, senders, best)
     }
 
     /// Edges per relation.

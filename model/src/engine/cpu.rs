@@ -320,8 +320,27 @@ pub(crate) fn seg_attn_bwd(a: &SegAttnArgs, table_rows: usize, grad: &[f32]) -> 
     SegAttnGrads { table, lsrc, ldst }
 }
 
+/// The stacked messages as consecutive parts (one per relation): row `q`
+/// of the stack is row `q - starts[k]` of `parts[k]`, so the messages are
+/// read where the products wrote them instead of being copied into one
+/// matrix first.
+#[derive(Clone, Copy)]
+pub(crate) struct Stacked<'a> {
+    pub parts: &'a [Mat<'a>],
+    /// `[parts + 1]`: first stacked row of each part, then the total.
+    pub starts: &'a [usize],
+}
+
+impl<'a> Stacked<'a> {
+    #[inline(always)]
+    fn row(&self, q: usize) -> &'a [f32] {
+        let k = self.starts.partition_point(|&s| s <= q) - 1;
+        self.parts[k].row(q - self.starts[k])
+    }
+}
+
 #[inline(always)]
-fn combine_row_body(idx: &CombineIndex, skip: Mat, m: Mat, i: usize, o: &mut [f32]) {
+fn combine_row_body(idx: &CombineIndex, skip: Mat, m: Stacked, i: usize, o: &mut [f32]) {
     let (s, e) = (idx.ptr[i] as usize, idx.ptr[i + 1] as usize);
     if s == e {
         o.copy_from_slice(skip.row(i));
@@ -344,10 +363,10 @@ fn combine_row_body(idx: &CombineIndex, skip: Mat, m: Mat, i: usize, o: &mut [f3
     }
 }
 
-multiversion!(fn combine_row(idx: &CombineIndex, skip: Mat, m: Mat, i: usize, o: &mut [f32]) => combine_row_body);
+multiversion!(fn combine_row(idx: &CombineIndex, skip: Mat, m: Stacked, i: usize, o: &mut [f32]) => combine_row_body);
 
 /// `out[i] = relu(skip[i] + inv_i · Σ_{q ∈ rows(i)} m[q])`, `inv_i = 1 / |rows(i)|`.
-pub(crate) fn combine_fwd(idx: &CombineIndex, skip: Mat, m: Mat, out: &mut [f32]) {
+pub(crate) fn combine_fwd(idx: &CombineIndex, skip: Mat, m: Stacked, out: &mut [f32]) {
     out.par_chunks_mut(skip.width)
         .with_min_len(16)
         .enumerate()

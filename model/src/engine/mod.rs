@@ -174,6 +174,9 @@ pub struct Engine {
     weights: Arc<EngineWeights>,
     shared_width: usize,
     device: Device,
+    /// Built by [`Engine::new`]: no gradients wanted, so ops may produce
+    /// tensors outside autograd.
+    serving: bool,
 }
 
 impl Engine {
@@ -196,6 +199,7 @@ impl Engine {
             weights: Arc::new(detach_all(weights)),
             shared_width,
             device: encoder.device().clone(),
+            serving: true,
         })
     }
 
@@ -214,6 +218,7 @@ impl Engine {
             weights: Arc::new(EngineWeights::build(encoder.config(), &get)?),
             shared_width,
             device: encoder.device().clone(),
+            serving: false,
         })
     }
 
@@ -468,6 +473,9 @@ impl Engine {
         for (t, (s, m)) in skip.into_iter().zip(messages).enumerate() {
             let Some(s) = s else { continue };
             out[t] = Some(match &batch.combine[t] {
+                Some(index) if self.serving && self.device.is_cpu() => {
+                    ops::combine_parts(index, &s, &m)?
+                }
                 Some(index) => {
                     let m = if m.len() == 1 {
                         m.into_iter().next().expect("one")

@@ -238,6 +238,12 @@ impl CustomOp2 for Combine {
             return Err(bad("combine: shapes do not match the index"));
         }
         let mut out = vec![0f32; n * skip.width];
+        let starts = [0, l2.dims()[0]];
+        let parts = [m];
+        let m = cpu::Stacked {
+            parts: &parts,
+            starts: &starts,
+        };
         cpu::combine_fwd(&self.index, skip, m, &mut out);
         Ok((CpuStorage::F32(out), Shape::from((n, skip.width))))
     }
@@ -283,6 +289,55 @@ impl CustomOp2 for Combine {
             Some(Tensor::from_vec(dm, (m_rows, w), res.device())?),
         ))
     }
+}
+
+/// [`Combine`] over the relation messages as they are, one tensor per
+/// relation in stacked order, without concatenating them first (the copy
+/// was a tenth of the encoder's time). CPU tensors only, and outside
+/// autograd: the result records no op, so the serving path uses it and
+/// training keeps [`Combine`].
+pub(crate) fn combine_parts(
+    index: &CombineIndex,
+    skip: &Tensor,
+    messages: &[Tensor],
+) -> candle_core::Result<Tensor> {
+    let (n, w) = skip.dims2()?;
+    if n + 1 != index.ptr.len() {
+        return Err(bad("combine: shapes do not match the index"));
+    }
+    let guards: Vec<_> = messages.iter().map(|m| m.storage_and_layout()).collect();
+    let mut parts = Vec::with_capacity(guards.len());
+    let mut starts = Vec::with_capacity(guards.len() + 1);
+    starts.push(0usize);
+    for (storage, layout) in &guards {
+        let Storage::Cpu(c) = &**storage else {
+            return Err(bad("combine_parts takes CPU tensors"));
+        };
+        let m = mat(f32s(c)?, layout)?;
+        if m.width != w {
+            return Err(bad("combine: message width differs from the skip term"));
+        }
+        parts.push(m);
+        starts.push(starts.last().copied().unwrap_or(0) + layout.dims()[0]);
+    }
+    if index
+        .rows
+        .iter()
+        .any(|&q| q as usize >= *starts.last().unwrap_or(&0))
+    {
+        return Err(bad("combine: the index reaches past the messages"));
+    }
+    let stacked = cpu::Stacked {
+        parts: &parts,
+        starts: &starts,
+    };
+    let out = with_cpu(skip, |sd, sl| {
+        let mut out = vec![0f32; n * w];
+        cpu::combine_fwd(index, mat(sd, sl)?, stacked, &mut out);
+        Ok(out)
+    })?;
+    drop(guards);
+    Tensor::from_vec(out, (n, w), skip.device())
 }
 
 /// Set2Set's read-out: arguments `x [n, w]` (every graph's nodes contiguous,
