@@ -660,7 +660,8 @@ fn tune_allocator() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
         // Thread arenas give whole heaps back when they empty, whatever the
         // trim threshold: one arena halves the page faults of `embed --all`
-        // (six-extract store: 470k -> 285k, system time -1 s of 16 s).
+        // (six-extract store: ~480k -> 270k, system time 2-4.6 s -> 1.2 s;
+        // docs/benchmarks.md). Every thread then shares that arena's lock.
         libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
