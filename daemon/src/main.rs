@@ -190,6 +190,10 @@ enum Command {
         /// Major model version of a new checkpoint (`N.0`).
         #[arg(long, default_value_t = 1)]
         major_version: u32,
+        /// How tags become texts in a new checkpoint: one per tag (osmvec)
+        /// or one label per feature (OSMGraphCLIP).
+        #[arg(long, value_enum, default_value_t = osmvec::embedding::tags::TagTexts::PerTag)]
+        tag_texts: osmvec::embedding::tags::TagTexts,
         /// Save a checkpoint every N steps (0: only at the end).
         #[arg(long, default_value_t = 50)]
         save_every: u64,
@@ -283,21 +287,39 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Evaluate a checkpoint on held-out blocks (retrieval, land-use probe)
-    /// next to an untrained model and raw spherical harmonics.
+    /// Print `lat,lon` of the centre of every fine tile of the store's
+    /// coarse tiles (land and sea alike): the points for
+    /// `ops/external-labels.sh`, whose output `eval --external-labels` reads.
+    LabelPoints {
+        #[arg(long, env = "OSMVEC_STORE")]
+        store: PathBuf,
+    },
+    /// Evaluate a checkpoint on test blocks (retrieval, land-use probe,
+    /// optionally labels from outside OSM) against an untrained model, k-NN
+    /// on coordinates, raw spherical harmonics (L = 10, 40) and the majority
+    /// class, with block-bootstrap 95 % intervals.
     Eval {
         #[arg(long, env = "OSMVEC_STORE")]
         store: PathBuf,
         #[arg(long, env = "OSMVEC_CHECKPOINT")]
         checkpoint: PathBuf,
-        /// Held-out tiles in the retrieval test.
+        /// Test tiles in the retrieval task (and validation tiles that the
+        /// baselines choose k and λ on).
         #[arg(long, default_value_t = 1000)]
         retrieval_tiles: usize,
-        /// Probe seeds to average over.
-        #[arg(long, default_value_t = 5)]
-        probe_seeds: u64,
+        /// Training tiles whose graph vectors the retrieval baselines map
+        /// coordinates onto (a seeded sample beyond).
+        #[arg(long, default_value_t = 4000)]
+        reference_tiles: usize,
+        /// Bootstrap resamples of the test blocks.
+        #[arg(long, default_value_t = 1000)]
+        resamples: usize,
         #[arg(long, default_value_t = 7)]
         seed: u64,
+        /// A CSV of `lat,lon,label` from a source other than OSM (e.g.
+        /// `ops/external-labels.py`): probed like the land use.
+        #[arg(long)]
+        external_labels: Option<PathBuf>,
         /// Store the report in the checkpoint's metadata.
         #[arg(long)]
         save: bool,
@@ -503,6 +525,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             major_version,
             save_every,
             reference,
+            tag_texts,
             model,
             json,
         } => {
@@ -523,6 +546,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     model_dir,
                     device,
                     reference,
+                    tag_texts,
                 },
                 stop,
             )?;
@@ -616,12 +640,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             o.json = json;
             osmvec::worker::worker(&o, stop_on_signals()?)
         }
+        Command::LabelPoints { store } => {
+            let store = osmvec_graphstore::Store::open_read_only(&store)?;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            use std::io::Write as _;
+            writeln!(out, "lat,lon")?;
+            for (lat, lon) in osmvec::embedding::eval::label_points(&store)? {
+                writeln!(out, "{lat:.7},{lon:.7}")?;
+            }
+            out.flush()?;
+            Ok(())
+        }
         Command::Eval {
             store,
             checkpoint,
             retrieval_tiles,
-            probe_seeds,
+            reference_tiles,
+            resamples,
             seed,
+            external_labels,
             save,
             model,
             json,
@@ -631,8 +668,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 store,
                 checkpoint,
                 retrieval_tiles,
-                probe_seeds,
+                reference_tiles,
+                resamples,
                 seed,
+                external_labels,
                 save,
                 model_dir,
                 device,

@@ -224,8 +224,8 @@ pub fn version_drift(store: &Store, old: &Model, new: &Model) -> Result<Option<M
         return Ok(None);
     };
     let grid = probe_grid(bbox, PROBE_GRID);
-    let (a, dim) = location_rows(old, &grid, false)?;
-    let (b, _) = location_rows(new, &grid, false)?;
+    let (a, dim) = location_rows(old, &grid)?;
+    let (b, _) = location_rows(new, &grid)?;
     Ok(Some(compare_versions(
         &a,
         &b,

@@ -47,6 +47,7 @@ fn store_and_checkpoint(dir: &Path) -> (PathBuf, PathBuf) {
             model_dir: default_model_dir(),
             device: Device::Cpu,
             reference: false,
+            tag_texts: Default::default(),
         },
         Arc::new(AtomicBool::new(false)),
     )

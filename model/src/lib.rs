@@ -40,6 +40,7 @@ pub mod pool;
 pub mod segment;
 pub mod sh;
 pub mod siren;
+pub mod stats;
 pub mod text;
 
 pub use candle_core::{DType, Device, Tensor};

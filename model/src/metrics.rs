@@ -64,14 +64,26 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 /// fraction of queries whose correct key has rank `<= k`, where
 /// `rank = 1 + #{keys with a strictly greater score}`.
 ///
-/// **Ties count in the query's favour**: a key scoring exactly as high as the
-/// correct one does not push it down. This makes the metric independent of
-/// key order, and duplicated keys (two samples at the same place) are not
-/// punished for being indistinguishable. Scores are accumulated in `f64`.
-/// `k = 0` always gives 0. Non-finite inputs are an error.
+/// **Ties count against the query**: a key scoring exactly as high as the
+/// correct one pushes it down (`rank = 1 + #{j ≠ i : score_j ≥ score_i}`),
+/// so an encoder that maps every input to one vector ranks every query last
+/// instead of first. Scores are accumulated in `f64`. `k = 0` always gives
+/// 0. Non-finite inputs are an error.
 ///
 /// Cost is `O(n² · dim)`; eval sets are a few thousand pairs.
 pub fn retrieval_topk(queries: &[f32], keys: &[f32], dim: usize, ks: &[usize]) -> Result<Vec<f64>> {
+    let ranks = retrieval_ranks(queries, keys, dim)?;
+    let n = ranks.len() as f64;
+    Ok(ks
+        .iter()
+        .map(|&kk| ranks.iter().filter(|&&r| r <= kk).count() as f64 / n)
+        .collect())
+}
+
+/// The pessimistic rank of every query's own key (see [`retrieval_topk`]),
+/// from which top-k accuracy over any subset of queries (a bootstrap
+/// resample) follows without recomputing scores.
+pub fn retrieval_ranks(queries: &[f32], keys: &[f32], dim: usize) -> Result<Vec<usize>> {
     let n = rows(queries, dim, "retrieval queries")?;
     let nk = rows(keys, dim, "retrieval keys")?;
     if n != nk {
@@ -87,17 +99,16 @@ pub fn retrieval_topk(queries: &[f32], keys: &[f32], dim: usize, ks: &[usize]) -
     check_finite(keys, "retrieval keys")?;
     let to64 = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
     let (q, k) = (to64(queries), to64(keys));
-    let ranks: Vec<usize> = q
-        .chunks_exact(dim)
+    Ok(q.chunks_exact(dim)
         .enumerate()
         .map(|(i, qi)| {
             let own = dot(qi, &k[i * dim..(i + 1) * dim]);
-            1 + k.chunks_exact(dim).filter(|kj| dot(qi, kj) > own).count()
+            1 + k
+                .chunks_exact(dim)
+                .enumerate()
+                .filter(|&(j, kj)| j != i && dot(qi, kj) >= own)
+                .count()
         })
-        .collect();
-    Ok(ks
-        .iter()
-        .map(|&kk| ranks.iter().filter(|&&r| r <= kk).count() as f64 / n as f64)
         .collect())
 }
 
@@ -541,18 +552,24 @@ mod tests {
     #[test]
     fn retrieval_topk_hand_example_with_tie() {
         // dim 2, keys: k0 = (1,0), k1 = (0,1), k2 = (0.6,0.8), k3 = (0.6,0.8).
-        // q0 = (1,0):     scores 1, 0, .6, .6     own 1   -> rank 1
-        // q1 = (0.6,0.8): scores .6, .8, 1, 1     own .8  -> 2 greater -> rank 3
-        // q2 = (0.6,0.8): scores .6, .8, 1, 1     own 1   -> k3 ties   -> rank 1
-        // q3 = (1,0):     scores 1, 0, .6, .6     own .6  -> k0 greater -> rank 2
-        // top1 = 2/4, top2 = 3/4, top3 = 4/4; k = 0 -> 0; k = 10 -> 1.
+        // Ties count against the query: rank = 1 + #{j != i: score_j >= own}.
+        // q0 = (1,0):     scores 1, 0, .6, .6     own 1   -> none >=        -> rank 1
+        // q1 = (0.6,0.8): scores .6, .8, 1, 1     own .8  -> k2, k3         -> rank 3
+        // q2 = (0.6,0.8): scores .6, .8, 1, 1     own 1   -> k3 ties        -> rank 2
+        // q3 = (1,0):     scores 1, 0, .6, .6     own .6  -> k0, k2 (a tie) -> rank 3
+        // top1 = 1/4, top2 = 2/4, top3 = 4/4; k = 0 -> 0; k = 10 -> 1.
         let keys = [1.0, 0.0, 0.0, 1.0, 0.6, 0.8, 0.6, 0.8];
         let queries = [1.0, 0.0, 0.6, 0.8, 0.6, 0.8, 1.0, 0.0];
+        assert_eq!(
+            retrieval_ranks(&queries, &keys, 2).unwrap(),
+            vec![1, 3, 2, 3]
+        );
         let r = retrieval_topk(&queries, &keys, 2, &[0, 1, 2, 3, 10]).unwrap();
-        assert_eq!(r, vec![0.0, 0.5, 0.75, 1.0, 1.0]);
-        // Identical keys for every query: all tie, so everything is rank 1.
-        let r = retrieval_topk(&[1.0; 6], &[0.5; 6], 2, &[1]).unwrap();
-        assert_eq!(r, vec![1.0]);
+        assert_eq!(r, vec![0.0, 0.25, 0.5, 1.0, 1.0]);
+        // One vector for everything: every query ties with all 3 keys and
+        // ranks last, so an encoder that collapses scores 0 at top-1.
+        let r = retrieval_topk(&[1.0; 6], &[0.5; 6], 2, &[1, 2, 3]).unwrap();
+        assert_eq!(r, vec![0.0, 0.0, 1.0]);
     }
 
     #[test]

@@ -90,6 +90,10 @@ pub struct DataInfo {
     pub replication_timestamp: Option<i64>,
     pub train_tiles: usize,
     pub heldout_tiles: usize,
+    #[serde(default)]
+    pub validation_tiles: usize,
+    #[serde(default)]
+    pub guard_tiles: usize,
 }
 
 /// How far training got.

@@ -1,73 +1,149 @@
-//! `osmvec eval`: what the model has learned, on held-out blocks, against two
-//! baselines computed in the same run.
+//! `osmvec eval`: what the model has learned, on test blocks, against every
+//! baseline a skeptic would try, with intervals that mean something.
 //!
-//! * **Retrieval** (OSMGraphCLIP): for up to `retrieval_tiles` held-out
-//!   tiles, the location embedding of a random point in each tile is the
-//!   query and the tiles' graph embeddings are the candidates; top-1 and
-//!   top-10 accuracy of finding the query's own tile.
-//! * **Land-use probe** (CaLLiPer): every tile with a dominant land-use class
-//!   (graphstore `landuse`) gets the location embedding of its centre; a
-//!   linear probe is trained on the training blocks' tiles and scored on the
-//!   held-out blocks' tiles, accuracy and macro-F1, mean and spread over
-//!   several probe seeds.
+//! Tasks, each scored on the test blocks of the split ([`super::split`]):
 //!
-//! Baselines: `untrained` is the same model initialised from the same seed
-//! but never trained (both encoders); `spherical_harmonics` feeds the raw
-//! harmonics (degree L, (L+1)² features) to the probe. Retrieval is not
-//! defined for the harmonics (they do not live in the graph space): `null`.
+//! * **Retrieval** (OSMGraphCLIP): for up to `retrieval_tiles` test tiles,
+//!   the embedding of a random point in each tile is the query and the
+//!   tiles' graph embeddings (trained graph encoder) are the candidates;
+//!   top-1 and top-10 accuracy of finding the query's own tile, ties counted
+//!   against the query.
+//! * **Land-use probe** (CaLLiPer): tiles labelled by their dominant
+//!   land-use class (graphstore `landuse`, derived from OSM); a
+//!   softmax-regression probe on the location features of tile centres,
+//!   trained on training tiles, scored on test tiles; accuracy and macro-F1.
+//! * **External labels** (optional, `--external-labels`): the same probe on
+//!   points labelled by a source other than OSM (a CSV of `lat,lon,label`,
+//!   e.g. the land/sea mask written by `ops/external-labels.py`).
+//!
+//! Models and baselines, all in the same run on the same queries:
+//! `trained`; `untrained` (same seed and shapes, never trained: both
+//! encoders); `knn_coordinates` (retrieval: the mean graph vector of the k
+//! nearest training tiles; probes: the vote of the k nearest labelled
+//! training points); `harmonics_l10`, `harmonics_l40` (raw spherical
+//! harmonics: ridge-mapped to the graph vectors of training tiles for
+//! retrieval, the probe's features for the probes); `majority` (probes). k
+//! and λ are chosen on the validation blocks.
+//!
+//! Uncertainty: a bootstrap over test *blocks* (tiles of one block are not
+//! independent), every model on the same resamples; 95 % percentile
+//! intervals, and paired intervals for "trained − baseline".
 
-use std::path::PathBuf;
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use osmvec_graphstore::Store;
 use osmvec_graphstore::landuse::{LabelConfig, LandUse, tile_land_use};
 use osmvec_graphstore::tiles::TileId;
 use osmvec_model::metrics::{
-    ProbeConfig, ProbeReport, classification_scores, retrieval_topk, train_probe,
+    ProbeConfig, ProbeReport, classification_scores, retrieval_ranks, train_probe,
 };
 use osmvec_model::params::SplitMix64;
+use osmvec_model::stats::{Bootstrap, Interval};
 use osmvec_model::{DType, Device};
 use rayon::prelude::*;
 use serde::Serialize;
 
+use super::baselines::{HarmonicsMaps, K_GRID, harmonics, knn_mean, majority, nearest, vote};
 use super::checkpoint::Model;
 use super::inputs::{Inputs, encode_batch};
-use super::split::mix;
+use super::split::{Role, SplitConfig, mix};
 use super::tags::TagVectors;
-use super::train::{point_in_tile, split_tiles};
+use super::train::{SplitTiles, point_in_tile, split_tiles};
 
 #[derive(Debug, Clone)]
 pub struct EvalArgs {
     pub store: PathBuf,
     pub checkpoint: PathBuf,
     pub retrieval_tiles: usize,
-    pub probe_seeds: u64,
+    /// Training tiles whose graph vectors the retrieval baselines learn
+    /// from (a seeded sample when there are more).
+    pub reference_tiles: usize,
+    pub resamples: usize,
     pub seed: u64,
+    pub external_labels: Option<PathBuf>,
     pub save: bool,
     pub model_dir: PathBuf,
     pub device: Device,
 }
 
+/// How the tiles of the store were used, and how much still crosses the
+/// split's borders.
 #[derive(Debug, Clone, Serialize)]
-pub struct Retrieval {
+pub struct SplitReport {
+    pub config: SplitConfig,
+    pub train_tiles: usize,
+    pub guard_tiles: usize,
+    pub validation_tiles: usize,
+    pub test_tiles: usize,
+    pub test_blocks: usize,
+    /// Where k and λ were chosen: `validation`, or `test` for a checkpoint
+    /// written before validation blocks existed (then the baselines' figures
+    /// are optimistic).
+    pub choices_on: &'static str,
+    /// Distinct features indexed in test tiles.
+    pub test_features: usize,
+    /// Of those, features also indexed in a training tile: what crosses the
+    /// border despite the guard band.
+    pub test_features_in_training_tiles: usize,
+    /// Of those, features also in a training or a guard tile: what would
+    /// cross without the band.
+    pub test_features_in_training_or_guard_tiles: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RetrievalScores {
+    pub top1: Interval,
+    pub top10: Interval,
+    /// What the baseline chose on validation (k neighbours or ridge λ).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chosen: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RetrievalReport {
     pub queries: usize,
-    pub top1: f64,
-    pub top10: f64,
+    pub chance_top1: f64,
+    pub chance_top10: f64,
+    pub reference_tiles: usize,
+    pub models: BTreeMap<&'static str, RetrievalScores>,
+    /// The baseline with the highest top-10 estimate.
+    pub best_baseline: &'static str,
+    /// Trained − each baseline, top-10, on the same resamples.
+    pub trained_minus_baseline_top10: BTreeMap<&'static str, Interval>,
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Scores {
-    pub retrieval: Option<Retrieval>,
-    pub land_use_probe: Option<ProbeReport>,
+pub struct ClassScores {
+    pub accuracy: Interval,
+    pub macro_f1: Interval,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chosen_k: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Labels {
-    pub classes: Vec<&'static str>,
+pub struct ClassReport {
+    pub source: String,
+    pub classes: Vec<String>,
     pub train_counts: Vec<usize>,
-    pub heldout_counts: Vec<usize>,
-    pub unlabelled_tiles: usize,
+    pub validation_counts: Vec<usize>,
+    pub test_counts: Vec<usize>,
+    pub test_blocks: usize,
+    pub models: BTreeMap<&'static str, ClassScores>,
+    /// The baseline with the highest macro-F1 estimate.
+    pub best_baseline: &'static str,
+    /// Trained − each baseline, macro-F1, on the same resamples.
+    pub trained_minus_baseline_macro_f1: BTreeMap<&'static str, Interval>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BootstrapInfo {
+    pub resamples: usize,
+    pub confidence: f64,
+    /// What is resampled: whole test blocks, with replacement.
+    pub unit: &'static str,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -76,23 +152,22 @@ pub struct EvalReport {
     pub checkpoint: String,
     pub store: String,
     pub training_steps: u64,
-    pub split: super::split::SplitConfig,
-    pub train_tiles: usize,
-    pub heldout_tiles: usize,
-    pub labels: Labels,
-    pub trained: Scores,
-    pub untrained: Scores,
-    pub spherical_harmonics: Scores,
-    /// Trained minus spherical-harmonics probe macro-F1, in points (×100).
-    pub macro_f1_gain_over_harmonics_points: Option<f64>,
+    pub split: SplitReport,
+    pub bootstrap: BootstrapInfo,
+    pub retrieval: RetrievalReport,
+    /// None when no test tile carries a land-use label.
+    pub land_use: Option<ClassReport>,
+    pub external: Option<ClassReport>,
     pub seconds: f64,
 }
 
-/// The land-use probe over seeds. A linear probe on fixed features is a
-/// convex problem, so its initialisation barely matters; what varies between
-/// seeds here is the training sample, a bootstrap resample of the training
-/// tiles (as many draws as tiles, with replacement). The spread over seeds
-/// then says how much the scores depend on which tiles were labelled.
+/// Confidence of every interval.
+const CONFIDENCE: f64 = 0.95;
+
+/// The land-use probe over seeds (what the fine-tuning gate compares): a
+/// linear probe on fixed features is a convex problem, so its initialisation
+/// barely matters; what varies between seeds is the training sample, a
+/// bootstrap resample of the training tiles.
 pub fn bootstrap_probe(
     train_x: &[f32],
     train_y: &[usize],
@@ -140,59 +215,537 @@ pub fn bootstrap_probe(
     })
 }
 
-/// Location embeddings (or raw harmonics) of many points, row-major.
-pub(crate) fn location_rows(
-    model: &Model,
-    coords: &[(f64, f64)],
-    raw_harmonics: bool,
-) -> Result<(Vec<f32>, usize)> {
+/// Location embeddings of many points, row-major.
+pub(crate) fn location_rows(model: &Model, coords: &[(f64, f64)]) -> Result<(Vec<f32>, usize)> {
     let mut out = Vec::new();
     let mut dim = 0;
     for chunk in coords.chunks(4096) {
-        let t = if raw_harmonics {
-            model
-                .location
-                .harmonics()
-                .encode(chunk, DType::F32, &model.device)?
-        } else {
-            model.location.forward(chunk)?
-        };
+        let t = model.location.forward(chunk)?;
         dim = t.dim(1)?;
         out.extend(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
     }
     Ok((out, dim))
 }
 
-fn retrieval(
+/// Graph embeddings of `tiles` (None for an empty graph).
+fn graph_vectors(
     store: &Store,
     model: &Model,
     inputs: &mut Inputs,
     tiles: &[TileId],
-    points: &[(f64, f64)],
-) -> Result<Retrieval> {
-    let mut keys = Vec::new();
-    let mut kept = Vec::new();
-    for (ci, chunk) in tiles.chunks(64).enumerate() {
+) -> Result<Vec<Option<Vec<f32>>>> {
+    let mut out = Vec::with_capacity(tiles.len());
+    for chunk in tiles.chunks(64) {
         let batch = inputs.batch(store, model, chunk)?;
         let g = encode_batch(model, &batch)?;
         let rows: Vec<Vec<f32>> = g.vectors.to_vec2()?;
-        for (i, (row, present)) in rows.into_iter().zip(&g.present).enumerate() {
-            if *present {
-                keys.extend(row);
-                kept.push(points[ci * 64 + i]);
+        for (row, present) in rows.into_iter().zip(&g.present) {
+            out.push(present.then_some(row));
+        }
+    }
+    Ok(out)
+}
+
+/// A seeded sample of at most `n` tiles, and a random point in each.
+fn sample_points(tiles: &[TileId], n: usize, seed: u64) -> (Vec<TileId>, Vec<(f64, f64)>) {
+    let mut order = tiles.to_vec();
+    order.sort_by_key(|t| (mix(((t.x as u64) << 32 | t.y as u64) ^ seed), *t));
+    order.truncate(n);
+    let mut rng = SplitMix64::new(mix(seed ^ 0x7e57));
+    let points = order.iter().map(|t| point_in_tile(*t, &mut rng)).collect();
+    (order, points)
+}
+
+/// Tiles with a non-empty graph, their points and vectors (flattened).
+struct Embedded {
+    tiles: Vec<TileId>,
+    points: Vec<(f64, f64)>,
+    vectors: Vec<f32>,
+}
+
+fn embedded(
+    store: &Store,
+    model: &Model,
+    inputs: &mut Inputs,
+    tiles: Vec<TileId>,
+    points: Vec<(f64, f64)>,
+) -> Result<Embedded> {
+    let vecs = graph_vectors(store, model, inputs, &tiles)?;
+    let mut out = Embedded {
+        tiles: Vec::new(),
+        points: Vec::new(),
+        vectors: Vec::new(),
+    };
+    for ((t, p), v) in tiles.into_iter().zip(points).zip(vecs) {
+        if let Some(v) = v {
+            out.tiles.push(t);
+            out.points.push(p);
+            out.vectors.extend(v);
+        }
+    }
+    Ok(out)
+}
+
+fn block_key(split: &SplitConfig, t: TileId) -> u64 {
+    let b = split.block(t);
+    ((b.z as u64) << 58) ^ ((b.x as u64) << 29) ^ b.y as u64
+}
+
+fn topk(ranks: &[usize], idx: &[usize], k: usize) -> f64 {
+    idx.iter().filter(|&&i| ranks[i] <= k).count() as f64 / idx.len().max(1) as f64
+}
+
+/// Picks the candidate with the best validation top-10 (first on ties).
+fn best_on<T: Copy>(cands: &[(T, Vec<usize>)]) -> usize {
+    let mut best = 0;
+    let mut best_score = f64::NEG_INFINITY;
+    for (i, (_, ranks)) in cands.iter().enumerate() {
+        let all: Vec<usize> = (0..ranks.len()).collect();
+        let s = topk(ranks, &all, 10);
+        if s > best_score {
+            best = i;
+            best_score = s;
+        }
+    }
+    best
+}
+
+fn retrieval_task(
+    store: &Store,
+    trained: &Model,
+    untrained: &Model,
+    inputs: &mut Inputs,
+    tiles: &SplitTiles,
+    a: &EvalArgs,
+) -> Result<RetrievalReport> {
+    let split = trained.meta.config.split;
+    let (t, p) = sample_points(&tiles.test, a.retrieval_tiles, a.seed);
+    tracing::info!(tiles = t.len(), "retrieval: test tiles");
+    let test = embedded(store, trained, inputs, t.clone(), p.clone())?;
+    if test.tiles.is_empty() {
+        bail!("no test tile has a non-empty graph");
+    }
+    let (v, vp) = sample_points(tiles.validation_or_test(), a.retrieval_tiles, a.seed ^ 1);
+    tracing::info!(tiles = v.len(), "retrieval: validation tiles");
+    let val = embedded(store, trained, inputs, v, vp)?;
+    let (r, rp) = sample_points(&tiles.train, a.reference_tiles, a.seed ^ 2);
+    tracing::info!(tiles = r.len(), "retrieval: reference (training) tiles");
+    let reference = embedded(store, trained, inputs, r, rp)?;
+    if reference.tiles.is_empty() || val.tiles.is_empty() {
+        bail!("the store has no training or validation tile with a non-empty graph");
+    }
+    let dim = test.vectors.len() / test.tiles.len();
+
+    let mut ranks: BTreeMap<&'static str, (Vec<usize>, Option<f64>)> = BTreeMap::new();
+    let (q, _) = location_rows(trained, &test.points)?;
+    ranks.insert("trained", (retrieval_ranks(&q, &test.vectors, dim)?, None));
+    // The untrained model against its own graph vectors of the same tiles.
+    tracing::info!("retrieval: untrained model");
+    let u = embedded(
+        store,
+        untrained,
+        inputs,
+        test.tiles.clone(),
+        test.points.clone(),
+    )?;
+    anyhow::ensure!(
+        u.tiles == test.tiles,
+        "untrained graphs differ in emptiness"
+    );
+    let (uq, _) = location_rows(untrained, &u.points)?;
+    ranks.insert("untrained", (retrieval_ranks(&uq, &u.vectors, dim)?, None));
+
+    // k-NN on coordinates: neighbours among the reference tiles' points.
+    let kmax = *K_GRID.last().unwrap();
+    let nb = |pts: &[(f64, f64)]| -> Vec<Vec<usize>> {
+        pts.par_iter()
+            .map(|q| nearest(*q, &reference.points, kmax))
+            .collect()
+    };
+    let (nb_val, nb_test) = (nb(&val.points), nb(&test.points));
+    let cands: Vec<(usize, Vec<usize>)> = K_GRID
+        .iter()
+        .map(|&k| {
+            let q = knn_mean(&nb_val, &reference.vectors, dim, k);
+            Ok((k, retrieval_ranks(&q, &val.vectors, dim)?))
+        })
+        .collect::<Result<_>>()?;
+    let k = cands[best_on(&cands)].0;
+    let q = knn_mean(&nb_test, &reference.vectors, dim, k);
+    ranks.insert(
+        "knn_coordinates",
+        (retrieval_ranks(&q, &test.vectors, dim)?, Some(k as f64)),
+    );
+
+    // Raw harmonics, ridge-mapped onto the reference tiles' graph vectors.
+    for (name, degree) in [("harmonics_l10", 10), ("harmonics_l40", 40)] {
+        tracing::info!(degree, "retrieval: harmonics ridge baseline");
+        let maps = HarmonicsMaps::fit(degree, &reference.points, &reference.vectors, dim)?;
+        let cands: Vec<(usize, Vec<usize>)> = (0..maps.maps.len())
+            .map(|i| {
+                let q = maps.predict(i, &val.points)?;
+                Ok((i, retrieval_ranks(&q, &val.vectors, dim)?))
+            })
+            .collect::<Result<_>>()?;
+        let which = cands[best_on(&cands)].0;
+        let q = maps.predict(which, &test.points)?;
+        ranks.insert(
+            name,
+            (
+                retrieval_ranks(&q, &test.vectors, dim)?,
+                Some(maps.maps[which].0),
+            ),
+        );
+    }
+
+    let clusters: Vec<u64> = test.tiles.iter().map(|t| block_key(&split, *t)).collect();
+    let boot = Bootstrap::clustered(&clusters, a.resamples, CONFIDENCE, mix(a.seed ^ 0xb00))?;
+    let models: BTreeMap<&'static str, RetrievalScores> = ranks
+        .iter()
+        .map(|(name, (r, chosen))| {
+            (
+                *name,
+                RetrievalScores {
+                    top1: boot.interval(|idx| topk(r, idx, 1)),
+                    top10: boot.interval(|idx| topk(r, idx, 10)),
+                    chosen: *chosen,
+                },
+            )
+        })
+        .collect();
+    let best_baseline = models
+        .iter()
+        .filter(|(n, _)| **n != "trained")
+        .max_by(|a, b| a.1.top10.estimate.total_cmp(&b.1.top10.estimate))
+        .map(|(n, _)| *n)
+        .expect("baselines");
+    let tr = &ranks["trained"].0;
+    let diffs = ranks
+        .iter()
+        .filter(|(n, _)| **n != "trained")
+        .map(|(n, (r, _))| (*n, boot.paired(|i| topk(tr, i, 10), |i| topk(r, i, 10))))
+        .collect();
+    let n = test.tiles.len() as f64;
+    Ok(RetrievalReport {
+        queries: test.tiles.len(),
+        chance_top1: 1.0 / n,
+        chance_top10: (10.0 / n).min(1.0),
+        reference_tiles: reference.tiles.len(),
+        models,
+        best_baseline,
+        trained_minus_baseline_top10: diffs,
+    })
+}
+
+/// Labelled points of one role.
+#[derive(Debug, Default)]
+struct Labelled {
+    coords: Vec<(f64, f64)>,
+    y: Vec<usize>,
+    clusters: Vec<u64>,
+}
+
+impl Labelled {
+    fn push(&mut self, c: (f64, f64), y: usize, cluster: u64) {
+        self.coords.push(c);
+        self.y.push(y);
+        self.clusters.push(cluster);
+    }
+    fn counts(&self, n: usize) -> Vec<usize> {
+        let mut c = vec![0; n];
+        for &y in &self.y {
+            c[y] += 1;
+        }
+        c
+    }
+}
+
+/// A classification task over points: train, validation and test sets.
+#[derive(Debug)]
+struct ClassTask {
+    source: String,
+    classes: Vec<String>,
+    train: Labelled,
+    validation: Labelled,
+    test: Labelled,
+}
+
+/// Predictions of a softmax probe trained on `f(train)` for `f(test)`.
+fn probe_predict(
+    train_x: &[f32],
+    y: &[usize],
+    test_x: &[f32],
+    dim: usize,
+    classes: usize,
+) -> Result<Vec<usize>> {
+    let probe = train_probe(train_x, dim, y, classes, &ProbeConfig::default())?;
+    Ok(probe.predict(test_x)?)
+}
+
+fn classification_task(
+    task: &ClassTask,
+    trained: &Model,
+    untrained: &Model,
+    a: &EvalArgs,
+) -> Result<ClassReport> {
+    let nc = task.classes.len();
+    let (tr, va, te) = (&task.train, &task.validation, &task.test);
+    anyhow::ensure!(
+        !tr.y.is_empty() && !te.y.is_empty(),
+        "{}: no labelled training or test point",
+        task.source
+    );
+    let mut preds: BTreeMap<&'static str, (Vec<usize>, Option<usize>)> = BTreeMap::new();
+    for (name, m) in [("trained", trained), ("untrained", untrained)] {
+        let (x, dim) = location_rows(m, &tr.coords)?;
+        let (tx, _) = location_rows(m, &te.coords)?;
+        preds.insert(name, (probe_predict(&x, &tr.y, &tx, dim, nc)?, None));
+    }
+    for (name, degree) in [("harmonics_l10", 10), ("harmonics_l40", 40)] {
+        let (x, dim) = harmonics(degree, &tr.coords)?;
+        let (tx, _) = harmonics(degree, &te.coords)?;
+        let f = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+        preds.insert(name, (probe_predict(&f(x), &tr.y, &f(tx), dim, nc)?, None));
+    }
+    let m = majority(&tr.y, nc);
+    preds.insert("majority", (vec![m; te.y.len()], None));
+    // k-NN vote, k by validation macro-F1 (k = 1 .. 64; the first best).
+    let kmax = *K_GRID.last().unwrap();
+    let nb = |pts: &[(f64, f64)]| -> Vec<Vec<usize>> {
+        pts.par_iter()
+            .map(|q| nearest(*q, &tr.coords, kmax))
+            .collect()
+    };
+    let k = if va.y.is_empty() {
+        8
+    } else {
+        let nb_val = nb(&va.coords);
+        let mut best = (f64::NEG_INFINITY, K_GRID[0]);
+        for k in K_GRID {
+            let p: Vec<usize> = nb_val.iter().map(|n| vote(n, &tr.y, k, nc)).collect();
+            let s = classification_scores(&va.y, &p, nc)?.macro_f1;
+            if s > best.0 {
+                best = (s, k);
+            }
+        }
+        best.1
+    };
+    let p = nb(&te.coords)
+        .iter()
+        .map(|n| vote(n, &tr.y, k, nc))
+        .collect();
+    preds.insert("knn_coordinates", (p, Some(k)));
+
+    let boot = Bootstrap::clustered(&te.clusters, a.resamples, CONFIDENCE, mix(a.seed ^ 0xc1a))?;
+    let score = |pred: &[usize], idx: &[usize], f1: bool| -> f64 {
+        let t: Vec<usize> = idx.iter().map(|&i| te.y[i]).collect();
+        let p: Vec<usize> = idx.iter().map(|&i| pred[i]).collect();
+        match classification_scores(&t, &p, nc) {
+            Ok(s) if f1 => s.macro_f1,
+            Ok(s) => s.accuracy,
+            Err(_) => f64::NAN,
+        }
+    };
+    let models: BTreeMap<&'static str, ClassScores> = preds
+        .iter()
+        .map(|(name, (p, k))| {
+            (
+                *name,
+                ClassScores {
+                    accuracy: boot.interval(|i| score(p, i, false)),
+                    macro_f1: boot.interval(|i| score(p, i, true)),
+                    chosen_k: *k,
+                },
+            )
+        })
+        .collect();
+    let best_baseline = models
+        .iter()
+        .filter(|(n, _)| **n != "trained")
+        .max_by(|a, b| a.1.macro_f1.estimate.total_cmp(&b.1.macro_f1.estimate))
+        .map(|(n, _)| *n)
+        .expect("baselines");
+    let tp = &preds["trained"].0;
+    let diffs = preds
+        .iter()
+        .filter(|(n, _)| **n != "trained")
+        .map(|(n, (p, _))| {
+            (
+                *n,
+                boot.paired(|i| score(tp, i, true), |i| score(p, i, true)),
+            )
+        })
+        .collect();
+    let blocks: HashSet<u64> = te.clusters.iter().copied().collect();
+    Ok(ClassReport {
+        source: task.source.clone(),
+        classes: task.classes.clone(),
+        train_counts: tr.counts(nc),
+        validation_counts: va.counts(nc),
+        test_counts: te.counts(nc),
+        test_blocks: blocks.len(),
+        models,
+        best_baseline,
+        trained_minus_baseline_macro_f1: diffs,
+    })
+}
+
+/// Tile centre (lat, lon).
+fn centre(t: TileId) -> (f64, f64) {
+    let [w, s, e, n] = t.bounds();
+    ((s + n) / 2.0, (w + e) / 2.0)
+}
+
+fn land_use_task(store: &Store, split: &SplitConfig, tiles: &SplitTiles) -> Result<ClassTask> {
+    let cfg = LabelConfig::default();
+    let label = |ts: &[TileId]| -> Result<Labelled> {
+        let labels: Vec<Option<(LandUse, f64)>> = ts
+            .par_iter()
+            .map(|t| tile_land_use(store, *t, &cfg))
+            .collect::<std::result::Result<_, _>>()?;
+        let mut out = Labelled::default();
+        for (t, l) in ts.iter().zip(labels) {
+            if let Some((class, _)) = l {
+                out.push(centre(*t), class.index(), block_key(split, *t));
+            }
+        }
+        Ok(out)
+    };
+    tracing::info!("labelling tiles by land use");
+    Ok(ClassTask {
+        source: "OSM land use (graphstore::landuse), tile centres".into(),
+        classes: LandUse::ALL
+            .iter()
+            .map(|c| c.as_str().to_string())
+            .collect(),
+        train: label(&tiles.train)?,
+        validation: label(tiles.validation_or_test())?,
+        test: label(&tiles.test)?,
+    })
+}
+
+/// The centres of every fine tile of the store's coarse tiles that hold
+/// features: a grid over the mapped land and the water around it, to be
+/// labelled by a source other than OSM.
+pub fn label_points(store: &Store) -> Result<Vec<(f64, f64)>> {
+    let tc = store.tile_config();
+    let shift = tc.fine_zoom.saturating_sub(tc.coarse_zoom);
+    let mut out = Vec::new();
+    for c in store.tiles()?.into_keys().filter(|t| t.z == tc.coarse_zoom) {
+        for dy in 0..1u32 << shift {
+            for dx in 0..1u32 << shift {
+                out.push(centre(TileId {
+                    z: tc.fine_zoom,
+                    x: (c.x << shift) + dx,
+                    y: (c.y << shift) + dy,
+                }));
             }
         }
     }
-    if kept.is_empty() {
-        bail!("no held-out tile has a non-empty graph");
+    Ok(out)
+}
+
+/// Reads `lat,lon,label` rows (a header line is skipped when its first field
+/// is not a number); each point takes the role of the fine tile it falls in,
+/// points in guard tiles are dropped.
+fn external_task(path: &Path, split: &SplitConfig, fine_zoom: u8) -> Result<ClassTask> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading external labels {}", path.display()))?;
+    parse_external(&text, path, split, fine_zoom)
+}
+
+fn parse_external(
+    text: &str,
+    path: &Path,
+    split: &SplitConfig,
+    fine_zoom: u8,
+) -> Result<ClassTask> {
+    let mut classes: Vec<String> = Vec::new();
+    let mut task = ClassTask {
+        source: path.display().to_string(),
+        classes: Vec::new(),
+        train: Labelled::default(),
+        validation: Labelled::default(),
+        test: Labelled::default(),
+    };
+    let has_validation = split.validation_one_in > 0;
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let f: Vec<&str> = line.split(',').map(str::trim).collect();
+        let parsed = match f.as_slice() {
+            [lat, lon, label] => lat
+                .parse::<f64>()
+                .ok()
+                .zip(lon.parse::<f64>().ok())
+                .map(|c| (c, *label)),
+            _ => None,
+        };
+        let Some(((lat, lon), label)) = parsed else {
+            if i == 0 {
+                continue;
+            }
+            bail!(
+                "{}:{}: expected `lat,lon,label`, found {line:?}",
+                path.display(),
+                i + 1
+            );
+        };
+        if !(-85.0..=85.0).contains(&lat) || !(-180.0..=180.0).contains(&lon) {
+            bail!(
+                "{}:{}: coordinates out of range: {line:?}",
+                path.display(),
+                i + 1
+            );
+        }
+        let y = match classes.iter().position(|c| c == label) {
+            Some(y) => y,
+            None => {
+                classes.push(label.to_string());
+                classes.len() - 1
+            }
+        };
+        let t = TileId::containing(fine_zoom, lon, lat);
+        let cluster = block_key(split, t);
+        match split.role(t) {
+            Role::Train => task.train.push((lat, lon), y, cluster),
+            Role::Guard => {}
+            Role::Validation => task.validation.push((lat, lon), y, cluster),
+            Role::Test => {
+                if !has_validation {
+                    task.validation.push((lat, lon), y, cluster);
+                }
+                task.test.push((lat, lon), y, cluster)
+            }
+        }
     }
-    let (queries, dim) = location_rows(model, &kept, false)?;
-    let acc = retrieval_topk(&queries, &keys, dim, &[1, 10])?;
-    Ok(Retrieval {
-        queries: kept.len(),
-        top1: acc[0],
-        top10: acc[1],
-    })
+    anyhow::ensure!(
+        classes.len() >= 2,
+        "{}: needs at least two labels, found {classes:?}",
+        path.display()
+    );
+    task.classes = classes;
+    Ok(task)
+}
+
+/// Features of test tiles that also lie in training (and guard) tiles.
+fn leak(store: &Store, tiles: &SplitTiles) -> Result<(usize, usize, usize)> {
+    let set = |ts: &[TileId]| -> Result<HashSet<_>> {
+        let mut s = HashSet::new();
+        for t in ts {
+            s.extend(store.features_in_tile(*t)?);
+        }
+        Ok(s)
+    };
+    let (test, train, guard) = (set(&tiles.test)?, set(&tiles.train)?, set(&tiles.guard)?);
+    let in_train = test.iter().filter(|f| train.contains(f)).count();
+    let in_either = test
+        .iter()
+        .filter(|f| train.contains(f) || guard.contains(f))
+        .count();
+    Ok((test.len(), in_train, in_either))
 }
 
 pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
@@ -206,113 +759,82 @@ pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
         "untrained".into(),
         &a.device,
     )?;
-    let (train_tiles, held_tiles) = split_tiles(&store, &model)?;
-    if held_tiles.is_empty() {
+    let split = model.meta.config.split;
+    let tiles = split_tiles(&store, &split)?;
+    if tiles.test.is_empty() {
         bail!(
-            "{} has no tile in a held-out block ({} tiles in all): evaluation needs a larger area",
+            "{} has no tile in a test block ({} training tiles): evaluation needs a larger area",
             a.store.display(),
-            train_tiles.len()
+            tiles.train.len()
         );
     }
-
-    // Retrieval set: a seeded sample of held-out tiles and a point in each.
-    let mut order: Vec<TileId> = held_tiles.clone();
-    order.sort_by_key(|t| (mix(((t.x as u64) << 32 | t.y as u64) ^ a.seed), *t));
-    order.truncate(a.retrieval_tiles);
-    let mut rng = SplitMix64::new(mix(a.seed ^ 0x7e57));
-    let points: Vec<(f64, f64)> = order.iter().map(|t| point_in_tile(*t, &mut rng)).collect();
-    let mut inputs = Inputs::new(TagVectors::new(a.model_dir.clone(), a.device.clone()), true);
-    tracing::info!(tiles = order.len(), "retrieval: trained model");
-    let r_trained = retrieval(&store, &model, &mut inputs, &order, &points)?;
-    tracing::info!(tiles = order.len(), "retrieval: untrained model");
-    let r_untrained = retrieval(&store, &untrained, &mut inputs, &order, &points)?;
-
-    // Land-use labels of every tile, in parallel.
-    let cfg = LabelConfig::default();
-    let all: Vec<(TileId, bool)> = train_tiles
-        .iter()
-        .map(|t| (*t, false))
-        .chain(held_tiles.iter().map(|t| (*t, true)))
-        .collect();
-    tracing::info!(tiles = all.len(), "labelling tiles by land use");
-    let labels: Vec<Option<(LandUse, f64)>> = all
-        .par_iter()
-        .map(|(t, _)| tile_land_use(&store, *t, &cfg))
-        .collect::<std::result::Result<_, _>>()?;
-    let mut train_c = Vec::new();
-    let mut train_y = Vec::new();
-    let mut test_c = Vec::new();
-    let mut test_y = Vec::new();
-    let mut train_counts = vec![0; LandUse::COUNT];
-    let mut held_counts = vec![0; LandUse::COUNT];
-    let mut unlabelled = 0;
-    for ((t, held), label) in all.iter().zip(&labels) {
-        let Some((class, _)) = label else {
-            unlabelled += 1;
-            continue;
-        };
-        let [w, s, e, n] = t.bounds();
-        let centre = ((s + n) / 2.0, (w + e) / 2.0);
-        if *held {
-            test_c.push(centre);
-            test_y.push(class.index());
-            held_counts[class.index()] += 1;
-        } else {
-            train_c.push(centre);
-            train_y.push(class.index());
-            train_counts[class.index()] += 1;
-        }
+    if tiles.validation.is_empty() {
+        tracing::warn!(
+            "no validation tiles (checkpoint without validation blocks, or a small store): \
+             baselines choose k and λ on the test tiles, which flatters them"
+        );
     }
-    let seeds: Vec<u64> = (0..a.probe_seeds).collect();
-    let probe = |m: &Model, raw: bool| -> Result<Option<ProbeReport>> {
-        if train_c.is_empty() || test_c.is_empty() {
-            return Ok(None);
-        }
-        let (tx, dim) = location_rows(m, &train_c, raw)?;
-        let (vx, _) = location_rows(m, &test_c, raw)?;
-        Ok(Some(bootstrap_probe(
-            &tx, &train_y, &vx, &test_y, dim, &seeds,
-        )?))
+    let (test_features, in_train, in_either) = leak(&store, &tiles)?;
+    let test_blocks: HashSet<TileId> = tiles.test.iter().map(|t| split.block(*t)).collect();
+    let split_report = SplitReport {
+        config: split,
+        train_tiles: tiles.train.len(),
+        guard_tiles: tiles.guard.len(),
+        validation_tiles: tiles.validation.len(),
+        test_tiles: tiles.test.len(),
+        test_blocks: test_blocks.len(),
+        choices_on: if tiles.validation.is_empty() {
+            "test"
+        } else {
+            "validation"
+        },
+        test_features,
+        test_features_in_training_tiles: in_train,
+        test_features_in_training_or_guard_tiles: in_either,
     };
-    tracing::info!(
-        train = train_c.len(),
-        heldout = test_c.len(),
-        "land-use probes"
-    );
-    let p_trained = probe(&model, false)?;
-    let p_untrained = probe(&untrained, false)?;
-    let p_sh = probe(&model, true)?;
-    let gain = match (&p_trained, &p_sh) {
-        (Some(a), Some(b)) => Some(100.0 * (a.macro_f1_mean - b.macro_f1_mean)),
-        _ => None,
+
+    let mut inputs = Inputs::new(TagVectors::new(a.model_dir.clone(), a.device.clone()), true);
+    let retrieval = retrieval_task(&store, &model, &untrained, &mut inputs, &tiles, a)?;
+    drop(inputs);
+
+    let lu = land_use_task(&store, &split, &tiles)?;
+    let land_use = if lu.train.y.is_empty() || lu.test.y.is_empty() {
+        tracing::warn!("no labelled training or test tile: no land-use probe");
+        None
+    } else {
+        tracing::info!(
+            train = lu.train.y.len(),
+            test = lu.test.y.len(),
+            "land-use probes"
+        );
+        Some(classification_task(&lu, &model, &untrained, a)?)
+    };
+    let external = match &a.external_labels {
+        Some(p) => {
+            let task = external_task(p, &split, store.tile_config().fine_zoom)?;
+            tracing::info!(
+                train = task.train.y.len(),
+                test = task.test.y.len(),
+                "external-label probes"
+            );
+            Some(classification_task(&task, &model, &untrained, a)?)
+        }
+        None => None,
     };
     let report = EvalReport {
         model_version: model.meta.model_version.clone(),
         checkpoint: a.checkpoint.display().to_string(),
         store: a.store.display().to_string(),
         training_steps: model.meta.training.steps,
-        split: model.meta.config.split,
-        train_tiles: train_tiles.len(),
-        heldout_tiles: held_tiles.len(),
-        labels: Labels {
-            classes: LandUse::ALL.iter().map(|c| c.as_str()).collect(),
-            train_counts,
-            heldout_counts: held_counts,
-            unlabelled_tiles: unlabelled,
+        split: split_report,
+        bootstrap: BootstrapInfo {
+            resamples: a.resamples,
+            confidence: CONFIDENCE,
+            unit: "test block",
         },
-        trained: Scores {
-            retrieval: Some(r_trained),
-            land_use_probe: p_trained,
-        },
-        untrained: Scores {
-            retrieval: Some(r_untrained),
-            land_use_probe: p_untrained,
-        },
-        spherical_harmonics: Scores {
-            retrieval: None,
-            land_use_probe: p_sh,
-        },
-        macro_f1_gain_over_harmonics_points: gain,
+        retrieval,
+        land_use,
+        external,
         seconds: t0.elapsed().as_secs_f64(),
     };
     if a.save {
@@ -330,13 +852,14 @@ pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
 pub struct GateScores {
     pub retrieval_top10: f64,
-    /// None when the held-out blocks hold no labelled tile.
+    /// None when the validation blocks hold no labelled tile.
     pub probe_macro_f1: Option<f64>,
 }
 
-/// Scores `models` on the same held-out retrieval sample and land-use
-/// labels (the split of the first model): what the fine-tuning gate
-/// compares. A smaller, faster relative of [`eval`].
+/// Scores `models` on the same validation retrieval sample and land-use
+/// labels (the split of the first model; the test blocks for a checkpoint
+/// without validation blocks): what the fine-tuning gate compares, so that
+/// promotion decisions never look at the test blocks `osmvec eval` reports.
 pub fn gate_scores(
     store: &Store,
     models: &[&Model],
@@ -346,19 +869,16 @@ pub fn gate_scores(
     seed: u64,
 ) -> Result<Vec<GateScores>> {
     let first = models.first().expect("at least one model");
-    let (train_tiles, held_tiles) = split_tiles(store, first)?;
-    if held_tiles.is_empty() {
-        bail!("the store has no tile in a held-out block: the gate needs a larger area");
+    let tiles = split_tiles(store, &first.meta.config.split)?;
+    let held = tiles.validation_or_test();
+    if held.is_empty() {
+        bail!("the store has no tile in a validation or test block: the gate needs a larger area");
     }
-    let mut order: Vec<TileId> = held_tiles.clone();
-    order.sort_by_key(|t| (mix(((t.x as u64) << 32 | t.y as u64) ^ seed), *t));
-    order.truncate(retrieval_tiles);
-    let mut rng = SplitMix64::new(mix(seed ^ 0x7e57));
-    let points: Vec<(f64, f64)> = order.iter().map(|t| point_in_tile(*t, &mut rng)).collect();
+    let (order, points) = sample_points(held, retrieval_tiles, seed);
     let cfg = LabelConfig::default();
     // Tile centres and class indices of the labelled tiles.
-    type Labelled = (Vec<(f64, f64)>, Vec<usize>);
-    let label = |tiles: &[TileId]| -> Result<Labelled> {
+    type Labels = (Vec<(f64, f64)>, Vec<usize>);
+    let label = |tiles: &[TileId]| -> Result<Labels> {
         let labels: Vec<Option<(LandUse, f64)>> = tiles
             .par_iter()
             .map(|t| tile_land_use(store, *t, &cfg))
@@ -367,30 +887,101 @@ pub fn gate_scores(
         let mut y = Vec::new();
         for (t, l) in tiles.iter().zip(labels) {
             if let Some((class, _)) = l {
-                let [w, s, e, n] = t.bounds();
-                c.push(((s + n) / 2.0, (w + e) / 2.0));
+                c.push(centre(*t));
                 y.push(class.index());
             }
         }
         Ok((c, y))
     };
-    let (train_c, train_y) = label(&train_tiles)?;
-    let (test_c, test_y) = label(&held_tiles)?;
+    let (train_c, train_y) = label(&tiles.train)?;
+    let (test_c, test_y) = label(held)?;
     let seeds: Vec<u64> = (0..probe_seeds.max(1)).collect();
     let mut out = Vec::new();
     for m in models {
-        let r = retrieval(store, m, inputs, &order, &points)?;
+        let e = embedded(store, m, inputs, order.clone(), points.clone())?;
+        if e.tiles.is_empty() {
+            bail!("no validation tile has a non-empty graph");
+        }
+        let dim = e.vectors.len() / e.tiles.len();
+        let (q, _) = location_rows(m, &e.points)?;
+        let ranks = retrieval_ranks(&q, &e.vectors, dim)?;
+        let all: Vec<usize> = (0..ranks.len()).collect();
         let probe = if train_c.is_empty() || test_c.is_empty() {
             None
         } else {
-            let (tx, dim) = location_rows(m, &train_c, false)?;
-            let (vx, _) = location_rows(m, &test_c, false)?;
+            let (tx, dim) = location_rows(m, &train_c)?;
+            let (vx, _) = location_rows(m, &test_c)?;
             Some(bootstrap_probe(&tx, &train_y, &vx, &test_y, dim, &seeds)?.macro_f1_mean)
         };
         out.push(GateScores {
-            retrieval_top10: r.top10,
+            retrieval_top10: topk(&ranks, &all, 10),
             probe_macro_f1: probe,
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A point at the centre of a z15 tile found with the wanted role.
+    fn point_with(split: &SplitConfig, role: Role, skip: usize) -> (f64, f64) {
+        let t = (0..200_000u32)
+            .map(|i| TileId {
+                z: 15,
+                x: 17_000 + i % 400,
+                y: 11_000 + i / 400,
+            })
+            .filter(|t| split.role(*t) == role)
+            .nth(skip)
+            .expect("a tile with the role");
+        centre(t)
+    }
+
+    #[test]
+    fn external_labels_take_the_role_of_their_tile() {
+        let split = SplitConfig::default();
+        let (tr, gu, va, te) = (
+            point_with(&split, Role::Train, 0),
+            point_with(&split, Role::Guard, 0),
+            point_with(&split, Role::Validation, 0),
+            point_with(&split, Role::Test, 0),
+        );
+        let csv = format!(
+            "lat,lon,label\n{},{},land\n{},{},sea\n{},{},sea\n{},{},land\n",
+            tr.0, tr.1, gu.0, gu.1, va.0, va.1, te.0, te.1
+        );
+        let t = parse_external(&csv, Path::new("x.csv"), &split, 15).unwrap();
+        assert_eq!(t.classes, vec!["land", "sea"]);
+        assert_eq!(t.train.y, vec![0]);
+        assert_eq!(t.validation.y, vec![1]);
+        assert_eq!(t.test.y, vec![0]);
+        // The guard point is dropped.
+        assert_eq!(t.train.y.len() + t.validation.y.len() + t.test.y.len(), 3);
+
+        let err = parse_external(
+            "lat,lon,label\n1,2,a\n3,x\n",
+            Path::new("x.csv"),
+            &split,
+            15,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("x.csv:3") && err.contains("lat,lon,label"),
+            "{err}"
+        );
+        let err = parse_external("1,2,a\n3,4,a\n", Path::new("y.csv"), &split, 15)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at least two labels"), "{err}");
+        let err = parse_external("1,2,a\n95,4,b\n", Path::new("y.csv"), &split, 15)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("y.csv:2") && err.contains("out of range"),
+            "{err}"
+        );
+    }
 }

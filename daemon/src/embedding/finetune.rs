@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use super::checkpoint::Model;
 use super::eval::{GateScores, gate_scores};
 use super::inputs::{Inputs, encode_batch};
-use super::split::mix;
+use super::split::{Role, mix};
 use super::train::{point_in_tile, sample_distinct, split_tiles};
 
 /// `[finetune]` in the daemon's config.
@@ -173,15 +173,15 @@ pub fn finetune(
     cand.meta.created_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
 
     // The sample: recent training tiles, then a replay sample of all.
-    let (train, _) = split_tiles(store, current)?;
+    let split = current.meta.config.split;
+    let train = split_tiles(store, &split)?.train;
     if train.len() < 2 {
         bail!("too few training tiles ({}) to fine-tune on", train.len());
     }
-    let split = current.meta.config.split;
     let recent: Vec<TileId> = recent
         .iter()
         .copied()
-        .filter(|t| !split.is_heldout(*t))
+        .filter(|t| split.role(*t) == Role::Train)
         .collect();
     let mut rng = SplitMix64::new(mix(seed ^ 0xf1e7));
     let n = cfg.examples.min(train.len().max(recent.len()));

@@ -5,6 +5,7 @@
 //! This is where graphstore (RocksDB, petgraph) meets the model crate
 //! (candle); neither of those knows the other.
 
+pub mod baselines;
 pub mod checkpoint;
 pub mod embed;
 pub mod eval;

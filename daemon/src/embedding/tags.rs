@@ -32,12 +32,66 @@ use serde::{Deserialize, Serialize};
 /// Identity of the text model in the store's vector cache.
 pub const TEXT_MODEL: &str = "all-MiniLM-L6-v2";
 
-/// Which tags are dropped or embedded by key only. A pattern ending in `*`
-/// matches every key with that prefix.
+/// How a feature's tags become texts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum TagTexts {
+    /// One text per kept tag (`key=value`, or the key alone for keys with
+    /// near-unique values), averaged by key weight: osmvec's policy.
+    #[default]
+    PerTag,
+    /// One text per feature, as OSMGraphCLIP builds its labels
+    /// (`osmgraphclip/osm_tags.py`, `_label_from_row`): the feature's values
+    /// of [`SEMANTIC_KEYS`] in that order and one name (`name:en`, else
+    /// `name`, else the first `name:xx`), joined by `"; "`; a `yes` value
+    /// gives the key alone.
+    FeatureLabel,
+}
+
+/// OSMGraphCLIP's 30 tag columns (`OSM_TAG_COLUMNS`), in its order.
+pub const SEMANTIC_KEYS: [&str; 30] = [
+    "amenity",
+    "building",
+    "highway",
+    "landuse",
+    "railway",
+    "public_transport",
+    "waterway",
+    "water",
+    "telecom",
+    "leisure",
+    "natural",
+    "shop",
+    "tourism",
+    "historic",
+    "man_made",
+    "power",
+    "barrier",
+    "aeroway",
+    "military",
+    "office",
+    "place",
+    "sport",
+    "religion",
+    "boundary",
+    "surface",
+    "service",
+    "denomination",
+    "craft",
+    "emergency",
+    "healthcare",
+];
+
+/// Which tags are dropped or embedded by key only (a pattern ending in `*`
+/// matches every key with that prefix), or whether each feature is one text
+/// ([`TagTexts::FeatureLabel`], which ignores both lists).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TagPolicy {
     pub drop_keys: Vec<String>,
     pub key_only_keys: Vec<String>,
+    /// Checkpoints from before this choice existed are `per-tag`.
+    #[serde(default)]
+    pub texts: TagTexts,
 }
 
 impl Default for TagPolicy {
@@ -105,8 +159,47 @@ impl Default for TagPolicy {
                 "osmc:symbol",
                 "route_ref",
             ]),
+            texts: TagTexts::PerTag,
         }
     }
+}
+
+/// The one text of a feature under [`TagTexts::FeatureLabel`], or None for
+/// a feature with no semantic key and no name.
+pub fn feature_label(tags: &Tags) -> Option<String> {
+    let get = |k: &str| tags.iter().find(|(key, _)| key == k).map(|(_, v)| v.trim());
+    let mut parts: Vec<String> = SEMANTIC_KEYS
+        .iter()
+        .filter_map(|k| {
+            let v = get(k).filter(|v| !v.is_empty())?;
+            Some(if matches!(v, "yes" | "true" | "1") {
+                k.to_string()
+            } else {
+                osmvec_model::text::tag_text(k, v)
+            })
+        })
+        .collect();
+    let name = get("name:en")
+        .filter(|v| !v.is_empty())
+        .map(|v| ("name:en", v))
+        .or_else(|| get("name").filter(|v| !v.is_empty()).map(|v| ("name", v)))
+        .or_else(|| {
+            let mut variants: Vec<(&str, &str)> = tags
+                .iter()
+                .filter(|(k, v)| {
+                    k.strip_prefix("name:").is_some_and(|l| {
+                        (2..=3).contains(&l.len()) && l.bytes().all(|b| b.is_ascii_lowercase())
+                    }) && !v.trim().is_empty()
+                })
+                .map(|(k, v)| (k.as_str(), v.trim()))
+                .collect();
+            variants.sort();
+            variants.first().copied()
+        });
+    if let Some((k, v)) = name {
+        parts.push(osmvec_model::text::tag_text(k, v));
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
 }
 
 fn matches(patterns: &[String], key: &str) -> bool {
@@ -120,6 +213,12 @@ impl TagPolicy {
     /// The texts to embed for `tags`, with the key each came from; sorted and
     /// without repeats, so equal tag sets give equal vectors.
     pub fn texts(&self, tags: &Tags) -> Vec<(String, String)> {
+        if self.texts == TagTexts::FeatureLabel {
+            // One text: the weight of its key does not matter.
+            return feature_label(tags)
+                .map(|t| vec![(t, "label".to_string())])
+                .unwrap_or_default();
+        }
         let mut out: Vec<(String, String)> = tags
             .iter()
             .filter(|(k, _)| !matches(&self.drop_keys, k))
@@ -362,6 +461,71 @@ mod tests {
     use super::*;
 
     use osmvec_graphstore::element::tags_of as tags;
+
+    /// Cafe Ekberg, node 151006533 v13 of helsinki-centre-2019-04-21 (©
+    /// OpenStreetMap contributors, ODbL), tags as stored.
+    fn ekberg() -> Tags {
+        [
+            ("addr:city", "Helsinki"),
+            ("addr:country", "FI"),
+            ("addr:housenumber", "9"),
+            ("addr:postcode", "00120"),
+            ("addr:street", "Bulevardi"),
+            ("amenity", "cafe"),
+            ("name", "Cafe Ekberg"),
+            (
+                "opening_hours",
+                "Mo-Fr 7:30-19:00;Sa 8:30-17:00;Su 9:00-17:00",
+            ),
+            ("website", "http://www.cafeekberg.fi/"),
+            ("wheelchair", "limited"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    #[test]
+    fn feature_label_is_one_text_with_the_semantic_keys_and_a_name() {
+        let tags = ekberg();
+        let per_tag = TagPolicy::default().texts(&tags);
+        // osmvec's policy: one text per kept tag, names and addresses by key.
+        assert_eq!(per_tag.len(), 10, "{per_tag:?}");
+        let label = TagPolicy {
+            texts: TagTexts::FeatureLabel,
+            ..TagPolicy::default()
+        };
+        assert_eq!(
+            label.texts(&tags),
+            vec![(
+                "amenity=cafe; name=Cafe Ekberg".to_string(),
+                "label".to_string()
+            )]
+        );
+        // `yes` gives the key alone; name:en wins over name; keys in
+        // OSMGraphCLIP's order (building before shop).
+        let t: Tags = [
+            ("shop", "bakery"),
+            ("building", "yes"),
+            ("name", "Leipomo"),
+            ("name:en", "Bakery"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(
+            feature_label(&t).as_deref(),
+            Some("building; shop=bakery; name:en=Bakery")
+        );
+        // Nothing semantic and no name: no text (the feature has no vector).
+        let t: Tags = vec![("wheelchair".into(), "yes".into())];
+        assert_eq!(feature_label(&t), None);
+        // Old checkpoints read as per-tag.
+        let mut v = serde_json::to_value(TagPolicy::default()).unwrap();
+        v.as_object_mut().unwrap().remove("texts");
+        let p: TagPolicy = serde_json::from_value(v).unwrap();
+        assert_eq!(p.texts, TagTexts::PerTag);
+    }
 
     #[test]
     fn policy_drops_and_shortens() {

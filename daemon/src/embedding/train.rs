@@ -20,6 +20,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use osmvec_graphstore::Store;
+use osmvec_graphstore::element::ElementType;
 use osmvec_graphstore::tiles::TileId;
 use osmvec_model::Device;
 use osmvec_model::optim::AdamWConfig;
@@ -28,7 +29,7 @@ use serde::Serialize;
 
 use super::checkpoint::{Model, ModelConfig};
 use super::inputs::{Inputs, encode_batch_reference, encode_batch_training};
-use super::split::mix;
+use super::split::{Role, SplitConfig, mix};
 use super::tags::{KeyWeights, TagVectors};
 
 #[derive(Debug, Clone)]
@@ -48,6 +49,8 @@ pub struct TrainArgs {
     pub device: Device,
     /// Train through the reference forward pass (benchmarks).
     pub reference: bool,
+    /// How tags become texts (a new checkpoint; a resumed one keeps its own).
+    pub tag_texts: super::tags::TagTexts,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -63,7 +66,11 @@ pub struct TrainReport {
     pub last_loss: Option<f64>,
     pub temperature: Option<f64>,
     pub train_tiles: usize,
+    /// Test-block tiles (what `osmvec eval` scores).
     pub heldout_tiles: usize,
+    pub validation_tiles: usize,
+    /// Training tiles left out by the guard band.
+    pub guard_tiles: usize,
     pub tag_texts_encoded: u64,
     pub interrupted: bool,
     /// Seconds building inputs and in forward + backward passes.
@@ -73,38 +80,80 @@ pub struct TrainReport {
     pub path: String,
 }
 
-/// Scans the store's features once: key counts for the tag weights, and the
-/// set of tag texts the model will need.
-pub fn scan_tags(
-    store: &Store,
-    policy: &super::tags::TagPolicy,
-) -> Result<(KeyWeights, HashSet<String>)> {
-    let mut weights = KeyWeights::default();
+/// Every tag text the model will need for the store's features (all of
+/// them: the text encoder is not trained, so encoding held-out tags leaks
+/// nothing).
+pub fn tag_texts(store: &Store, policy: &super::tags::TagPolicy) -> Result<HashSet<String>> {
     let mut texts = HashSet::new();
     store.for_each_feature_tags(|tags| {
-        for (k, _) in tags {
-            *weights.counts.entry(k.clone()).or_default() += 1;
-        }
         for (t, _) in policy.texts(tags) {
             texts.insert(t);
         }
     })?;
-    Ok((weights, texts))
+    Ok(texts)
 }
 
-/// The store's non-empty fine tiles, split into (train, held-out).
-pub fn split_tiles(store: &Store, model: &Model) -> Result<(Vec<TileId>, Vec<TileId>)> {
-    let fine = store.tile_config().fine_zoom;
-    let split = model.meta.config.split;
-    let (mut train, mut held) = (Vec::new(), Vec::new());
-    for t in store.tiles()?.into_keys().filter(|t| t.z == fine) {
-        if split.is_heldout(t) {
-            held.push(t);
-        } else {
-            train.push(t);
+/// Key counts for the tag weights, over the features indexed in `tiles`
+/// (the training tiles: a key's weight then says nothing about held-out
+/// land). A feature in several tiles counts once.
+pub fn key_weights(store: &Store, tiles: &[TileId]) -> Result<KeyWeights> {
+    let mut seen = HashSet::new();
+    for t in tiles {
+        seen.extend(store.features_in_tile(*t)?);
+    }
+    let mut weights = KeyWeights::default();
+    for (ty, id) in seen {
+        let tags = match ty {
+            ElementType::Node => store.get_node(id)?.map(|n| n.tags),
+            ElementType::Way => store.get_way(id)?.map(|w| w.tags),
+            ElementType::Relation => store.get_relation(id)?.map(|r| r.tags),
+        };
+        for (k, _) in tags.iter().flatten() {
+            *weights.counts.entry(k.clone()).or_default() += 1;
         }
     }
-    Ok((train, held))
+    Ok(weights)
+}
+
+/// The store's non-empty fine tiles by their role in the split.
+#[derive(Debug, Clone, Default)]
+pub struct SplitTiles {
+    pub train: Vec<TileId>,
+    pub guard: Vec<TileId>,
+    pub validation: Vec<TileId>,
+    pub test: Vec<TileId>,
+}
+
+impl SplitTiles {
+    /// The tiles the fine-tuning gate and the baselines' choices score on:
+    /// the validation blocks, or the test blocks for a checkpoint written
+    /// before validation blocks existed.
+    pub fn validation_or_test(&self) -> &[TileId] {
+        if self.validation.is_empty() {
+            &self.test
+        } else {
+            &self.validation
+        }
+    }
+}
+
+/// Splits the store's non-empty fine tiles by `split` (in key order),
+/// refusing a store whose context tiles are larger than the split's blocks.
+pub fn split_tiles(store: &Store, split: &SplitConfig) -> Result<SplitTiles> {
+    let tc = store.tile_config();
+    split
+        .check_zooms(tc.coarse_zoom)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", store.path().display()))?;
+    let mut out = SplitTiles::default();
+    for t in store.tiles()?.into_keys().filter(|t| t.z == tc.fine_zoom) {
+        match split.role(t) {
+            Role::Train => out.train.push(t),
+            Role::Guard => out.guard.push(t),
+            Role::Validation => out.validation.push(t),
+            Role::Test => out.test.push(t),
+        }
+    }
+    Ok(out)
 }
 
 /// A uniformly random point (lat, lon) inside a tile.
@@ -133,15 +182,24 @@ pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>) -> Result<TrainReport> {
     let store = Store::open(&a.store)?;
     store.ensure_consistent()?;
     let resuming = Model::exists(&a.out);
-    let policy = if resuming {
-        Model::read_meta(&a.out)?.config.tags
+    let config = if resuming {
+        Model::read_meta(&a.out)?.config
     } else {
-        ModelConfig::new(a.seed, a.degree).tags
+        let mut c = ModelConfig::new(a.seed, a.degree);
+        c.tags.texts = a.tag_texts;
+        c
     };
+    let tiles = split_tiles(&store, &config.split)?;
     let t_scan = Instant::now();
-    let (weights, texts) = scan_tags(&store, &policy)?;
+    let texts = tag_texts(&store, &config.tags)?;
+    // A resumed model keeps the key weights it was trained with.
+    let weights = if resuming {
+        None
+    } else {
+        Some(key_weights(&store, &tiles.train)?)
+    };
     tracing::info!(
-        keys = weights.counts.len(),
+        keys = weights.as_ref().map(|w| w.counts.len()),
         texts = texts.len(),
         seconds = t_scan.elapsed().as_secs_f64(),
         "scanned feature tags"
@@ -159,8 +217,9 @@ pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>) -> Result<TrainReport> {
         tracing::info!(steps = m.meta.training.steps, "resuming training");
         m
     } else {
-        let mut config = ModelConfig::new(a.seed, a.degree);
+        let mut config = config;
         config.graphs.coarse_max_nodes = 256;
+        let weights = weights.expect("computed for a new model");
         Model::new(config, weights, format!("{}.0", a.major_version), &a.device)?
     };
     if model.meta.training.steps >= a.steps {
@@ -171,7 +230,7 @@ pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>) -> Result<TrainReport> {
             a.steps
         );
     }
-    let (train_tiles, held_tiles) = split_tiles(&store, &model)?;
+    let train_tiles = &tiles.train;
     if train_tiles.len() < 2 {
         bail!(
             "{} has {} training tile(s): too few to train on (import more data)",
@@ -184,10 +243,14 @@ pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>) -> Result<TrainReport> {
     model.meta.data.replication_sequence = seq;
     model.meta.data.replication_timestamp = ts;
     model.meta.data.train_tiles = train_tiles.len();
-    model.meta.data.heldout_tiles = held_tiles.len();
+    model.meta.data.heldout_tiles = tiles.test.len();
+    model.meta.data.validation_tiles = tiles.validation.len();
+    model.meta.data.guard_tiles = tiles.guard.len();
     tracing::info!(
         train = train_tiles.len(),
-        heldout = held_tiles.len(),
+        guard = tiles.guard.len(),
+        validation = tiles.validation.len(),
+        test = tiles.test.len(),
         "tiles (spatial block split)"
     );
 
@@ -300,7 +363,9 @@ pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>) -> Result<TrainReport> {
         last_loss,
         temperature: model.meta.training.temperature,
         train_tiles: train_tiles.len(),
-        heldout_tiles: held_tiles.len(),
+        heldout_tiles: tiles.test.len(),
+        validation_tiles: tiles.validation.len(),
+        guard_tiles: tiles.guard.len(),
         tag_texts_encoded: inputs.vectors.encoded,
         interrupted,
         input_seconds,
