@@ -46,11 +46,11 @@ j() { jq -r "$1" "$2"; }
 cat <<MD
 | measure | value |
 |---|---|
-| store | $(j '.counts.point + .counts.polyline + .counts.polygon' "$work/import.json") features, $(j '.train_tiles' "$work/warm.json") training + $(j '.heldout_tiles' "$work/warm.json") held-out fine tiles |
+| store | $(j '.counts.point + .counts.polyline + .counts.polygon' "$work/import.json") features, $(j '.train_tiles' "$work/warm.json") training + $(j '.heldout_tiles' "$work/warm.json") test fine tiles |
 | first training step incl. encoding $(j '.tag_texts_encoded' "$work/warm.json") tag texts | $(printf '%.1f' "$(echo "$t2 - $t1" | bc -l)") s |
 | training, batch $batch, $steps steps | $(printf '%.3f' "$(j '.steps_per_second' "$work/train.json")") steps/s, $(printf '%.1f' "$(j '.samples_per_second' "$work/train.json")") samples/s |
 | embed --all (warm tag cache), run 1 | $(printf '%.0f' "$(j '.tiles_per_second' "$work/embed1.json")") tiles/s ($(j '.tiles' "$work/embed1.json") tiles; inputs $(printf '%.1f' "$(j '.input_seconds' "$work/embed1.json")") s, encoder $(printf '%.1f' "$(j '.encode_seconds' "$work/embed1.json")") s) |
 | embed --all (warm tag cache), run 2 | $(printf '%.0f' "$(j '.tiles_per_second' "$work/embed2.json")") tiles/s |
-| eval (after $((steps + 1)) steps) | trained top-1 $(j '.trained.retrieval.top1' "$work/eval.json"), top-10 $(j '.trained.retrieval.top10' "$work/eval.json"); probe macro-F1 trained $(j '.trained.land_use_probe.macro_f1_mean' "$work/eval.json") / untrained $(j '.untrained.land_use_probe.macro_f1_mean' "$work/eval.json") / harmonics $(j '.spherical_harmonics.land_use_probe.macro_f1_mean' "$work/eval.json") |
+| eval (after $((steps + 1)) steps; intervals: \`bash ops/bench-eval.sh\`) | retrieval top-10 trained $(j '.retrieval.models.trained.top10.estimate' "$work/eval.json") / best baseline $(j '.retrieval.best_baseline' "$work/eval.json") $(j '.retrieval.models[.retrieval.best_baseline].top10.estimate' "$work/eval.json"); probe macro-F1 trained $(j '.land_use.models.trained.macro_f1.estimate' "$work/eval.json") / best baseline $(j '.land_use.best_baseline' "$work/eval.json") $(j '.land_use.models[.land_use.best_baseline].macro_f1.estimate' "$work/eval.json") |
 MD
 echo "import $(printf '%.1f' "$(echo "$t1 - $t0" | bc -l)") s; work dir $work" >&2

@@ -291,6 +291,18 @@ fn block_key(split: &SplitConfig, t: TileId) -> u64 {
     ((b.z as u64) << 58) ^ ((b.x as u64) << 29) ^ b.y as u64
 }
 
+/// The baseline (not `trained`) with the highest estimate; on a tie the
+/// first in name order.
+fn best(scores: impl Iterator<Item = (&'static str, f64)>) -> &'static str {
+    let mut out = ("", f64::NEG_INFINITY);
+    for (name, s) in scores.filter(|(n, _)| *n != "trained") {
+        if s > out.1 {
+            out = (name, s);
+        }
+    }
+    out.0
+}
+
 fn topk(ranks: &[usize], idx: &[usize], k: usize) -> f64 {
     idx.iter().filter(|&&i| ranks[i] <= k).count() as f64 / idx.len().max(1) as f64
 }
@@ -413,12 +425,7 @@ fn retrieval_task(
             )
         })
         .collect();
-    let best_baseline = models
-        .iter()
-        .filter(|(n, _)| **n != "trained")
-        .max_by(|a, b| a.1.top10.estimate.total_cmp(&b.1.top10.estimate))
-        .map(|(n, _)| *n)
-        .expect("baselines");
+    let best_baseline = best(models.iter().map(|(n, m)| (*n, m.top10.estimate)));
     let tr = &ranks["trained"].0;
     let diffs = ranks
         .iter()
@@ -559,12 +566,7 @@ fn classification_task(
             )
         })
         .collect();
-    let best_baseline = models
-        .iter()
-        .filter(|(n, _)| **n != "trained")
-        .max_by(|a, b| a.1.macro_f1.estimate.total_cmp(&b.1.macro_f1.estimate))
-        .map(|(n, _)| *n)
-        .expect("baselines");
+    let best_baseline = best(models.iter().map(|(n, m)| (*n, m.macro_f1.estimate)));
     let tp = &preds["trained"].0;
     let diffs = preds
         .iter()
