@@ -598,21 +598,23 @@ fn centre(t: TileId) -> (f64, f64) {
     ((s + n) / 2.0, (w + e) / 2.0)
 }
 
-fn land_use_task(store: &Store, split: &SplitConfig, tiles: &SplitTiles) -> Result<ClassTask> {
+/// Land-use labels of tile centres (unlabelled tiles left out).
+fn land_use_labels(store: &Store, split: &SplitConfig, tiles: &[TileId]) -> Result<Labelled> {
     let cfg = LabelConfig::default();
-    let label = |ts: &[TileId]| -> Result<Labelled> {
-        let labels: Vec<Option<(LandUse, f64)>> = ts
-            .par_iter()
-            .map(|t| tile_land_use(store, *t, &cfg))
-            .collect::<std::result::Result<_, _>>()?;
-        let mut out = Labelled::default();
-        for (t, l) in ts.iter().zip(labels) {
-            if let Some((class, _)) = l {
-                out.push(centre(*t), class.index(), block_key(split, *t));
-            }
+    let labels: Vec<Option<(LandUse, f64)>> = tiles
+        .par_iter()
+        .map(|t| tile_land_use(store, *t, &cfg))
+        .collect::<std::result::Result<_, _>>()?;
+    let mut out = Labelled::default();
+    for (t, l) in tiles.iter().zip(labels) {
+        if let Some((class, _)) = l {
+            out.push(centre(*t), class.index(), block_key(split, *t));
         }
-        Ok(out)
-    };
+    }
+    Ok(out)
+}
+
+fn land_use_task(store: &Store, split: &SplitConfig, tiles: &SplitTiles) -> Result<ClassTask> {
     tracing::info!("labelling tiles by land use");
     Ok(ClassTask {
         source: "OSM land use (graphstore::landuse), tile centres".into(),
@@ -620,9 +622,9 @@ fn land_use_task(store: &Store, split: &SplitConfig, tiles: &SplitTiles) -> Resu
             .iter()
             .map(|c| c.as_str().to_string())
             .collect(),
-        train: label(&tiles.train)?,
-        validation: label(tiles.validation_or_test())?,
-        test: label(&tiles.test)?,
+        train: land_use_labels(store, split, &tiles.train)?,
+        validation: land_use_labels(store, split, tiles.validation_or_test())?,
+        test: land_use_labels(store, split, &tiles.test)?,
     })
 }
 
@@ -877,26 +879,10 @@ pub fn gate_scores(
         bail!("the store has no tile in a validation or test block: the gate needs a larger area");
     }
     let (order, points) = sample_points(held, retrieval_tiles, seed);
-    let cfg = LabelConfig::default();
-    // Tile centres and class indices of the labelled tiles.
-    type Labels = (Vec<(f64, f64)>, Vec<usize>);
-    let label = |tiles: &[TileId]| -> Result<Labels> {
-        let labels: Vec<Option<(LandUse, f64)>> = tiles
-            .par_iter()
-            .map(|t| tile_land_use(store, *t, &cfg))
-            .collect::<std::result::Result<_, _>>()?;
-        let mut c = Vec::new();
-        let mut y = Vec::new();
-        for (t, l) in tiles.iter().zip(labels) {
-            if let Some((class, _)) = l {
-                c.push(centre(*t));
-                y.push(class.index());
-            }
-        }
-        Ok((c, y))
-    };
-    let (train_c, train_y) = label(&tiles.train)?;
-    let (test_c, test_y) = label(held)?;
+    let split = first.meta.config.split;
+    let train = land_use_labels(store, &split, &tiles.train)?;
+    let test = land_use_labels(store, &split, held)?;
+    let (train_c, train_y, test_c, test_y) = (&train.coords, &train.y, &test.coords, &test.y);
     let seeds: Vec<u64> = (0..probe_seeds.max(1)).collect();
     let mut out = Vec::new();
     for m in models {
@@ -911,9 +897,9 @@ pub fn gate_scores(
         let probe = if train_c.is_empty() || test_c.is_empty() {
             None
         } else {
-            let (tx, dim) = location_rows(m, &train_c)?;
-            let (vx, _) = location_rows(m, &test_c)?;
-            Some(bootstrap_probe(&tx, &train_y, &vx, &test_y, dim, &seeds)?.macro_f1_mean)
+            let (tx, dim) = location_rows(m, train_c)?;
+            let (vx, _) = location_rows(m, test_c)?;
+            Some(bootstrap_probe(&tx, train_y, &vx, test_y, dim, &seeds)?.macro_f1_mean)
         };
         out.push(GateScores {
             retrieval_top10: topk(&ranks, &all, 10),
