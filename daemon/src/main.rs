@@ -194,6 +194,10 @@ enum Command {
         /// or one label per feature (OSMGraphCLIP).
         #[arg(long, value_enum, default_value_t = osmvec::embedding::tags::TagTexts::PerTag)]
         tag_texts: osmvec::embedding::tags::TagTexts,
+        /// SIREN dropout rate during training of a new checkpoint (SatCLIP
+        /// uses 0.5; inference never drops).
+        #[arg(long, default_value_t = 0.0)]
+        dropout: f64,
         /// Save a checkpoint every N steps (0: only at the end).
         #[arg(long, default_value_t = 50)]
         save_every: u64,
@@ -526,6 +530,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             save_every,
             reference,
             tag_texts,
+            dropout,
             model,
             json,
         } => {
@@ -547,6 +552,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     device,
                     reference,
                     tag_texts,
+                    dropout,
                 },
                 stop,
             )?;

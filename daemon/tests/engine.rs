@@ -48,6 +48,7 @@ fn store_and_checkpoint(dir: &Path) -> (PathBuf, PathBuf) {
             device: Device::Cpu,
             reference: false,
             tag_texts: Default::default(),
+            dropout: 0.0,
         },
         Arc::new(AtomicBool::new(false)),
     )

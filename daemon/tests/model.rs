@@ -45,6 +45,7 @@ fn train_args(store: &Path, out: &Path, steps: u64) -> TrainArgs {
         device: Device::Cpu,
         reference: false,
         tag_texts: Default::default(),
+        dropout: 0.0,
     }
 }
 
@@ -85,6 +86,20 @@ fn train_resume_embed_reload_eval_on_liechtenstein() {
         weights(&c),
         "resumed run differs from a straight one"
     );
+    // With SIREN dropout (masks drawn from the step's seeded generator):
+    // still resumable bit for bit, and not the run without dropout.
+    let dropout = |out: &Path, steps| {
+        let mut args = train_args(&store_dir, out, steps);
+        args.dropout = 0.5;
+        train(&args, no_stop()).unwrap();
+    };
+    let (d, e) = (tmp.path().join("d"), tmp.path().join("e"));
+    dropout(&d, 3);
+    dropout(&e, 2);
+    dropout(&e, 3);
+    assert_eq!(weights(&d), weights(&e), "resumed dropout run differs");
+    assert_ne!(weights(&d), weights(&a), "dropout changed nothing");
+    assert_eq!(Model::read_meta(&d).unwrap().config.location.dropout, 0.5);
     // Training changed the weights.
     let init = tmp.path().join("init");
     train(&train_args(&store_dir, &init, 1), no_stop()).unwrap();

@@ -14,13 +14,16 @@
 //!
 //! `n` is the layer's input width. Layer names follow SatCLIP's
 //! `SirenNet` (`layers.{i}`, `last_layer`) so weights can be ported.
-//! SatCLIP's dropout is a training-time detail left to the trainer.
+//! SatCLIP's dropout after every hidden layer is available to training
+//! ([`LocationEncoder::forward_train`]), with masks drawn from a seeded
+//! generator so that a run stays deterministic and resumable.
 
 use candle_core::{Device, Module, Tensor};
 use candle_nn::{Init, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
+use crate::params::SplitMix64;
 use crate::sh::SphericalHarmonics;
 
 /// Shape and frequencies of a [`Siren`].
@@ -158,6 +161,29 @@ impl Siren {
         self.last.forward(&h)
     }
 
+    /// [`Siren::forward`] with inverted dropout of rate `p` after every
+    /// hidden layer (SatCLIP's `SirenNet(dropout=…)`): each activation is
+    /// zeroed with probability `p` and the others scaled by `1/(1−p)`, the
+    /// masks drawn from `rng` (so a training step is reproducible).
+    pub fn forward_dropout(&self, x: &Tensor, p: f64, rng: &mut SplitMix64) -> Result<Tensor> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(ModelError::Input(format!("dropout rate {p} not in [0, 1)")));
+        }
+        let mut h = x.clone();
+        for layer in &self.layers {
+            h = layer.forward(&h)?;
+            if p > 0.0 {
+                let keep = (1.0 / (1.0 - p)) as f32;
+                let mask: Vec<f32> = (0..h.elem_count())
+                    .map(|_| if rng.next_f64() < p { 0.0 } else { keep })
+                    .collect();
+                let mask = Tensor::from_vec(mask, h.shape(), h.device())?.to_dtype(h.dtype())?;
+                h = h.mul(&mask)?;
+            }
+        }
+        self.last.forward(&h)
+    }
+
     /// The configuration.
     pub fn config(&self) -> &SirenConfig {
         &self.config
@@ -181,6 +207,10 @@ pub struct LocationEncoderConfig {
     pub w0: f64,
     /// L2-normalise the output (what the contrastive loss expects).
     pub normalize: bool,
+    /// Dropout rate after every hidden SIREN layer during training (SatCLIP
+    /// uses 0.5); 0 for checkpoints from before it existed.
+    #[serde(default)]
+    pub dropout: f64,
 }
 
 impl Default for LocationEncoderConfig {
@@ -194,6 +224,7 @@ impl Default for LocationEncoderConfig {
             w0_initial: 30.0,
             w0: 1.0,
             normalize: true,
+            dropout: 0.0,
         }
     }
 }
@@ -242,6 +273,21 @@ impl LocationEncoder {
         self.forward_features(&x)
     }
 
+    /// [`LocationEncoder::forward`] as training sees it: with the
+    /// configured SIREN dropout, masks from `rng`.
+    pub fn forward_train(&self, coords: &[(f64, f64)], rng: &mut SplitMix64) -> Result<Tensor> {
+        if self.config.dropout == 0.0 {
+            return self.forward(coords);
+        }
+        let x = self.sh.encode(coords, self.dtype, &self.device)?;
+        let y = self.siren.forward_dropout(&x, self.config.dropout, rng)?;
+        if self.config.normalize {
+            crate::l2_normalize(&y)
+        } else {
+            Ok(y)
+        }
+    }
+
     /// Embeds precomputed harmonic features `[n, (L+1)²]` (lets a trainer
     /// compute the harmonics of a fixed point set once).
     pub fn forward_features(&self, features: &Tensor) -> Result<Tensor> {
@@ -268,6 +314,49 @@ impl LocationEncoder {
 mod tests {
     use super::*;
     use crate::params::Params;
+
+    #[test]
+    fn dropout_is_seeded_and_off_by_default() {
+        let p = Params::new(4);
+        let cfg = LocationEncoderConfig::default();
+        assert_eq!(cfg.dropout, 0.0);
+        let enc = LocationEncoder::new(&cfg, p.var_builder(&Device::Cpu)).unwrap();
+        let coords = [(47.1, 9.5), (43.7, 7.4), (-20.0, 57.5)];
+        let plain = enc.forward(&coords).unwrap().to_vec2::<f32>().unwrap();
+        // Rate 0: training's forward is the plain forward, no draw taken.
+        let mut rng = SplitMix64::new(1);
+        let t = enc.forward_train(&coords, &mut rng).unwrap();
+        assert_eq!(t.to_vec2::<f32>().unwrap(), plain);
+        assert_eq!(rng.next_u64(), SplitMix64::new(1).next_u64());
+        // Rate 0.5: the same seed gives the same output, another differs
+        // from it and from the plain forward.
+        let cfg = LocationEncoderConfig {
+            dropout: 0.5,
+            ..cfg
+        };
+        let enc = LocationEncoder::new(&cfg, p.var_builder(&Device::Cpu)).unwrap();
+        let run = |seed| {
+            enc.forward_train(&coords, &mut SplitMix64::new(seed))
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()
+        };
+        assert_eq!(run(7), run(7));
+        assert_ne!(run(7), run(8));
+        assert_ne!(run(7), plain);
+        // Inference ignores dropout.
+        assert_eq!(
+            enc.forward(&coords).unwrap().to_vec2::<f32>().unwrap(),
+            plain
+        );
+        let x = Tensor::ones((2, 121), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let siren = Siren::new(&SirenConfig::satclip(121), p.var_builder(&Device::Cpu)).unwrap();
+        assert!(
+            siren
+                .forward_dropout(&x, 1.0, &mut SplitMix64::new(1))
+                .is_err()
+        );
+    }
 
     #[test]
     fn siren_init_bounds_and_shapes() {

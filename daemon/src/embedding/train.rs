@@ -51,6 +51,8 @@ pub struct TrainArgs {
     pub reference: bool,
     /// How tags become texts (a new checkpoint; a resumed one keeps its own).
     pub tag_texts: super::tags::TagTexts,
+    /// SIREN dropout rate of a new checkpoint (SatCLIP: 0.5).
+    pub dropout: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -182,11 +184,15 @@ pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>) -> Result<TrainReport> {
     let store = Store::open(&a.store)?;
     store.ensure_consistent()?;
     let resuming = Model::exists(&a.out);
+    if !(0.0..1.0).contains(&a.dropout) {
+        bail!("--dropout {} must be in [0, 1)", a.dropout);
+    }
     let config = if resuming {
         Model::read_meta(&a.out)?.config
     } else {
         let mut c = ModelConfig::new(a.seed, a.degree);
         c.tags.texts = a.tag_texts;
+        c.location.dropout = a.dropout;
         c
     };
     let tiles = split_tiles(&store, &config.split)?;
@@ -302,7 +308,7 @@ pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>) -> Result<TrainReport> {
         } else {
             encode_batch_training(&model, &batch)?
         };
-        let loc = model.location.forward(&coords)?;
+        let loc = model.location.forward_train(&coords, &mut rng)?;
         let groups: Vec<u64> = (0..tiles.len() as u64).collect();
         let loss = model.loss.forward(&loc, &g.vectors, &groups, &g.present)?;
         let loss_value = loss.to_scalar::<f32>()? as f64;
