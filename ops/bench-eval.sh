@@ -7,20 +7,21 @@
 #      global-land-mask)
 #   3. the default model (per-tag texts, L = 10) trained in stages up to
 #      --steps, `osmvec eval` after every --every steps: the learning curve
-#   4. the same budget for two variants, evaluated once at the end: L = 40,
-#      and OSMGraphCLIP's one-label-per-feature tag texts
+#   4. the same budget for three variants, evaluated once at the end:
+#      L = 40, OSMGraphCLIP's one-label-per-feature tag texts, and SatCLIP's
+#      SIREN dropout 0.5
 # and prints one markdown table: every model's estimate with its 95 %
 # block-bootstrap interval, the best baseline, and the paired interval of
 # trained − best baseline. Figures go into docs/model.md by hand.
 #
 # Usage: bash ops/bench-eval.sh [--steps N] [--every N] [--batch N]
-#                               [--store DIR] [--variants "l40 label"] [--keep]
+#                               [--store DIR] [--variants "l40 label dropout"] [--keep]
 # Environment: OSMVEC_DATA (default ../shared/data), OSMVEC_BIN (default
 # target/release/osmvec), TMPDIR.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
-steps=300 every=50 batch=256 store= keep=0 variants="l40 label"
+steps=300 every=50 batch=256 store= keep=0 variants="l40 label dropout"
 while [ $# -gt 0 ]; do
   case "$1" in
     --steps) steps=$2; shift 2 ;;
@@ -81,6 +82,7 @@ for v in $variants; do
   case "$v" in
     l40) train "$work/$v" "$steps" --degree 40; name="L = 40" ;;
     label) train "$work/$v" "$steps" --tag-texts feature-label; name="feature label (OSMGraphCLIP)" ;;
+    dropout) train "$work/$v" "$steps" --dropout 0.5; name="SIREN dropout 0.5 (SatCLIP)" ;;
     *) echo "unknown variant $v" >&2; exit 2 ;;
   esac
   evaluate "$work/$v" "$work/$v.json"
@@ -105,8 +107,8 @@ $(jq -r '
   def i(x): "\(x.estimate * 1000 | round / 1000) [\(x.low * 1000 | round / 1000), \(x.high * 1000 | round / 1000)]";
   "| model | retrieval top-1 | retrieval top-10 | land-use accuracy | land-use macro-F1 | land/sea accuracy | land/sea macro-F1 |",
   "|---|---|---|---|---|---|---|",
-  (.retrieval.models | keys[]) as $m
-  | "| \($m) | \(i(.retrieval.models[$m].top1)) | \(i(.retrieval.models[$m].top10)) | \(if .land_use then i(.land_use.models[$m].accuracy) else "—" end) | \(if .land_use then i(.land_use.models[$m].macro_f1) else "—" end) | \(if .external then i(.external.models[$m].accuracy) else "—" end) | \(if .external then i(.external.models[$m].macro_f1) else "—" end) |",
+  ((.retrieval.models | keys[]) as $m
+  | "| \($m) | \(i(.retrieval.models[$m].top1)) | \(i(.retrieval.models[$m].top10)) | \(if .land_use then i(.land_use.models[$m].accuracy) else "—" end) | \(if .land_use then i(.land_use.models[$m].macro_f1) else "—" end) | \(if .external then i(.external.models[$m].accuracy) else "—" end) | \(if .external then i(.external.models[$m].macro_f1) else "—" end) |"),
   "| majority | | | \(i(.land_use.models.majority.accuracy)) | \(i(.land_use.models.majority.macro_f1)) | \(if .external then i(.external.models.majority.accuracy) else "—" end) | \(if .external then i(.external.models.majority.macro_f1) else "—" end) |"
 ' "$last")
 MD
