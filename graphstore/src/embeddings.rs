@@ -678,16 +678,20 @@ impl Store {
         {
             let (k, _) = kv.map_err(|e| self.db_err(e))?;
             let (t, id) = codec::typed_from_key(&k)?;
-            let tags = match t {
-                ElementType::Node => self.get_node(id)?.map(|n| n.tags),
-                ElementType::Way => self.get_way(id)?.map(|w| w.tags),
-                ElementType::Relation => self.get_relation(id)?.map(|r| r.tags),
-            };
-            if let Some(tags) = tags {
+            if let Some(tags) = self.element_tags(t, id)? {
                 f(&tags);
             }
         }
         Ok(())
+    }
+
+    /// The tags of the object behind feature `(t, id)`, if it is stored.
+    pub fn element_tags(&self, t: ElementType, id: i64) -> Result<Option<crate::element::Tags>> {
+        Ok(match t {
+            ElementType::Node => self.get_node(id)?.map(|n| n.tags),
+            ElementType::Way => self.get_way(id)?.map(|w| w.tags),
+            ElementType::Relation => self.get_relation(id)?.map(|r| r.tags),
+        })
     }
 }
 

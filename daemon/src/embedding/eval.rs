@@ -286,11 +286,6 @@ fn embedded(
     Ok(out)
 }
 
-fn block_key(split: &SplitConfig, t: TileId) -> u64 {
-    let b = split.block(t);
-    ((b.z as u64) << 58) ^ ((b.x as u64) << 29) ^ b.y as u64
-}
-
 /// The baseline (not `trained`) with the highest estimate; on a tie the
 /// first in name order.
 fn best(scores: impl Iterator<Item = (&'static str, f64)>) -> &'static str {
@@ -333,7 +328,7 @@ fn retrieval_task(
     let split = trained.meta.config.split;
     let (t, p) = sample_points(&tiles.test, a.retrieval_tiles, a.seed);
     tracing::info!(tiles = t.len(), "retrieval: test tiles");
-    let test = embedded(store, trained, inputs, t.clone(), p.clone())?;
+    let test = embedded(store, trained, inputs, t, p)?;
     if test.tiles.is_empty() {
         bail!("no test tile has a non-empty graph");
     }
@@ -410,7 +405,7 @@ fn retrieval_task(
         );
     }
 
-    let clusters: Vec<u64> = test.tiles.iter().map(|t| block_key(&split, *t)).collect();
+    let clusters: Vec<u64> = test.tiles.iter().map(|t| split.block_key(*t)).collect();
     let boot = Bootstrap::clustered(&clusters, a.resamples, CONFIDENCE, mix(a.seed ^ 0xb00))?;
     let models: BTreeMap<&'static str, RetrievalScores> = ranks
         .iter()
@@ -608,7 +603,7 @@ fn land_use_labels(store: &Store, split: &SplitConfig, tiles: &[TileId]) -> Resu
     let mut out = Labelled::default();
     for (t, l) in tiles.iter().zip(labels) {
         if let Some((class, _)) = l {
-            out.push(centre(*t), class.index(), block_key(split, *t));
+            out.push(centre(*t), class.index(), split.block_key(*t));
         }
     }
     Ok(out)
@@ -712,7 +707,7 @@ fn parse_external(
             }
         };
         let t = TileId::containing(fine_zoom, lon, lat);
-        let cluster = block_key(split, t);
+        let cluster = split.block_key(t);
         match split.role(t) {
             Role::Train => task.train.push((lat, lon), y, cluster),
             Role::Guard => {}

@@ -88,10 +88,15 @@ impl SplitConfig {
         }
     }
 
-    fn block_hash(&self, tile: TileId, salt: u64) -> u64 {
+    /// A key of the tile's block, unique among blocks (what the split
+    /// hashes and what bootstraps resample by).
+    pub fn block_key(&self, tile: TileId) -> u64 {
         let b = self.block(tile);
-        let key = ((b.z as u64) << 58) ^ ((b.x as u64) << 29) ^ b.y as u64;
-        mix(key ^ salt)
+        ((b.z as u64) << 58) ^ ((b.x as u64) << 29) ^ b.y as u64
+    }
+
+    fn block_hash(&self, tile: TileId, salt: u64) -> u64 {
+        mix(self.block_key(tile) ^ salt)
     }
 
     /// Whether a tile is in a test block.

@@ -20,7 +20,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use osmvec_graphstore::Store;
-use osmvec_graphstore::element::ElementType;
 use osmvec_graphstore::tiles::TileId;
 use osmvec_model::Device;
 use osmvec_model::optim::AdamWConfig;
@@ -105,12 +104,7 @@ pub fn key_weights(store: &Store, tiles: &[TileId]) -> Result<KeyWeights> {
     }
     let mut weights = KeyWeights::default();
     for (ty, id) in seen {
-        let tags = match ty {
-            ElementType::Node => store.get_node(id)?.map(|n| n.tags),
-            ElementType::Way => store.get_way(id)?.map(|w| w.tags),
-            ElementType::Relation => store.get_relation(id)?.map(|r| r.tags),
-        };
-        for (k, _) in tags.iter().flatten() {
+        for (k, _) in store.element_tags(ty, id)?.iter().flatten() {
             *weights.counts.entry(k.clone()).or_default() += 1;
         }
     }
