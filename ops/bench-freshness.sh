@@ -67,7 +67,7 @@ target/release/examples/freshness --osmvec "$bin" --store "$dir/store" --checkpo
   --feed "$data/minute" --brokers "$brokers" --last 180 --poll-interval 0.1 > "$dir/freshness.json"
 
 OSMVEC_CONTEXT_PRUNING=false target/release/examples/freshness --osmvec "$bin" --store "$dir/store-np" --checkpoint "$dir/ckpt" \
-  --feed "$data/minute" --brokers "$brokers" --last 180 --poll-interval 0.1 > "$dir/freshness-np.json"
+  --feed "$data/minute" --brokers "$brokers" --last 180 --poll-interval 0.1 --topic osmvec.tile-embeddings.np > "$dir/freshness-np.json"
 
 # 5. Replay of the whole feed.
 replay() { # store debounce -> seconds

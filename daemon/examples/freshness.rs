@@ -15,8 +15,13 @@
 //! ```sh
 //! cargo run --release -p osmvec --example freshness -- \
 //!   --osmvec target/release/osmvec --store S --checkpoint C --feed DIR \
-//!   --brokers 127.0.0.1:9092 --last 180 [--poll-interval 0.1]
+//!   --brokers 127.0.0.1:9092 --last 180 [--poll-interval 0.1] \
+//!   [--topic osmvec.tile-embeddings]
 //! ```
+//! Each run needs an embeddings topic of its own (`--topic`, created by
+//! the daemon): the consumer reads its topic from the beginning, so the
+//! records of an earlier run at the same sequences would count as this
+//! run's arrivals (they did once: a p50 of 0 s).
 //! Prints one JSON object with p50/p90/p99/max in seconds.
 
 use std::collections::HashMap;
@@ -54,7 +59,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let brokers = need("--brokers")?;
     let last: u64 = need("--last")?.parse()?;
     let poll = arg(&args, "--poll-interval").unwrap_or_else(|| "0.1".into());
-    let topic = "osmvec.tile-embeddings";
+    let topic = arg(&args, "--topic").unwrap_or_else(|| "osmvec.tile-embeddings".into());
+    let topic = topic.as_str();
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../tests/fixtures/http_source.py"
@@ -72,38 +78,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         line.trim().trim_start_matches("PORT ")
     );
 
-    // The consumer: (sequence -> arrival times) of every record read.
-    let arrivals: Arc<Mutex<HashMap<u64, Vec<Instant>>>> = Arc::default();
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", "osmvec-freshness")
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "10")
-        .create()?;
-    let meta = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let mut tpl = TopicPartitionList::new();
-    for t in meta.topics() {
-        for p in t.partitions() {
-            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;
-        }
-    }
-    consumer.assign(&tpl)?;
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let reader = {
-        let (arrivals, stop) = (arrivals.clone(), stop.clone());
-        std::thread::spawn(move || {
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Some(Ok(m)) = consumer.poll(Duration::from_millis(5)) {
-                    let at = Instant::now();
-                    let Some(p) = m.payload() else { continue };
-                    let v: serde_json::Value = serde_json::from_slice(p).expect("JSON records");
-                    let seq = v["sequence"].as_u64().unwrap_or(0);
-                    arrivals.lock().unwrap().entry(seq).or_default().push(at);
-                }
-            }
-        })
-    };
-
     // The daemon, as a user runs it; its cycle lines say how many tiles
     // each sequence embedded (summed over the cycles at that sequence) and
     // when it is done (a line at that sequence with nothing left dirty).
@@ -111,6 +85,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .args(["run", "--store", &store, "--checkpoint", &checkpoint])
         .args(["--source", &url, "--brokers", &brokers, "--json"])
         .args(["--poll-interval", &poll, "--http-listen", "off"])
+        .args(["--topic-embeddings", topic])
         .env("OSMVEC_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()?;
@@ -133,6 +108,48 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         });
     }
     std::thread::sleep(Duration::from_secs(2));
+
+    // The consumer: (sequence -> arrival times) of every record read; made
+    // once the daemon has created the topic.
+    let arrivals: Arc<Mutex<HashMap<u64, Vec<Instant>>>> = Arc::default();
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "osmvec-freshness")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    let created = Instant::now() + Duration::from_secs(30);
+    while tpl.count() == 0 {
+        let meta = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        for t in meta.topics() {
+            for p in t.partitions() {
+                tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+            }
+        }
+        if tpl.count() == 0 && Instant::now() > created {
+            return Err(
+                format!("topic {topic}: no partitions 30 s after the daemon started").into(),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    consumer.assign(&tpl)?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (arrivals, stop) = (arrivals.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(Ok(m)) = consumer.poll(Duration::from_millis(5)) {
+                    let at = Instant::now();
+                    let Some(p) = m.payload() else { continue };
+                    let v: serde_json::Value = serde_json::from_slice(p).expect("JSON records");
+                    let seq = v["sequence"].as_u64().unwrap_or(0);
+                    arrivals.lock().unwrap().entry(seq).or_default().push(at);
+                }
+            }
+        })
+    };
 
     let agent = ureq::Agent::new_with_defaults();
     let mut latencies = Vec::new();
