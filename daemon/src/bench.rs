@@ -17,10 +17,10 @@ use osmvec_graphstore::tiles::TileId;
 use osmvec_model::Device;
 use serde::Serialize;
 
-use crate::embedding::checkpoint::Model;
-use crate::embedding::embed::{EmbedReport, embed_pipelined, tiles_to_embed};
-use crate::embedding::inputs::Inputs;
-use crate::embedding::tags::TagVectors;
+use osmvec_pipeline::checkpoint::Model;
+use osmvec_pipeline::embed::{EmbedReport, embed_pipelined, tiles_to_embed};
+use osmvec_pipeline::inputs::Inputs;
+use osmvec_pipeline::tags::TagVectors;
 
 #[derive(Debug, Clone)]
 pub struct CycleBenchArgs {
@@ -163,7 +163,7 @@ pub fn compare_embeddings(a: &std::path::Path, b: &std::path::Path) -> Result<Em
             .map(|(x, y)| (x - y).abs() as f64)
             .fold(0.0, f64::max);
         out.max_abs_difference = out.max_abs_difference.max(d);
-        let c = crate::embedding::embed::cosine_distance(va, vb) as f64;
+        let c = osmvec_pipeline::embed::cosine_distance(va, vb) as f64;
         out.max_cosine_distance = out.max_cosine_distance.max(c);
     }
     Ok(out)

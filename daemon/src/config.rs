@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
-use crate::embedding::finetune::FinetuneConfig;
 use crate::publish::kafka::{KafkaConfig, Topics};
 use crate::publish::messages::Encoding;
+use osmvec_pipeline::finetune::FinetuneConfig;
 
 /// The file's contents; every key optional.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]

@@ -192,8 +192,8 @@ enum Command {
         major_version: u32,
         /// How tags become texts in a new checkpoint: one per tag (osmvec)
         /// or one label per feature (OSMGraphCLIP).
-        #[arg(long, value_enum, default_value_t = osmvec::embedding::tags::TagTexts::PerTag)]
-        tag_texts: osmvec::embedding::tags::TagTexts,
+        #[arg(long, value_enum, default_value_t = TagTextsArg::PerTag)]
+        tag_texts: TagTextsArg,
         /// SIREN dropout rate during training of a new checkpoint (SatCLIP
         /// uses 0.5; inference never drops).
         #[arg(long, default_value_t = 0.0)]
@@ -349,10 +349,10 @@ struct ModelArgs {
 impl ModelArgs {
     fn resolve(&self) -> anyhow::Result<(osmvec_model::Device, PathBuf)> {
         Ok((
-            osmvec::embedding::device(&self.device)?,
+            osmvec_pipeline::device(&self.device)?,
             self.text_model_dir
                 .clone()
-                .unwrap_or_else(osmvec::embedding::train::default_model_dir),
+                .unwrap_or_else(osmvec_pipeline::train::default_model_dir),
         ))
     }
 }
@@ -473,8 +473,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             device,
             json,
         } => {
-            let device = osmvec::embedding::device(&device)?;
-            let model = osmvec::embedding::checkpoint::Model::load(&checkpoint, &device)?;
+            let device = osmvec_pipeline::device(&device)?;
+            let model = osmvec_pipeline::checkpoint::Model::load(&checkpoint, &device)?;
             let points = match (input, bbox, step_m) {
                 (Some(p), _, _) => osmvec::export::points::Points::File(p),
                 (None, Some(bbox), Some(step_m)) => {
@@ -536,8 +536,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let (device, model_dir) = model.resolve()?;
             let stop = stop_on_signals()?;
-            let report = osmvec::embedding::train::train(
-                &osmvec::embedding::train::TrainArgs {
+            let report = osmvec_pipeline::train::train(
+                &osmvec_pipeline::train::TrainArgs {
                     store,
                     out,
                     steps,
@@ -551,7 +551,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     model_dir,
                     device,
                     reference,
-                    tag_texts,
+                    tag_texts: tag_texts.into(),
                     dropout,
                 },
                 stop,
@@ -569,7 +569,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         } => {
             let (device, model_dir) = model.resolve()?;
-            let report = osmvec::embedding::embed::embed(&osmvec::embedding::embed::EmbedArgs {
+            let report = osmvec_pipeline::embed::embed(&osmvec_pipeline::embed::EmbedArgs {
                 store,
                 checkpoint,
                 all,
@@ -651,7 +651,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             use std::io::Write as _;
             writeln!(out, "lat,lon")?;
-            for (lat, lon) in osmvec::embedding::eval::label_points(&store)? {
+            for (lat, lon) in osmvec_pipeline::eval::label_points(&store)? {
                 writeln!(out, "{lat:.7},{lon:.7}")?;
             }
             out.flush()?;
@@ -670,7 +670,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         } => {
             let (device, model_dir) = model.resolve()?;
-            let report = osmvec::embedding::eval::eval(&osmvec::embedding::eval::EvalArgs {
+            let report = osmvec_pipeline::eval::eval(&osmvec_pipeline::eval::EvalArgs {
                 store,
                 checkpoint,
                 retrieval_tiles,
@@ -708,6 +708,25 @@ fn tune_allocator() {
         // (six-extract store: ~480k -> 270k, system time 2-4.6 s -> 1.2 s;
         // docs/benchmarks.md). Every thread then shares that arena's lock.
         libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+/// `train --tag-texts`: the CLI's names for the pipeline's
+/// [`TagTexts`](osmvec_pipeline::tags::TagTexts), which says what each does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TagTextsArg {
+    /// One text per kept tag, averaged by key weight (osmvec's policy).
+    PerTag,
+    /// One label per feature, as OSMGraphCLIP builds it.
+    FeatureLabel,
+}
+
+impl From<TagTextsArg> for osmvec_pipeline::tags::TagTexts {
+    fn from(a: TagTextsArg) -> Self {
+        match a {
+            TagTextsArg::PerTag => Self::PerTag,
+            TagTextsArg::FeatureLabel => Self::FeatureLabel,
+        }
     }
 }
 

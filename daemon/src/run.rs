@@ -35,16 +35,7 @@ use osmvec_model::Device;
 use serde::Serialize;
 
 use crate::config::{Mode, RunSettings};
-use crate::embedding::checkpoint::Model;
-use crate::embedding::checkpoint::git_revision;
-use crate::embedding::embed::{
-    EmbedReport, embed_pipelined, embed_tiles, same_space, tiles_to_embed,
-};
-use crate::embedding::finetune::{FinetuneConfig, FinetuneReport};
-use crate::embedding::inputs::Inputs;
-use crate::embedding::tags::TagVectors;
 use crate::follow::{Fetched, Fetcher, apply_fetched, start_of};
-use crate::jobs::TileJob;
 use crate::observe::api::{Shared, TileState, now_unix, serve};
 use crate::observe::drift::{DriftWindow, ModelDrift};
 use crate::observe::metrics::Metrics;
@@ -52,6 +43,15 @@ use crate::publish::kafka::{KafkaConfig, Publisher};
 use crate::publish::messages::{ModelMessage, longest_tile_record, rfc3339};
 use crate::replication::{Backoff, ReplicationError, SourceOptions, open_source};
 use crate::tuner::{Tuner, TunerEvent, version_drift};
+use osmvec_pipeline::checkpoint::Model;
+use osmvec_pipeline::checkpoint::git_revision;
+use osmvec_pipeline::embed::{
+    EmbedReport, embed_pipelined, embed_tiles, same_space, tiles_to_embed,
+};
+use osmvec_pipeline::finetune::{FinetuneConfig, FinetuneReport};
+use osmvec_pipeline::inputs::Inputs;
+use osmvec_pipeline::jobs::TileJob;
+use osmvec_pipeline::tags::TagVectors;
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {

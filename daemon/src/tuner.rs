@@ -22,12 +22,12 @@ use osmvec_graphstore::Store;
 use osmvec_graphstore::tiles::TileId;
 use osmvec_model::Device;
 
-use crate::embedding::checkpoint::Model;
-use crate::embedding::eval::location_rows;
-use crate::embedding::finetune::{FinetuneConfig, FinetuneReport, finetune};
-use crate::embedding::inputs::Inputs;
-use crate::embedding::tags::TagVectors;
 use crate::observe::drift::{ModelDrift, compare_versions, probe_grid};
+use osmvec_pipeline::checkpoint::Model;
+use osmvec_pipeline::eval::location_rows;
+use osmvec_pipeline::finetune::{FinetuneConfig, FinetuneReport, finetune};
+use osmvec_pipeline::inputs::Inputs;
+use osmvec_pipeline::tags::TagVectors;
 
 /// What a finished run sends back.
 pub enum TunerEvent {

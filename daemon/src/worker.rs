@@ -40,17 +40,17 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
-use crate::embedding::checkpoint::Model;
-use crate::embedding::embed::{cosine_distance, same_space};
-use crate::embedding::inputs::{batch_from_graphs, encode_batch};
-use crate::embedding::tags::TagVectors;
-use crate::jobs::TileJob;
 use crate::observe::worker::{WorkerMetrics, WorkerStatus};
 use crate::publish::kafka::{
     CloudEvent, Topics, client_config, event_type, record_headers, tile_idempotency_key,
     tombstone_idempotency_key,
 };
 use crate::publish::messages::{Encoding, TileEmbeddingMessage};
+use osmvec_pipeline::checkpoint::Model;
+use osmvec_pipeline::embed::{cosine_distance, same_space};
+use osmvec_pipeline::inputs::{batch_from_graphs, encode_batch};
+use osmvec_pipeline::jobs::TileJob;
+use osmvec_pipeline::tags::TagVectors;
 
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
@@ -248,7 +248,7 @@ pub fn supersede(jobs: Vec<Polled>, published: &Recent<Published>) -> (Vec<Polle
 /// was built with.
 pub fn distinct_contexts(jobs: &[Polled]) -> (Vec<StoreGraph>, Vec<u32>) {
     let mut contexts: Vec<StoreGraph> = Vec::new();
-    let mut sources: Vec<&crate::jobs::JobGraph> = Vec::new();
+    let mut sources: Vec<&osmvec_pipeline::jobs::JobGraph> = Vec::new();
     let mut by_key: HashMap<(&str, u64), Vec<u32>> = HashMap::new();
     let mut context_of = Vec::with_capacity(jobs.len());
     for j in jobs {
@@ -370,7 +370,7 @@ pub fn worker(o: &WorkerOptions, stop: Arc<AtomicBool>) -> Result<()> {
         .create_with_context(Deliveries::default())
         .with_context(|| format!("creating a Kafka producer for {}", o.brokers))?;
     let status = Arc::new(WorkerStatus {
-        metrics: WorkerMetrics::new(crate::embedding::checkpoint::git_revision())?,
+        metrics: WorkerMetrics::new(osmvec_pipeline::checkpoint::git_revision())?,
         group: o.group.clone(),
         model_version: RwLock::new(model.meta.model_version.clone()),
         broker_answered: AtomicBool::new(false),
@@ -923,8 +923,8 @@ impl ModelFollower {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::{JOB_SCHEMA_VERSION, JobGraph, JobNode};
     use osmvec_graphstore::graph::GEOM_DIM;
+    use osmvec_pipeline::jobs::{JOB_SCHEMA_VERSION, JobGraph, JobNode};
 
     fn node(k: u8, tag: (&str, &str), x: f32) -> JobNode {
         let mut g = [0f32; GEOM_DIM];
@@ -1052,7 +1052,7 @@ mod tests {
     #[test]
     fn a_failed_model_load_is_retried_and_never_fatal() {
         let dir = tempfile::tempdir().unwrap();
-        let config = crate::embedding::checkpoint::ModelConfig::new(3, 2);
+        let config = osmvec_pipeline::checkpoint::ModelConfig::new(3, 2);
         let device = Device::Cpu;
         let mut v1 = Model::new(config.clone(), Default::default(), "1.0".into(), &device).unwrap();
         v1.save(dir.path(), None).unwrap();

@@ -8,11 +8,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use osmvec::embedding::checkpoint::Model;
-use osmvec::embedding::embed::{EmbedArgs, EmbedReport, embed, embed_tiles};
-use osmvec::embedding::inputs::{CacheLimits, EncodePath, Inputs, encode_batch_training};
-use osmvec::embedding::tags::TagVectors;
-use osmvec::embedding::train::{TrainArgs, default_model_dir, train};
 use osmvec_graphstore::Store;
 use osmvec_graphstore::TileConfig;
 use osmvec_graphstore::apply::apply_changes;
@@ -21,6 +16,11 @@ use osmvec_graphstore::graph::{coarse_parent, sample_features};
 use osmvec_graphstore::import::import;
 use osmvec_graphstore::tiles::TileId;
 use osmvec_model::Device;
+use osmvec_pipeline::checkpoint::Model;
+use osmvec_pipeline::embed::{EmbedArgs, EmbedReport, embed, embed_tiles};
+use osmvec_pipeline::inputs::{CacheLimits, EncodePath, Inputs, encode_batch_training};
+use osmvec_pipeline::tags::TagVectors;
+use osmvec_pipeline::train::{TrainArgs, default_model_dir, train};
 
 fn extract() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

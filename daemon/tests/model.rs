@@ -8,17 +8,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use osmvec::embedding::checkpoint::Model;
-use osmvec::embedding::embed::{EmbedArgs, embed};
-use osmvec::embedding::eval::{EvalArgs, eval};
-use osmvec::embedding::graphs::to_model_graph;
-use osmvec::embedding::tags::TagVectors;
-use osmvec::embedding::train::{TrainArgs, default_model_dir, tag_texts, train};
 use osmvec_graphstore::Store;
 use osmvec_graphstore::graph::{EdgeKind, build_tile_graph};
 use osmvec_graphstore::import::import;
 use osmvec_graphstore::{TileConfig, feature::FeatureKind};
 use osmvec_model::{Device, NodeType};
+use osmvec_pipeline::checkpoint::Model;
+use osmvec_pipeline::embed::{EmbedArgs, embed};
+use osmvec_pipeline::eval::{EvalArgs, eval};
+use osmvec_pipeline::graphs::to_model_graph;
+use osmvec_pipeline::tags::TagVectors;
+use osmvec_pipeline::train::{TrainArgs, default_model_dir, tag_texts, train};
 
 fn extract() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -212,7 +212,7 @@ fn model_graphs_match_store_graphs() {
     import_store(&store_dir);
     let store = Store::open(&store_dir).unwrap();
     let model = Model::new(
-        osmvec::embedding::checkpoint::ModelConfig::new(1, 10),
+        osmvec_pipeline::checkpoint::ModelConfig::new(1, 10),
         Default::default(),
         "test".into(),
         &Device::Cpu,
@@ -263,7 +263,7 @@ fn model_graphs_match_store_graphs() {
         assert!(ec.get(EdgeKind::Near) > 0, "tile {tile} has no near edges");
         // Feature rows: a unit (or zero) text vector and the scaled geometry.
         for t in NodeType::ALL {
-            for row in mg.features(t).chunks(osmvec::embedding::graphs::IN_DIM) {
+            for row in mg.features(t).chunks(osmvec_pipeline::graphs::IN_DIM) {
                 let n: f32 = row[..384].iter().map(|x| x * x).sum::<f32>().sqrt();
                 assert!(n < 1e-6 || (n - 1.0).abs() < 1e-4, "text norm {n}");
                 assert!(row.iter().all(|x| x.is_finite()));

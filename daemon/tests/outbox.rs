@@ -5,17 +5,17 @@
 use std::path::Path;
 
 use osmvec::cli::read_diff_into;
-use osmvec::embedding::checkpoint::{Model, ModelConfig};
-use osmvec::embedding::embed::{EmbedReport, embed_tiles};
-use osmvec::embedding::inputs::Inputs;
-use osmvec::embedding::tags::TagVectors;
-use osmvec::embedding::train::default_model_dir;
 use osmvec_graphstore::apply::DiffApplier;
 use osmvec_graphstore::import::import;
 use osmvec_graphstore::outbox::OutboxItem;
 use osmvec_graphstore::read::OscOptions;
 use osmvec_graphstore::{Store, TileConfig};
 use osmvec_model::Device;
+use osmvec_pipeline::checkpoint::{Model, ModelConfig};
+use osmvec_pipeline::embed::{EmbedReport, embed_tiles};
+use osmvec_pipeline::inputs::Inputs;
+use osmvec_pipeline::tags::TagVectors;
+use osmvec_pipeline::train::default_model_dir;
 
 fn data(p: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

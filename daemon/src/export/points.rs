@@ -26,7 +26,7 @@ use serde_json::json;
 
 use super::AtomicFile;
 use super::tiles::embedding_type;
-use crate::embedding::checkpoint::Model;
+use osmvec_pipeline::checkpoint::Model;
 
 /// Points per encoder call and per row group.
 pub const CHUNK: usize = 8192;
@@ -96,10 +96,8 @@ pub fn embed_points(
         }
         Points::File(_) => 0,
     };
-    let bar = crate::embedding::progress_bar(
-        total,
-        "{bar:40} {pos}/{len} points ({per_sec}, {eta} left)",
-    );
+    let bar =
+        osmvec_pipeline::progress_bar(total, "{bar:40} {pos}/{len} points ({per_sec}, {eta} left)");
     // Model and source are known before the first row, so the metadata goes
     // into the Arrow schema (what pyarrow reads) and the Parquet footer
     // (what DuckDB and GDAL read); the count is the file's row count.

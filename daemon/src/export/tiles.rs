@@ -259,7 +259,7 @@ fn file_metadata(geometry: bool, meta: &ExportMeta, s: &Survey) -> Vec<(String, 
     let osmvec = json!({
         "what": "osmvec tile embeddings",
         "osmvec_version": env!("CARGO_PKG_VERSION"),
-        "git_revision": crate::embedding::checkpoint::git_revision(),
+        "git_revision": osmvec_pipeline::checkpoint::git_revision(),
         "exported_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         "store_sequence": meta.store_sequence,
         "zoom": meta.zoom,

@@ -33,7 +33,7 @@ use serde_json::json;
 
 use super::drift::{DriftWindow, ModelDrift};
 use super::metrics::Metrics;
-use crate::embedding::checkpoint::Model;
+use osmvec_pipeline::checkpoint::Model;
 use prometheus::{IntCounter, IntGauge};
 
 /// A tile's latest published state, kept in memory for the page's layer.
@@ -56,7 +56,7 @@ pub struct Shared {
     pub paused: AtomicBool,
     /// Set by POST /v1/finetune: the loop starts a run when none is going.
     pub finetune_requested: AtomicBool,
-    pub last_finetune: Mutex<Option<crate::embedding::finetune::FinetuneReport>>,
+    pub last_finetune: Mutex<Option<osmvec_pipeline::finetune::FinetuneReport>>,
     pub token: Option<String>,
     /// Ingest mode: workers embed and publish, nothing writes embeddings to
     /// this store, so the tile endpoints refuse rather than serve old ones.
@@ -895,7 +895,7 @@ mod tests {
     fn test_daemon() -> (Arc<Shared>, SocketAddr, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_or_create(dir.path(), Default::default()).unwrap();
-        let config = crate::embedding::checkpoint::ModelConfig::new(3, 2);
+        let config = osmvec_pipeline::checkpoint::ModelConfig::new(3, 2);
         let device = osmvec_model::Device::Cpu;
         let model = Model::new(config, Default::default(), "1.0".into(), &device).unwrap();
         let shared = Arc::new(Shared {

@@ -19,6 +19,6 @@ fn main() {
         rev
     };
     println!("cargo:rustc-env=OSMVEC_GIT_REVISION={rev}");
-    println!("cargo:rerun-if-changed=../.git/HEAD");
-    println!("cargo:rerun-if-changed=../.git/index");
+    println!("cargo:rerun-if-changed=../../.git/HEAD");
+    println!("cargo:rerun-if-changed=../../.git/index");
 }

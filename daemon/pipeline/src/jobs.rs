@@ -37,7 +37,7 @@ use osmvec_graphstore::graph::{
 use osmvec_graphstore::tiles::TileId;
 use serde::{Deserialize, Serialize};
 
-use crate::embedding::tags::TagPolicy;
+use crate::tags::TagPolicy;
 
 pub const JOB_SCHEMA_VERSION: u32 = 1;
 

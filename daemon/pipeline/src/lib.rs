@@ -1,9 +1,11 @@
 //! The embedding pipeline: store → tile graphs → model inputs → the two
-//! encoders → tile embeddings back in the store, plus training and
-//! evaluation of the model on a store.
+//! encoders → tile embeddings back in the store, plus training,
+//! evaluation and fine-tuning of the model on a store, and the tile-job
+//! wire format that carries a tile's graph to a worker.
 //!
 //! This is where graphstore (RocksDB, petgraph) meets the model crate
-//! (candle); neither of those knows the other.
+//! (candle); neither of those knows the other. It knows nothing of Kafka,
+//! HTTP or the command line: the `osmvec` binary is the wiring around it.
 
 pub mod baselines;
 pub mod checkpoint;
@@ -12,13 +14,14 @@ pub mod eval;
 pub mod finetune;
 pub mod graphs;
 pub mod inputs;
+pub mod jobs;
 pub mod split;
 pub mod tags;
 pub mod train;
 
 /// A progress bar on a terminal (hidden otherwise, so logs and pipes stay
 /// clean) with `template`'s indicatif style.
-pub(crate) fn progress_bar(len: u64, template: &str) -> indicatif::ProgressBar {
+pub fn progress_bar(len: u64, template: &str) -> indicatif::ProgressBar {
     use std::io::IsTerminal;
     let bar = if std::io::stderr().is_terminal() && len > 0 {
         indicatif::ProgressBar::new(len)

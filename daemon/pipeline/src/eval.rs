@@ -216,7 +216,7 @@ pub fn bootstrap_probe(
 }
 
 /// Location embeddings of many points, row-major.
-pub(crate) fn location_rows(model: &Model, coords: &[(f64, f64)]) -> Result<(Vec<f32>, usize)> {
+pub fn location_rows(model: &Model, coords: &[(f64, f64)]) -> Result<(Vec<f32>, usize)> {
     let mut out = Vec::new();
     let mut dim = 0;
     for chunk in coords.chunks(4096) {

@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 pub const TEXT_MODEL: &str = "all-MiniLM-L6-v2";
 
 /// How a feature's tags become texts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TagTexts {
     /// One text per kept tag (`key=value`, or the key alone for keys with
