@@ -20,7 +20,7 @@ use std::time::Duration;
 use osmvec_graphstore::Store;
 use osmvec_graphstore::element::ElementType;
 use osmvec_graphstore::tiles::TileId;
-use osmvec_tests::*;
+use osmvec_test_kit::*;
 
 fn vectors_of_store(store: &Path) -> BTreeMap<String, Vec<f32>> {
     Store::open(store)

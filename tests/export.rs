@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::f64::consts::PI;
 use std::path::Path;
 
-use osmvec_tests::*;
+use osmvec_test_kit::*;
 
 /// Around Malé and its atolls: a few hundred stored z15 tiles.
 const BBOX: [f64; 4] = [73.3, 3.9, 73.7, 4.5];

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use osmvec_tests::*;
+use osmvec_test_kit::*;
 
 fn maldives_base() -> PathBuf {
     data("replication/maldives/base-2017-03-01T0749Z.osm.pbf")

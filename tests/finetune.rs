@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use osmvec_tests::*;
+use osmvec_test_kit::*;
 
 fn checkpoint_version(dir: &Path) -> String {
     let meta: serde_json::Value =

@@ -1,6 +1,6 @@
 //! End-to-end tests of `osmvec import`, `stats` and `export` on real extracts.
 
-use osmvec_tests::*;
+use osmvec_test_kit::*;
 
 #[test]
 fn liechtenstein_counts_and_pbf_xml_parity() {

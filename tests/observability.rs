@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use osmvec_tests::*;
+use osmvec_test_kit::*;
 
 #[test]
 fn api_answers_checks_input_and_guards_state_changes() {

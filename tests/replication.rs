@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use osmvec_tests::*;
+use osmvec_test_kit::*;
 
 const MALDIVES_END: &str = "2017-03-01T10:49:00Z";
 
@@ -563,15 +563,6 @@ fn start_sequence_is_found_from_the_extract_timestamp() {
     );
 }
 
-fn sigterm(child: &Child) {
-    let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill runs")
-        .success();
-    assert!(ok, "kill -TERM failed");
-}
-
 /// Waits for a child up to `limit`, returning its exit status.
 fn wait_for(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
     let t = Instant::now();
@@ -768,11 +759,7 @@ fn sigterm_ends_replicate_while_the_source_is_unreachable() {
     let dir = tempdir();
     let store = dir.path().join("s");
     import(&store, &maldives_base());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut child = Command::new(bin())
         .args(["replicate", "--store", path_str(&store)])
         .args(["--source", &format!("http://127.0.0.1:{port}/feed")])

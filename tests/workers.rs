@@ -13,7 +13,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use osmvec_tests::*;
+use osmvec_test_kit::*;
 
 /// A worker in the background: its process, its HTTP address, and its
 /// batch lines as they arrive.

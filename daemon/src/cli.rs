@@ -11,8 +11,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use osmvec_graphstore::apply::DiffApplier;
 use osmvec_graphstore::import::{self, ImportProgress};
-use osmvec_graphstore::read::{self, OscOptions, ReadError};
-use osmvec_graphstore::{Store, StoreError, TileConfig};
+use osmvec_graphstore::read::OscOptions;
+use osmvec_graphstore::{Store, TileConfig};
 
 use crate::follow::{self, FollowOptions};
 
@@ -125,30 +125,6 @@ pub fn stats(store: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// Reads an osmChange file into an applier; the store is untouched until
-/// `commit`, so a bad file changes nothing.
-pub fn read_diff_into(
-    applier: &mut DiffApplier,
-    name: &str,
-    input: impl std::io::Read,
-    gzip: bool,
-    opts: &OscOptions,
-) -> Result<(), StoreError> {
-    let mut store_err = None;
-    let res = read::read_osc(name, input, gzip, opts, &mut |c| {
-        applier.push(c).map_err(|e| {
-            let msg = e.to_string();
-            store_err = Some(e);
-            ReadError::consumer(msg)
-        })
-    });
-    match (res, store_err) {
-        (_, Some(e)) => Err(e),
-        (Err(e), None) => Err(e.into()),
-        (Ok(()), None) => Ok(()),
-    }
-}
-
 pub fn apply(store: &Path, files: &[PathBuf], json: bool) -> Result<()> {
     let st = Store::open(store)?;
     let opts = OscOptions::default();
@@ -158,14 +134,9 @@ pub fn apply(store: &Path, files: &[PathBuf], json: bool) -> Result<()> {
         let gzip = name.ends_with(".gz");
         let t0 = std::time::Instant::now();
         let mut applier = DiffApplier::new(&st, name.clone())?;
-        read_diff_into(
-            &mut applier,
-            &name,
-            std::io::BufReader::new(file),
-            gzip,
-            &opts,
-        )
-        .with_context(|| format!("{name} not applied; the store is unchanged"))?;
+        applier
+            .read_osc(&name, std::io::BufReader::new(file), gzip, &opts)
+            .with_context(|| format!("{name} not applied; the store is unchanged"))?;
         let read_s = t0.elapsed().as_secs_f64();
         let report = applier.commit(None, None, true)?;
         let total_s = t0.elapsed().as_secs_f64();

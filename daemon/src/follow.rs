@@ -25,7 +25,6 @@ use osmvec_graphstore::apply::{ApplyReport, DiffApplier};
 use osmvec_graphstore::read::OscOptions;
 use osmvec_graphstore::store::format_timestamp;
 
-use crate::cli::read_diff_into;
 use crate::replication::{
     Backoff, ReplicationError, ReplicationState, Source, sequence_for_timestamp,
     sleep_unless_stopped, with_retry_until_stopped,
@@ -406,7 +405,7 @@ pub fn apply_fetched(
     // Decide by content, not by name: a server may already have undone the
     // gzip (Content-Encoding), and a directory may hold plain XML.
     let gzip = bytes.starts_with(&[0x1f, 0x8b]);
-    if let Err(e) = read_diff_into(&mut applier, &name, bytes, gzip, osc) {
+    if let Err(e) = applier.read_osc(&name, bytes, gzip, osc) {
         return Ok(Err(e));
     }
     let report = applier.commit(Some(seq), Some(state.timestamp), true)?;

@@ -23,6 +23,7 @@
 //! `observe::worker`; the loop only counts and sets gauges.
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::RwLock;
@@ -41,11 +42,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
 use crate::observe::worker::{WorkerMetrics, WorkerStatus};
-use crate::publish::kafka::{
-    CloudEvent, Topics, client_config, event_type, record_headers, tile_idempotency_key,
-    tombstone_idempotency_key,
-};
-use crate::publish::messages::{Encoding, TileEmbeddingMessage};
+use crate::publish::kafka::{TileRecord, Topics, client_config};
+use crate::publish::messages::Encoding;
 use osmvec_pipeline::checkpoint::Model;
 use osmvec_pipeline::embed::{cosine_distance, same_space};
 use osmvec_pipeline::inputs::{batch_from_graphs, encode_batch};
@@ -339,213 +337,379 @@ fn take_message(
 }
 
 pub fn worker(o: &WorkerOptions, stop: Arc<AtomicBool>) -> Result<()> {
-    let mut model = Model::load(&o.checkpoint, &o.device)?;
-    let mut cc = client_config(&o.brokers, &o.properties);
-    cc.set("group.id", &o.group)
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "6000")
-        .set("fetch.wait.max.ms", "50");
-    if let Some(id) = &o.instance_id {
-        cc.set("group.instance.id", id);
-    }
-    let consumer: JobConsumer = cc
-        .create_with_context(WorkerCtx::default())
-        .with_context(|| format!("creating a Kafka consumer for {}", o.brokers))?;
-    consumer
-        .subscribe(&[&o.topics.jobs])
-        .with_context(|| format!("subscribing to {}", o.topics.jobs))?;
-    let models: BaseConsumer = client_config(&o.brokers, &o.properties)
-        .set("group.id", format!("{}-models", o.group))
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(&o.topics.models, 0, Offset::Beginning)?;
-    models.assign(&tpl)?;
-    let producer: BaseProducer<Deliveries> = client_config(&o.brokers, &o.properties)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("message.timeout.ms", o.message_timeout_ms.to_string())
-        .create_with_context(Deliveries::default())
-        .with_context(|| format!("creating a Kafka producer for {}", o.brokers))?;
-    let status = Arc::new(WorkerStatus {
-        metrics: WorkerMetrics::new(osmvec_pipeline::checkpoint::git_revision())?,
-        group: o.group.clone(),
-        model_version: RwLock::new(model.meta.model_version.clone()),
-        broker_answered: AtomicBool::new(false),
-    });
-    let m = &status.metrics;
-    m.set_model(None, &model.meta.model_version);
-    if let Some(addr) = &o.http_listen {
-        let local = crate::observe::api::serve_router(
-            addr,
-            crate::observe::worker::router(status.clone()),
-        )
-        .context(
-            "the worker's HTTP side (--http-listen, [worker] http_listen; \"off\" serves nothing)",
-        )?;
-        tracing::info!(address = %local, "serving /metrics, /healthz and /readyz");
-    }
-    let mut last_lag: Option<Instant> = None;
-    let mut vectors = TagVectors::new(o.model_dir.clone(), o.device.clone());
-    let mut published: Recent<Published> = Recent::new(RECENT_TILES);
-    let mut follower = ModelFollower::default();
-    // Jobs read while serving callbacks before a publish: the next batch's.
-    let mut carry: Vec<Polled> = Vec::new();
-    let mut carry_bytes = 0;
-    let mut carry_next: HashMap<i32, i64> = HashMap::new();
-    let mut failures = 0u32;
-    tracing::info!(
-        group = %o.group,
-        topic = %o.topics.jobs,
-        model_version = %model.meta.model_version,
-        "worker started"
-    );
+    let mut w = Worker::start(o, stop.clone())?;
     while !stop.load(Ordering::Relaxed) {
-        follower.read(&models, o.encoding, &model.meta.model_version);
-        if let Some(new) = follower.try_load(&o.checkpoint, &o.device, m) {
-            let before = std::mem::replace(&mut model, new);
-            m.set_model(Some(&before.meta.model_version), &model.meta.model_version);
-            *status
-                .model_version
-                .write()
-                .unwrap_or_else(|e| e.into_inner()) = model.meta.model_version.clone();
+        if w.batch()?.is_break() {
+            break;
         }
-        if last_lag.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
-            refresh_lag(&consumer, &o.topics.jobs, &status);
-            last_lag = Some(Instant::now());
+    }
+    w.finish();
+    Ok(())
+}
+
+/// The worker's three parts and its retry state. The loop is
+/// [`Worker::batch`]: refresh (model, lag, tag cache), collect a batch,
+/// embed, publish, commit.
+///
+/// Fields drop in declaration order: the producer first, the group's
+/// consumer last, as the single loop's locals did.
+struct Worker<'a> {
+    o: &'a WorkerOptions,
+    stop: Arc<AtomicBool>,
+    /// Batches in a row whose embeddings were not acknowledged.
+    failures: u32,
+    producer: BaseProducer<Deliveries>,
+    embedder: Embedder,
+    status: Arc<WorkerStatus>,
+    intake: Intake,
+}
+
+impl<'a> Worker<'a> {
+    /// Loads the model, joins the group, creates the producer and serves
+    /// the HTTP side.
+    fn start(o: &'a WorkerOptions, stop: Arc<AtomicBool>) -> Result<Worker<'a>> {
+        let model = Model::load(&o.checkpoint, &o.device)?;
+        let intake = Intake::join(o)?;
+        let models: BaseConsumer = client_config(&o.brokers, &o.properties)
+            .set("group.id", format!("{}-models", o.group))
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&o.topics.models, 0, Offset::Beginning)?;
+        models.assign(&tpl)?;
+        let producer: BaseProducer<Deliveries> = client_config(&o.brokers, &o.properties)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", o.message_timeout_ms.to_string())
+            .create_with_context(Deliveries::default())
+            .with_context(|| format!("creating a Kafka producer for {}", o.brokers))?;
+        let status = Arc::new(WorkerStatus {
+            metrics: WorkerMetrics::new(osmvec_pipeline::checkpoint::git_revision())?,
+            group: o.group.clone(),
+            model_version: RwLock::new(model.meta.model_version.clone()),
+            broker_answered: AtomicBool::new(false),
+        });
+        status.metrics.set_model(None, &model.meta.model_version);
+        if let Some(addr) = &o.http_listen {
+            let local = crate::observe::api::serve_router(
+                addr,
+                crate::observe::worker::router(status.clone()),
+            )
+            .context(
+                "the worker's HTTP side (--http-listen, [worker] http_listen; \"off\" serves nothing)",
+            )?;
+            tracing::info!(address = %local, "serving /metrics, /healthz and /readyz");
         }
-        if vectors.encoded >= TAG_TEXTS {
-            tracing::info!(
-                texts = vectors.encoded,
-                "tag-vector cache full: starting a fresh one"
-            );
-            vectors = TagVectors::new(o.model_dir.clone(), o.device.clone());
+        tracing::info!(
+            group = %o.group,
+            topic = %o.topics.jobs,
+            model_version = %model.meta.model_version,
+            "worker started"
+        );
+        Ok(Worker {
+            o,
+            stop,
+            failures: 0,
+            producer,
+            embedder: Embedder {
+                vectors: TagVectors::new(o.model_dir.clone(), o.device.clone()),
+                model,
+                models,
+                follower: ModelFollower::default(),
+                published: Recent::new(RECENT_TILES),
+            },
+            status,
+            intake,
+        })
+    }
+
+    /// One batch, from refreshing the model to committing its offsets.
+    /// `Break` when a stop came before its embeddings were acknowledged.
+    fn batch(&mut self) -> Result<ControlFlow<()>> {
+        let (o, status) = (self.o, self.status.clone());
+        let m = &status.metrics;
+        self.embedder.refresh(o, &status);
+        self.intake.refresh_lag(&status);
+        let mut taken = self.intake.collect(&self.stop, m);
+        if taken.jobs.is_empty() {
+            self.intake.commit(&taken.next, m);
+            return Ok(ControlFlow::Continue(()));
         }
-        // Revocations from here on concern this batch's jobs.
-        consumer.context().take_revoked();
-        // A batch: up to `batch` jobs or `max_wait`.
-        let mut jobs: Vec<Polled> = std::mem::take(&mut carry);
-        let mut job_bytes = std::mem::take(&mut carry_bytes);
-        // Next offset to commit per partition (after the batch's last
-        // record, the carried ones included).
-        let mut next: HashMap<i32, i64> = std::mem::take(&mut carry_next);
-        let deadline = Instant::now() + o.max_wait;
-        while jobs.len() < o.batch && Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
-            match consumer.poll(Duration::from_millis(20)) {
-                Some(Ok(msg)) => {
-                    let e = next.entry(msg.partition()).or_insert(0);
-                    *e = (*e).max(msg.offset() + 1);
-                    if let Some(j) = take_message(&msg, m, &mut job_bytes) {
-                        jobs.push(j);
-                    }
-                }
+        let first = taken.first_offsets();
+        let t0 = Instant::now();
+        let mut report = BatchReport {
+            jobs: taken.jobs.len(),
+            job_bytes: taken.bytes,
+            model_version: self.embedder.model.meta.model_version.clone(),
+            ..Default::default()
+        };
+        let records = self
+            .embedder
+            .embed(std::mem::take(&mut taken.jobs), &mut report)?;
+        // Serve the consumer's callbacks before publishing: a partition the
+        // group took away meanwhile is another worker's now, and its jobs
+        // are that worker's to publish (from the committed offset).
+        self.intake.carry_over(m);
+        let revoked = self.intake.revoked();
+        let records = drop_revoked(records, &revoked, m);
+        taken.next.retain(|p, _| !revoked.contains(p));
+        self.intake.carry.retain(&revoked);
+        // Publish, wait for every acknowledgement, then commit.
+        if let Err(e) = publish(&self.producer, o, &records, &self.stop) {
+            if self.stop.load(Ordering::Relaxed) {
+                // Uncommitted: the group gives these jobs to another worker.
+                return Ok(ControlFlow::Break(()));
+            }
+            self.retry_later(e, first, &revoked, m);
+            return Ok(ControlFlow::Continue(()));
+        }
+        self.failures = 0;
+        self.intake.commit(&taken.next, m);
+        self.embedder.remember(records, &mut report);
+        report.seconds = t0.elapsed().as_secs_f64();
+        record_batch(m, &mut report);
+        if o.json {
+            println!("{}", serde_json::to_string(&report)?);
+        }
+        Ok(ControlFlow::Continue(()))
+    }
+
+    /// A batch whose embeddings were not acknowledged: offsets stay
+    /// uncommitted, the consumer goes back to the batch's first offsets
+    /// (and the carried jobs'), so this worker redoes them instead of
+    /// skipping to later ones, after a growing wait.
+    fn retry_later(
+        &mut self,
+        e: anyhow::Error,
+        first: HashMap<i32, i64>,
+        revoked: &std::collections::HashSet<i32>,
+        m: &WorkerMetrics,
+    ) {
+        self.failures += 1;
+        m.publish_failures_total.inc();
+        let delay = Duration::from_secs(1 << self.failures.min(6)).min(Duration::from_secs(60));
+        tracing::warn!(
+            error = format!("{e:#}"),
+            retry_in = ?delay,
+            "embeddings not acknowledged: offsets stay uncommitted, the batch will be redone"
+        );
+        self.intake.rewind(first, revoked);
+        crate::replication::sleep_unless_stopped(&self.stop, delay);
+    }
+
+    fn finish(&self) {
+        if let Err(e) = self.producer.flush(Duration::from_secs(3)) {
+            tracing::warn!(error = %e, "records still in flight at the stop (their batch is redone)");
+        }
+        tracing::info!("worker stopped");
+    }
+}
+
+/// Jobs read from the jobs topic for one batch.
+#[derive(Default)]
+struct Taken {
+    jobs: Vec<Polled>,
+    /// Encoded size of the jobs.
+    bytes: usize,
+    /// Next offset to commit per partition (after the last record read,
+    /// usable or not).
+    next: HashMap<i32, i64>,
+}
+
+impl Taken {
+    fn push(&mut self, msg: &rdkafka::message::BorrowedMessage<'_>, m: &WorkerMetrics) {
+        let e = self.next.entry(msg.partition()).or_insert(0);
+        *e = (*e).max(msg.offset() + 1);
+        if let Some(j) = take_message(msg, m, &mut self.bytes) {
+            self.jobs.push(j);
+        }
+    }
+
+    /// The lowest offset of the jobs per partition.
+    fn first_offsets(&self) -> HashMap<i32, i64> {
+        self.jobs.iter().fold(HashMap::new(), |mut f, j| {
+            let e = f.entry(j.partition).or_insert(j.offset);
+            *e = (*e).min(j.offset);
+            f
+        })
+    }
+
+    /// Forgets what came from partitions this worker lost.
+    fn retain(&mut self, revoked: &std::collections::HashSet<i32>) {
+        self.jobs.retain(|j| !revoked.contains(&j.partition));
+        self.next.retain(|p, _| !revoked.contains(p));
+    }
+}
+
+/// The consumer-group side: batches of jobs, the jobs read while serving
+/// callbacks kept for the next batch, offsets committed, partition lag.
+struct Intake {
+    consumer: JobConsumer,
+    topic: String,
+    batch: usize,
+    max_wait: Duration,
+    /// Read while serving callbacks before a publish: the next batch's.
+    carry: Taken,
+    last_lag: Option<Instant>,
+}
+
+impl Intake {
+    /// Joins the group on the jobs topic.
+    fn join(o: &WorkerOptions) -> Result<Intake> {
+        let mut cc = client_config(&o.brokers, &o.properties);
+        cc.set("group.id", &o.group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", "6000")
+            .set("fetch.wait.max.ms", "50");
+        if let Some(id) = &o.instance_id {
+            cc.set("group.instance.id", id);
+        }
+        let consumer: JobConsumer = cc
+            .create_with_context(WorkerCtx::default())
+            .with_context(|| format!("creating a Kafka consumer for {}", o.brokers))?;
+        consumer
+            .subscribe(&[&o.topics.jobs])
+            .with_context(|| format!("subscribing to {}", o.topics.jobs))?;
+        Ok(Intake {
+            consumer,
+            topic: o.topics.jobs.clone(),
+            batch: o.batch,
+            max_wait: o.max_wait,
+            carry: Taken::default(),
+            last_lag: None,
+        })
+    }
+
+    /// The lag gauges, every 5 s.
+    fn refresh_lag(&mut self, status: &WorkerStatus) {
+        if self
+            .last_lag
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(5))
+        {
+            refresh_lag(&self.consumer, &self.topic, status);
+            self.last_lag = Some(Instant::now());
+        }
+    }
+
+    /// A batch: the carried jobs, then up to `batch` jobs or `max_wait`.
+    /// Revocations from here on concern this batch's jobs.
+    fn collect(&mut self, stop: &AtomicBool, m: &WorkerMetrics) -> Taken {
+        self.consumer.context().take_revoked();
+        let mut taken = std::mem::take(&mut self.carry);
+        let deadline = Instant::now() + self.max_wait;
+        while taken.jobs.len() < self.batch
+            && Instant::now() < deadline
+            && !stop.load(Ordering::Relaxed)
+        {
+            match self.consumer.poll(Duration::from_millis(20)) {
+                Some(Ok(msg)) => taken.push(&msg, m),
                 Some(Err(e)) => tracing::warn!(error = %e, "consumer"),
                 None => {}
             }
         }
-        if jobs.is_empty() {
-            commit(&consumer, &o.topics.jobs, &next, m);
-            continue;
-        }
-        let first: HashMap<i32, i64> = jobs.iter().fold(HashMap::new(), |mut f, j| {
-            let e = f.entry(j.partition).or_insert(j.offset);
-            *e = (*e).min(j.offset);
-            f
-        });
-        let t0 = Instant::now();
-        let mut report = BatchReport {
-            jobs: jobs.len(),
-            job_bytes,
-            model_version: model.meta.model_version.clone(),
-            ..Default::default()
-        };
-        let (todo, superseded) = supersede(jobs, &published);
-        report.superseded = superseded;
-        let records = embed_jobs(&mut vectors, &model, todo, &published)?;
-        // Serve the consumer's callbacks before publishing: a partition the
-        // group took away meanwhile is another worker's now, and its jobs
-        // are that worker's to publish (from the committed offset).
-        // What this poll returns belongs to the next batch (at most one
-        // batch of it: the rest stays in the consumer's queue).
-        let mut taken = 0;
-        while taken < o.batch {
-            let Some(r) = consumer.poll(Duration::ZERO) else {
+        taken
+    }
+
+    /// Serves the consumer's callbacks (revocations). What this poll
+    /// returns belongs to the next batch (at most one batch of it: the rest
+    /// stays in the consumer's queue).
+    fn carry_over(&mut self, m: &WorkerMetrics) {
+        let mut polled = 0;
+        while polled < self.batch {
+            let Some(r) = self.consumer.poll(Duration::ZERO) else {
                 break;
             };
-            taken += 1;
+            polled += 1;
             match r {
-                Ok(msg) => {
-                    let e = carry_next.entry(msg.partition()).or_insert(0);
-                    *e = (*e).max(msg.offset() + 1);
-                    if let Some(j) = take_message(&msg, m, &mut carry_bytes) {
-                        carry.push(j);
-                    }
-                }
+                Ok(msg) => self.carry.push(&msg, m),
                 Err(e) => tracing::warn!(error = %e, "consumer"),
             }
         }
-        let revoked = consumer.context().take_revoked();
-        let (records, dropped): (Vec<_>, Vec<_>) = records
-            .into_iter()
-            .partition(|(p, ..)| !revoked.contains(p));
-        if !dropped.is_empty() {
+    }
+
+    /// Partitions revoked since the batch was collected.
+    fn revoked(&self) -> std::collections::HashSet<i32> {
+        self.consumer.context().take_revoked()
+    }
+
+    /// Seeks back to `first` and the carried jobs' offsets (the carried
+    /// jobs are dropped: they are read again), except on `revoked`.
+    fn rewind(&mut self, first: HashMap<i32, i64>, revoked: &std::collections::HashSet<i32>) {
+        let mut rewind = first;
+        for j in std::mem::take(&mut self.carry).jobs {
+            let e = rewind.entry(j.partition).or_insert(j.offset);
+            *e = (*e).min(j.offset);
+        }
+        for (p, at) in rewind.iter().filter(|(p, _)| !revoked.contains(p)) {
+            if let Err(e) =
+                self.consumer
+                    .seek(&self.topic, *p, Offset::Offset(*at), Duration::from_secs(5))
+            {
+                tracing::warn!(partition = p, error = %e, "seek back failed");
+            }
+        }
+    }
+
+    fn commit(&self, next: &HashMap<i32, i64>, m: &WorkerMetrics) {
+        commit(&self.consumer, &self.topic, next, m);
+    }
+}
+
+/// The model side: the serving model (reloaded when the models topic
+/// announces a version its checkpoint directory now holds), tag vectors,
+/// and what this worker published per tile (for superseding and drift).
+struct Embedder {
+    model: Model,
+    vectors: TagVectors,
+    models: BaseConsumer,
+    follower: ModelFollower,
+    published: Recent<Published>,
+}
+
+impl Embedder {
+    /// Between batches: a newly announced model, and a fresh tag-vector
+    /// cache when the old one is full.
+    fn refresh(&mut self, o: &WorkerOptions, status: &WorkerStatus) {
+        let m = &status.metrics;
+        self.follower
+            .read(&self.models, o.encoding, &self.model.meta.model_version);
+        if let Some(new) = self.follower.try_load(&o.checkpoint, &o.device, m) {
+            let before = std::mem::replace(&mut self.model, new);
+            m.set_model(
+                Some(&before.meta.model_version),
+                &self.model.meta.model_version,
+            );
+            *status
+                .model_version
+                .write()
+                .unwrap_or_else(|e| e.into_inner()) = self.model.meta.model_version.clone();
+        }
+        if self.vectors.encoded >= TAG_TEXTS {
             tracing::info!(
-                jobs = dropped.len(),
-                partitions = ?revoked,
-                "partitions revoked mid-batch: their jobs are left to the new owner"
+                texts = self.vectors.encoded,
+                "tag-vector cache full: starting a fresh one"
             );
-            m.jobs_total
-                .with_label_values(&["revoked"])
-                .inc_by(dropped.len() as u64);
+            self.vectors = TagVectors::new(o.model_dir.clone(), o.device.clone());
         }
-        next.retain(|p, _| !revoked.contains(p));
-        carry.retain(|j| !revoked.contains(&j.partition));
-        carry_next.retain(|p, _| !revoked.contains(p));
-        // Publish, wait for every acknowledgement, then commit.
-        if let Err(e) = publish(&producer, o, &records, &stop) {
-            if stop.load(Ordering::Relaxed) {
-                // Uncommitted: the group gives these jobs to another worker.
-                break;
-            }
-            failures += 1;
-            m.publish_failures_total.inc();
-            let delay = Duration::from_secs(1 << failures.min(6)).min(Duration::from_secs(60));
-            tracing::warn!(
-                error = format!("{e:#}"),
-                retry_in = ?delay,
-                "embeddings not acknowledged: offsets stay uncommitted, the batch will be redone"
-            );
-            // Back to the batch's first offsets (and the carried jobs'), so
-            // this worker redoes them instead of skipping to later ones.
-            let mut rewind = first.clone();
-            for j in carry.drain(..) {
-                let e = rewind.entry(j.partition).or_insert(j.offset);
-                *e = (*e).min(j.offset);
-            }
-            carry_bytes = 0;
-            carry_next.clear();
-            for (p, o_) in rewind.iter().filter(|(p, _)| !revoked.contains(p)) {
-                if let Err(e) = consumer.seek(
-                    &o.topics.jobs,
-                    *p,
-                    Offset::Offset(*o_),
-                    Duration::from_secs(5),
-                ) {
-                    tracing::warn!(partition = p, error = %e, "seek back failed");
-                }
-            }
-            crate::replication::sleep_unless_stopped(&stop, delay);
-            continue;
-        }
-        failures = 0;
-        commit(&consumer, &o.topics.jobs, &next, m);
+    }
+
+    /// The batch's records, superseded jobs left out (counted in `report`).
+    fn embed(&mut self, jobs: Vec<Polled>, report: &mut BatchReport) -> Result<Records> {
+        let (todo, superseded) = supersede(jobs, &self.published);
+        report.superseded = superseded;
+        embed_jobs(&mut self.vectors, &self.model, todo, &self.published)
+    }
+
+    /// After the broker acknowledged `records`: what was published per
+    /// tile, counted in `report`.
+    fn remember(&mut self, records: Records, report: &mut BatchReport) {
         for (_, t, _, e) in records {
             match e {
                 Some(e) => {
                     report.embedded += 1;
-                    published.insert(
+                    self.published.insert(
                         t,
                         Published {
                             sequence: e.sequence,
@@ -556,38 +720,56 @@ pub fn worker(o: &WorkerOptions, stop: Arc<AtomicBool>) -> Result<()> {
                 }
                 None => {
                     report.tombstones += 1;
-                    published.remove(&t);
+                    self.published.remove(&t);
                 }
             }
         }
-        report.seconds = t0.elapsed().as_secs_f64();
-        let count =
-            |outcome: &str, n: usize| m.jobs_total.with_label_values(&[outcome]).inc_by(n as u64);
-        count("embedded", report.embedded);
-        count("removed", report.tombstones);
-        count("superseded", report.superseded);
-        m.job_bytes_total.inc_by(report.job_bytes as u64);
-        m.batch_duration_seconds.observe(report.seconds);
-        m.last_batch_timestamp_seconds
-            .set(crate::observe::api::now_unix());
-        report.tiles_per_second = (report.embedded + report.tombstones) as f64 / report.seconds;
+    }
+}
+
+/// Leaves out the records of partitions revoked mid-batch (their jobs are
+/// the new owner's), counted.
+fn drop_revoked(
+    records: Records,
+    revoked: &std::collections::HashSet<i32>,
+    m: &WorkerMetrics,
+) -> Records {
+    let (records, dropped): (Vec<_>, Vec<_>) = records
+        .into_iter()
+        .partition(|(p, ..)| !revoked.contains(p));
+    if !dropped.is_empty() {
         tracing::info!(
-            jobs = report.jobs,
-            superseded = report.superseded,
-            embedded = report.embedded,
-            tombstones = report.tombstones,
-            seconds = report.seconds,
-            "batch"
+            jobs = dropped.len(),
+            partitions = ?revoked,
+            "partitions revoked mid-batch: their jobs are left to the new owner"
         );
-        if o.json {
-            println!("{}", serde_json::to_string(&report)?);
-        }
+        m.jobs_total
+            .with_label_values(&["revoked"])
+            .inc_by(dropped.len() as u64);
     }
-    if let Err(e) = producer.flush(Duration::from_secs(3)) {
-        tracing::warn!(error = %e, "records still in flight at the stop (their batch is redone)");
-    }
-    tracing::info!("worker stopped");
-    Ok(())
+    records
+}
+
+/// A published batch's counters, gauges and log line.
+fn record_batch(m: &WorkerMetrics, report: &mut BatchReport) {
+    let count =
+        |outcome: &str, n: usize| m.jobs_total.with_label_values(&[outcome]).inc_by(n as u64);
+    count("embedded", report.embedded);
+    count("removed", report.tombstones);
+    count("superseded", report.superseded);
+    m.job_bytes_total.inc_by(report.job_bytes as u64);
+    m.batch_duration_seconds.observe(report.seconds);
+    m.last_batch_timestamp_seconds
+        .set(crate::observe::api::now_unix());
+    report.tiles_per_second = (report.embedded + report.tombstones) as f64 / report.seconds;
+    tracing::info!(
+        jobs = report.jobs,
+        superseded = report.superseded,
+        embedded = report.embedded,
+        tombstones = report.tombstones,
+        seconds = report.seconds,
+        "batch"
+    );
 }
 
 /// A batch's records: (partition, tile, the job's sequence, embedding or
@@ -670,34 +852,11 @@ fn publish(
     stop: &AtomicBool,
 ) -> Result<()> {
     for (_, t, seq, e) in records {
-        let key = t.to_string();
-        let (payload, idk, ty, time) = match e {
-            Some(e) => (
-                Some(o.encoding.encode_tile(&TileEmbeddingMessage::new(*t, e))?),
-                tile_idempotency_key(*t, e),
-                event_type::TILE_EMBEDDING,
-                e.computed_at,
-            ),
-            None => (
-                None,
-                tombstone_idempotency_key(*t, *seq),
-                event_type::TILE_EMBEDDING_DELETED,
-                chrono::Utc::now().timestamp(),
-            ),
-        };
+        let tile = TileRecord::new(*t, e.as_ref(), *seq, o.encoding)?;
         let mut rec: BaseRecord<'_, str, [u8]> = BaseRecord::to(&o.topics.embeddings)
-            .key(key.as_str())
-            .headers(record_headers(
-                &idk,
-                o.encoding,
-                &o.cloudevents_source,
-                CloudEvent {
-                    ty,
-                    subject: &key,
-                    time,
-                },
-            ));
-        if let Some(p) = &payload {
+            .key(tile.key.as_str())
+            .headers(tile.headers(o.encoding, &o.cloudevents_source));
+        if let Some(p) = &tile.payload {
             rec = rec.payload(p.as_slice());
         }
         loop {

@@ -4,7 +4,6 @@
 
 use std::path::Path;
 
-use osmvec::cli::read_diff_into;
 use osmvec_graphstore::apply::DiffApplier;
 use osmvec_graphstore::import::import;
 use osmvec_graphstore::outbox::OutboxItem;
@@ -39,14 +38,14 @@ fn changes_and_tiles_are_queued_with_the_data() {
 
     let diff = data("diffs/derived/monaco-2015-04-27_2015-07-07.osc.gz");
     let mut applier = DiffApplier::new(&store, "monaco diff").unwrap();
-    read_diff_into(
-        &mut applier,
-        "monaco diff",
-        std::fs::File::open(&diff).unwrap(),
-        true,
-        &OscOptions::default(),
-    )
-    .unwrap();
+    applier
+        .read_osc(
+            "monaco diff",
+            std::fs::File::open(&diff).unwrap(),
+            true,
+            &OscOptions::default(),
+        )
+        .unwrap();
     let report = applier.commit(None, None, true).unwrap();
     assert!(!report.events.is_empty());
     let entries = store.outbox_entries(None, usize::MAX).unwrap();

@@ -19,6 +19,7 @@ use crate::codec::{self, pair_key, put_uvarint};
 use crate::derive::{Lookup, derive_node, derive_relation, derive_way, loc_of};
 use crate::element::{Action, Change, Element, ElementType, Node, Relation, Tags, Way};
 use crate::error::{Result, StoreError};
+use crate::event::{ChangeRecord, FeatureAction, FeatureEvent};
 use crate::feature::{self, RelationFeature};
 use crate::store::{Store, cf};
 use crate::tiles::TileId;
@@ -57,40 +58,6 @@ impl ChangeCounts {
             Action::Delete => c.delete += 1,
         }
     }
-}
-
-/// How a feature changed, for subscribers of change events.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum FeatureAction {
-    Created,
-    Modified,
-    Deleted,
-}
-
-impl FeatureAction {
-    /// The lower-case name, as serialised.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FeatureAction::Created => "created",
-            FeatureAction::Modified => "modified",
-            FeatureAction::Deleted => "deleted",
-        }
-    }
-}
-
-/// One changed map feature (an object that is or was a feature).
-#[derive(Debug, Clone, Serialize)]
-pub struct FeatureEvent {
-    pub osm_type: &'static str,
-    pub id: i64,
-    /// Version after the change (the deleted version for deletes).
-    pub version: u32,
-    pub action: FeatureAction,
-    /// Tiles (both zooms) its old or new geometry touches, as `z/x/y`.
-    pub tiles: Vec<String>,
-    pub tags_before: Option<BTreeMap<String, String>>,
-    pub tags_after: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -163,6 +130,32 @@ impl<'s> DiffApplier<'s> {
             stale: 0,
             pending: Vec::new(),
         })
+    }
+
+    /// Reads an osmChange file into the overlay (the store is untouched
+    /// until [`commit`](Self::commit), so a bad file changes nothing). An
+    /// error of the applier itself comes back as itself, not wrapped in a
+    /// read error.
+    pub fn read_osc(
+        &mut self,
+        name: &str,
+        input: impl std::io::Read,
+        gzip: bool,
+        opts: &crate::read::OscOptions,
+    ) -> Result<()> {
+        let mut store_err = None;
+        let res = crate::read::read_osc(name, input, gzip, opts, &mut |c| {
+            self.push(c).map_err(|e| {
+                let msg = e.to_string();
+                store_err = Some(e);
+                crate::read::ReadError::consumer(msg)
+            })
+        });
+        match (res, store_err) {
+            (_, Some(e)) => Err(e),
+            (Err(e), None) => Err(e.into()),
+            (Ok(()), None) => Ok(()),
+        }
     }
 
     /// Folds one change into the overlay. Versions older than the current
@@ -316,6 +309,12 @@ impl<'s> DiffApplier<'s> {
 
     /// Writes the diff. With a sequence, the store's sequence moves to it in
     /// the same batch; a sequence already applied writes nothing.
+    ///
+    /// Phases, each its own function: the sequence check, the dependency
+    /// closure (moved nodes → ways → relations), the features derived again
+    /// and written, the raw objects and reverse indexes, the tiles' feature
+    /// counts, then marks, counts, replication state and outbox records;
+    /// all in one batch.
     pub fn commit(
         mut self,
         sequence: Option<u64>,
@@ -332,10 +331,65 @@ impl<'s> DiffApplier<'s> {
             ..Default::default()
         };
         let (cur_seq, _) = store.replication_state()?;
+        if self.already_applied(sequence, cur_seq)? {
+            report.already_applied = true;
+            return Ok(report);
+        }
+        // Only what really differs counts (a re-applied diff changes nothing).
+        self.nodes.retain(|_, s| s.old != s.new);
+        self.ways.retain(|_, s| s.old != s.new);
+        self.rels.retain(|_, s| s.old != s.new);
+        report.objects_changed = (self.nodes.len() + self.ways.len() + self.rels.len()) as u64;
+
+        let t0 = std::time::Instant::now();
+        let mut phases = Vec::new();
+        let mut counts = store.counts()?;
+        let mut b = WriteBatch::default();
+        let (ways, rels) = self.closure()?;
+        phases.push(("closure", t0.elapsed()));
+        let changed = self.write_features(&ways, &rels, &mut counts, &mut b, &mut report)?;
+        phases.push(("features", t0.elapsed()));
+        self.write_objects(&changed.feature_tiles, &mut counts, &mut b, &mut report);
+        phases.push(("objects", t0.elapsed()));
+        write_tile_counts(store, &changed.tile_delta, &mut b)?;
+        let seq = sequence.or(cur_seq);
+        // Dirty marks keep the sequence at which a tile first became dirty,
+        // so the scheduler can take the oldest first, and the generation of
+        // this commit, so an embedder clears only marks it has seen.
+        if !changed.dirty.is_empty() {
+            let generation = store.next_dirty_generation(&mut b)?;
+            let tiles: Vec<TileId> = changed.dirty.iter().copied().collect();
+            store.mark_tiles(&mut b, &tiles, seq.unwrap_or(0), generation)?;
+        }
+        store.put_counts(&mut b, &counts);
+        if sequence.is_some() || timestamp.is_some() {
+            store.put_replication_state(&mut b, seq, timestamp);
+        }
+        report
+            .events
+            .sort_by(|a, b| (a.osm_type, a.id).cmp(&(b.osm_type, b.id)));
+        if store.outbox_enabled()? {
+            let records: Vec<ChangeRecord> = report
+                .events
+                .iter()
+                .map(|e| ChangeRecord::from_event(e, seq, timestamp))
+                .collect();
+            store.outbox_put_changes(&mut b, &records, seq.unwrap_or(u64::MAX))?;
+        }
+        phases.push(("batch", t0.elapsed()));
+        store.write(b, sync)?;
+        phases.push(("write", t0.elapsed()));
+        tracing::debug!(diff = %self.name, ?phases, "commit phases (cumulative)");
+        report.dirty_tiles = changed.dirty.into_iter().collect();
+        Ok(report)
+    }
+
+    /// True when the store has applied `sequence` already; an error when
+    /// it would skip diffs.
+    fn already_applied(&self, sequence: Option<u64>, cur_seq: Option<u64>) -> Result<bool> {
         if let (Some(s), Some(cur)) = (sequence, cur_seq) {
             if s <= cur {
-                report.already_applied = true;
-                return Ok(report);
+                return Ok(true);
             }
             if s != cur + 1 {
                 return Err(StoreError::InvalidDiff {
@@ -347,19 +401,14 @@ impl<'s> DiffApplier<'s> {
                 });
             }
         }
-        // Only what really differs counts (a re-applied diff changes nothing).
-        self.nodes.retain(|_, s| s.old != s.new);
-        self.ways.retain(|_, s| s.old != s.new);
-        self.rels.retain(|_, s| s.old != s.new);
-        report.objects_changed = (self.nodes.len() + self.ways.len() + self.rels.len()) as u64;
+        Ok(false)
+    }
 
-        let cfg = store.tile_config();
-        let t0 = std::time::Instant::now();
-        let mut phases = Vec::new();
-        let mut counts = store.counts()?;
-        let mut b = WriteBatch::default();
-
-        // Dependency closure: moved nodes → ways → relations.
+    /// The ways and relations whose features may have changed: the changed
+    /// ones, the ways of moved nodes, and the relations of those ways and
+    /// nodes.
+    fn closure(&self) -> Result<(BTreeSet<i64>, BTreeSet<i64>)> {
+        let store = self.store;
         let moved: Vec<i64> = self
             .nodes
             .iter()
@@ -382,12 +431,23 @@ impl<'s> DiffApplier<'s> {
             .extend(moved_sorted(&moved).map(|m| codec::typed_key(ElementType::Node, m).to_vec()));
         member_keys.sort();
         rels.extend(store.index_ids_many(cf::MEMBER_RELATIONS, &member_keys)?);
-        phases.push(("closure", t0.elapsed()));
-        let mut dirty: BTreeSet<TileId> = BTreeSet::new();
-        let mut tile_delta: BTreeMap<TileId, i64> = BTreeMap::new();
-        let mut feature_tiles: HashMap<(ElementType, i64), Vec<TileId>> = HashMap::new();
-        let look = Overlay { a: &self };
+        Ok((ways, rels))
+    }
 
+    /// Derives every possibly changed feature again (in parallel: deriving
+    /// is read-only) and writes, in order, what changed: features, the
+    /// tile index, the feature counts.
+    fn write_features(
+        &self,
+        ways: &BTreeSet<i64>,
+        rels: &BTreeSet<i64>,
+        counts: &mut crate::store::Counts,
+        b: &mut WriteBatch,
+        report: &mut ApplyReport,
+    ) -> Result<FeatureChanges> {
+        let store = self.store;
+        let cfg = store.tile_config();
+        let look = Overlay { a: self };
         let mut owners: Vec<(ElementType, i64)> = Vec::new();
         // A node is a feature exactly when it has descriptive tags; bare
         // vertices (most of any diff) have no feature before or after.
@@ -405,47 +465,41 @@ impl<'s> DiffApplier<'s> {
         owners.extend(ways.iter().map(|id| (ElementType::Way, *id)));
         owners.extend(rels.iter().map(|id| (ElementType::Relation, *id)));
         owners.sort();
-
-        // Deriving is read-only: done in parallel, written in order below.
-        let this = &self;
         let derived: Vec<Result<Owner>> = owners
             .par_iter()
-            .map(|&(t, id)| this.derive_owner(t, id, &look, &cfg))
+            .map(|&(t, id)| self.derive_owner(t, id, &look, &cfg))
             .collect();
+        let mut changed = FeatureChanges::default();
         for d in derived {
-            let Owner {
-                t,
-                id,
-                old_f,
-                new_f,
-                raw_changed,
-                old_status,
-                new_status,
-            } = d?;
-            for (status, sign) in [(old_status, -1), (new_status, 1)] {
+            let o = d?;
+            for (status, sign) in [(o.old_status, -1), (o.new_status, 1)] {
                 match status {
                     1 => counts.multipolygons_assembled += sign,
                     2 => counts.multipolygons_failed += sign,
                     _ => {}
                 }
             }
-            if old_f == new_f && !raw_changed {
+            if o.old_f == o.new_f && !o.raw_changed {
                 continue;
             }
-            let old_tiles: BTreeSet<TileId> = old_f.iter().flat_map(|f| f.all_tiles()).collect();
-            let new_tiles: BTreeSet<TileId> = new_f.iter().flat_map(|f| f.all_tiles()).collect();
-            dirty.extend(old_tiles.iter().chain(new_tiles.iter()).copied());
-            if old_f.is_some() || new_f.is_some() {
-                feature_tiles.insert((t, id), old_tiles.union(&new_tiles).copied().collect());
+            let old_tiles: BTreeSet<TileId> = o.old_f.iter().flat_map(|f| f.all_tiles()).collect();
+            let new_tiles: BTreeSet<TileId> = o.new_f.iter().flat_map(|f| f.all_tiles()).collect();
+            changed
+                .dirty
+                .extend(old_tiles.iter().chain(new_tiles.iter()).copied());
+            if o.old_f.is_some() || o.new_f.is_some() {
+                changed
+                    .feature_tiles
+                    .insert((o.t, o.id), old_tiles.union(&new_tiles).copied().collect());
             }
-            if old_f == new_f {
+            if o.old_f == o.new_f {
                 continue;
             }
             report.features_changed += 1;
-            let fk = codec::typed_key(t, id);
+            let fk = codec::typed_key(o.t, o.id);
             for tile in old_tiles.difference(&new_tiles) {
                 b.delete_cf(store.cf(cf::TILE_FEATURES), pair_key(&tile.to_key(), &fk));
-                *tile_delta.entry(*tile).or_default() -= 1;
+                *changed.tile_delta.entry(*tile).or_default() -= 1;
             }
             for tile in new_tiles.difference(&old_tiles) {
                 b.put_cf(
@@ -453,12 +507,12 @@ impl<'s> DiffApplier<'s> {
                     pair_key(&tile.to_key(), &fk),
                     [],
                 );
-                *tile_delta.entry(*tile).or_default() += 1;
+                *changed.tile_delta.entry(*tile).or_default() += 1;
             }
-            if let Some(f) = &old_f {
+            if let Some(f) = &o.old_f {
                 counts.add_feature(f.kind, -1);
             }
-            match &new_f {
+            match &o.new_f {
                 Some(f) => {
                     counts.add_feature(f.kind, 1);
                     b.put_cf(store.cf(cf::FEATURES), fk, f.encode());
@@ -466,9 +520,18 @@ impl<'s> DiffApplier<'s> {
                 None => b.delete_cf(store.cf(cf::FEATURES), fk),
             }
         }
+        Ok(changed)
+    }
 
-        phases.push(("features", t0.elapsed()));
-        // Raw objects, reverse indexes, counts and change events.
+    /// Raw objects, reverse indexes, object counts and change events.
+    fn write_objects(
+        &self,
+        feature_tiles: &HashMap<(ElementType, i64), Vec<TileId>>,
+        counts: &mut crate::store::Counts,
+        b: &mut WriteBatch,
+        report: &mut ApplyReport,
+    ) {
+        let store = self.store;
         for (id, s) in sorted(&self.nodes) {
             let key = codec::id_key(*id);
             counts.nodes += s.new.is_some() as i64 - s.old.is_some() as i64;
@@ -476,14 +539,9 @@ impl<'s> DiffApplier<'s> {
                 Some(n) => b.put_cf(store.cf(cf::NODES), key, codec::encode_node(n)),
                 None => b.delete_cf(store.cf(cf::NODES), key),
             }
-            event(
-                &mut report,
-                ElementType::Node,
-                *id,
-                s,
-                &feature_tiles,
-                |n| (n.meta.version, &n.tags),
-            );
+            event(report, ElementType::Node, *id, s, feature_tiles, |n| {
+                (n.meta.version, &n.tags)
+            });
         }
         for (id, s) in sorted(&self.ways) {
             let key = codec::id_key(*id);
@@ -504,7 +562,7 @@ impl<'s> DiffApplier<'s> {
                 Some(w) => b.put_cf(store.cf(cf::WAYS), key, codec::encode_way(w)),
                 None => b.delete_cf(store.cf(cf::WAYS), key),
             }
-            event(&mut report, ElementType::Way, *id, s, &feature_tiles, |w| {
+            event(report, ElementType::Way, *id, s, feature_tiles, |w| {
                 (w.meta.version, &w.tags)
             });
         }
@@ -534,72 +592,52 @@ impl<'s> DiffApplier<'s> {
                 Some(r) => b.put_cf(store.cf(cf::RELATIONS), key, codec::encode_relation(r)),
                 None => b.delete_cf(store.cf(cf::RELATIONS), key),
             }
-            event(
-                &mut report,
-                ElementType::Relation,
-                *id,
-                s,
-                &feature_tiles,
-                |r| (r.meta.version, &r.tags),
-            );
+            event(report, ElementType::Relation, *id, s, feature_tiles, |r| {
+                (r.meta.version, &r.tags)
+            });
         }
-
-        phases.push(("objects", t0.elapsed()));
-        // Tile counts: a tile whose last feature left disappears.
-        for (tile, d) in &tile_delta {
-            if *d == 0 {
-                continue;
-            }
-            let cur = match store.get_cf(cf::TILES, &tile.to_key())? {
-                Some(v) => codec::Reader::new(&v).uvarint()? as i64,
-                None => 0,
-            };
-            let n = cur + d;
-            if n < 0 {
-                return Err(StoreError::Corrupt(format!(
-                    "tile {tile} feature count below zero"
-                )));
-            }
-            if n == 0 {
-                b.delete_cf(store.cf(cf::TILES), tile.to_key());
-            } else {
-                let mut v = Vec::new();
-                put_uvarint(&mut v, n as u64);
-                b.put_cf(store.cf(cf::TILES), tile.to_key(), v);
-            }
-        }
-        // Dirty marks keep the sequence at which a tile first became dirty,
-        // so the scheduler can take the oldest first, and the generation of
-        // this commit, so an embedder clears only marks it has seen.
-        if !dirty.is_empty() {
-            let generation = store.next_dirty_generation(&mut b)?;
-            let seq = sequence.or(cur_seq).unwrap_or(0);
-            let tiles: Vec<TileId> = dirty.iter().copied().collect();
-            store.mark_tiles(&mut b, &tiles, seq, generation)?;
-        }
-        store.put_counts(&mut b, &counts);
-        if sequence.is_some() || timestamp.is_some() {
-            store.put_replication_state(&mut b, sequence.or(cur_seq), timestamp);
-        }
-        report
-            .events
-            .sort_by(|a, b| (a.osm_type, a.id).cmp(&(b.osm_type, b.id)));
-        if store.outbox_enabled()? {
-            let seq = sequence.or(cur_seq);
-            let records: Vec<crate::outbox::ChangeRecord> = report
-                .events
-                .iter()
-                .map(|e| crate::outbox::ChangeRecord::from_event(e, seq, timestamp))
-                .collect();
-            store.outbox_put_changes(&mut b, &records, seq.unwrap_or(u64::MAX))?;
-        }
-        phases.push(("batch", t0.elapsed()));
-        store.write(b, sync)?;
-        phases.push(("write", t0.elapsed()));
-        tracing::debug!(diff = %self.name, ?phases, "commit phases (cumulative)");
-        report.dirty_tiles = dirty.into_iter().collect();
-        Ok(report)
     }
+}
+
+/// What the features phase found: the tiles to mark dirty, each tile's
+/// change of feature count, and every feature's old ∪ new tiles (for the
+/// change events).
+#[derive(Default)]
+struct FeatureChanges {
+    dirty: BTreeSet<TileId>,
+    tile_delta: BTreeMap<TileId, i64>,
+    feature_tiles: HashMap<(ElementType, i64), Vec<TileId>>,
+}
+
+/// Tile feature counts: a tile whose last feature left disappears.
+fn write_tile_counts(
+    store: &Store,
+    tile_delta: &BTreeMap<TileId, i64>,
+    b: &mut WriteBatch,
+) -> Result<()> {
+    for (tile, d) in tile_delta {
+        if *d == 0 {
+            continue;
+        }
+        let cur = match store.get_cf(cf::TILES, &tile.to_key())? {
+            Some(v) => codec::Reader::new(&v).uvarint()? as i64,
+            None => 0,
+        };
+        let n = cur + d;
+        if n < 0 {
+            return Err(StoreError::Corrupt(format!(
+                "tile {tile} feature count below zero"
+            )));
+        }
+        if n == 0 {
+            b.delete_cf(store.cf(cf::TILES), tile.to_key());
+        } else {
+            let mut v = Vec::new();
+            put_uvarint(&mut v, n as u64);
+            b.put_cf(store.cf(cf::TILES), tile.to_key(), v);
+        }
+    }
+    Ok(())
 }
 
 /// Map entries by ascending id: the memtable inserts sorted keys faster.

@@ -5,16 +5,17 @@
 //! consistent, crash-safe store and tells its callers which tiles changed.
 
 pub mod apply;
-pub mod codec;
-pub mod derive;
+mod codec;
+mod derive;
 pub mod element;
 pub mod embeddings;
 pub mod error;
+pub mod event;
 pub mod feature;
 pub mod graph;
 pub mod import;
 pub mod landuse;
-pub mod opl;
+mod opl;
 pub mod outbox;
 pub mod read;
 pub mod store;

@@ -36,10 +36,9 @@
 //! a store used only by `osmvec replicate` must not grow a queue nobody drains.
 
 use rocksdb::{Direction, IteratorMode, WriteBatch};
-use serde::{Deserialize, Serialize};
 
-use crate::apply::FeatureEvent;
 use crate::error::{Result, StoreError};
+use crate::event::ChangeRecord;
 use crate::store::{Store, cf, meta};
 use crate::tiles::TileId;
 
@@ -51,38 +50,6 @@ const DEAD: u8 = b'x';
 const OUTBOX_LEN: &[u8] = b"outbox_len";
 /// `meta`: u64 LE, the last dead-letter id issued.
 const DEAD_LAST_ID: &[u8] = b"dead_letter_last_id";
-
-/// A changed feature as the outbox keeps it (the publisher maps it onto the
-/// published message schema).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ChangeRecord {
-    pub sequence: Option<u64>,
-    /// Replication timestamp of the diff (Unix seconds).
-    pub timestamp: Option<i64>,
-    pub osm_type: String,
-    pub id: i64,
-    pub version: u32,
-    pub action: String,
-    pub tiles: Vec<String>,
-    pub tags_before: Option<std::collections::BTreeMap<String, String>>,
-    pub tags_after: Option<std::collections::BTreeMap<String, String>>,
-}
-
-impl ChangeRecord {
-    pub fn from_event(e: &FeatureEvent, sequence: Option<u64>, timestamp: Option<i64>) -> Self {
-        ChangeRecord {
-            sequence,
-            timestamp,
-            osm_type: e.osm_type.to_string(),
-            id: e.id,
-            version: e.version,
-            action: e.action.as_str().to_string(),
-            tiles: e.tiles.clone(),
-            tags_before: e.tags_before.clone(),
-            tags_after: e.tags_after.clone(),
-        }
-    }
-}
 
 /// One outbox entry.
 #[derive(Debug, Clone, PartialEq)]

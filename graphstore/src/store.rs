@@ -25,7 +25,7 @@ use crate::tiles::TileId;
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// Column family names.
-pub mod cf {
+pub(crate) mod cf {
     pub const NODES: &str = "nodes";
     pub const WAYS: &str = "ways";
     pub const RELATIONS: &str = "relations";
@@ -68,12 +68,11 @@ pub mod cf {
 }
 
 /// Keys of the `meta` column family.
-pub mod meta {
+pub(crate) mod meta {
     pub const SCHEMA: &[u8] = b"schema_version";
     pub const TILE_CONFIG: &[u8] = b"tile_config";
     pub const SEQUENCE: &[u8] = b"replication_sequence";
     pub const TIMESTAMP: &[u8] = b"replication_timestamp";
-    pub const BASE_URL: &[u8] = b"replication_base_url";
     pub const COUNTS: &[u8] = b"counts";
     pub const IMPORT_IN_PROGRESS: &[u8] = b"import_in_progress";
     /// u64 LE: generation of the last commit that marked tiles dirty.

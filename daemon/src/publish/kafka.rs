@@ -178,6 +178,62 @@ pub fn tombstone_idempotency_key(t: TileId, n: u64) -> String {
     format!("{t}|tombstone|{n}")
 }
 
+/// A tile's record on the embeddings topic exactly as the single process
+/// and the workers publish it (one builder, so the two cannot drift apart):
+/// key `z/x/y`, the embedding as the value or none (a tombstone), the
+/// idempotency key, and the CloudEvents type and time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TileRecord {
+    pub key: String,
+    pub payload: Option<Vec<u8>>,
+    pub idempotency_key: String,
+    pub ce_type: &'static str,
+    pub time: i64,
+}
+
+impl TileRecord {
+    /// `embedding: None` is the tile's tombstone, told apart from the
+    /// tile's other deletions by `n` (see [`tombstone_idempotency_key`]).
+    pub fn new(
+        t: TileId,
+        embedding: Option<&TileEmbedding>,
+        n: u64,
+        encoding: Encoding,
+    ) -> Result<TileRecord> {
+        let key = t.to_string();
+        Ok(match embedding {
+            Some(e) => TileRecord {
+                key,
+                payload: Some(encoding.encode_tile(&TileEmbeddingMessage::new(t, e))?),
+                idempotency_key: tile_idempotency_key(t, e),
+                ce_type: event_type::TILE_EMBEDDING,
+                time: e.computed_at,
+            },
+            None => TileRecord {
+                key,
+                payload: None,
+                idempotency_key: tombstone_idempotency_key(t, n),
+                ce_type: event_type::TILE_EMBEDDING_DELETED,
+                time: chrono::Utc::now().timestamp(),
+            },
+        })
+    }
+
+    /// The record's headers ([`record_headers`]).
+    pub fn headers(&self, encoding: Encoding, source: &str) -> OwnedHeaders {
+        record_headers(
+            &self.idempotency_key,
+            encoding,
+            source,
+            CloudEvent {
+                ty: self.ce_type,
+                subject: &self.key,
+                time: self.time,
+            },
+        )
+    }
+}
+
 /// Topic names.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -735,31 +791,19 @@ impl Publisher {
             }
             OutboxItem::Tile(t) => {
                 self.stats.tiles += 1;
-                match store.tile_embedding(*t)? {
-                    Some(emb) => {
-                        let m = TileEmbeddingMessage::new(*t, &emb);
-                        Built {
-                            topic: topics.embeddings.clone(),
-                            key: t.to_string(),
-                            payload: Some(enc.encode_tile(&m)?),
-                            idempotency_key: tile_idempotency_key(*t, &emb),
-                            job: false,
-                            ce_type: event_type::TILE_EMBEDDING,
-                            time: emb.computed_at,
-                        }
-                    }
-                    None => {
-                        self.stats.tombstones += 1;
-                        Built {
-                            topic: topics.embeddings.clone(),
-                            key: t.to_string(),
-                            payload: None,
-                            idempotency_key: tombstone_idempotency_key(*t, e.id),
-                            job: false,
-                            ce_type: event_type::TILE_EMBEDDING_DELETED,
-                            time: chrono::Utc::now().timestamp(),
-                        }
-                    }
+                let emb = store.tile_embedding(*t)?;
+                if emb.is_none() {
+                    self.stats.tombstones += 1;
+                }
+                let r = TileRecord::new(*t, emb.as_ref(), e.id, enc)?;
+                Built {
+                    topic: topics.embeddings.clone(),
+                    key: r.key,
+                    payload: r.payload,
+                    idempotency_key: r.idempotency_key,
+                    job: false,
+                    ce_type: r.ce_type,
+                    time: r.time,
                 }
             }
         }))

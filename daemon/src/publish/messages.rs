@@ -5,7 +5,7 @@
 //! compiler. Keys are plain UTF-8 strings.
 
 use osmvec_graphstore::embeddings::TileEmbedding;
-use osmvec_graphstore::outbox::ChangeRecord;
+use osmvec_graphstore::event::ChangeRecord;
 use osmvec_graphstore::tiles::TileId;
 use serde::{Deserialize, Serialize, Serializer};
 

@@ -1,5 +1,9 @@
-//! Shared helpers of the end-to-end tests: they drive the real `osmvec`
-//! binary over real data and compare with osmium-tool, the reference.
+//! Test support of the end-to-end tests in `tests/`: they drive the real
+//! `osmvec` binary over real data and compare with osmium-tool, the
+//! reference. Processes ([`Proc`], [`sigterm`], [`terminate`], one way to
+//! stop a child), ports ([`free_port`]), the tansu broker ([`Broker`]), the
+//! loopback replication source ([`HttpSource`]), Kafka records
+//! ([`consume`], [`decode`]) and the dashboards' PromQL ([`metric_names`]).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -9,11 +13,12 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::Consumer;
 use rdkafka::message::{Headers, Message};
 
-/// The workspace root (this crate lives in `tests/`).
+/// The workspace root (this crate lives in `tests/kit/`).
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
+        .ancestors()
+        .nth(2)
+        .expect("tests/kit/ has a grandparent")
         .to_path_buf()
 }
 
@@ -241,10 +246,7 @@ impl Broker {
                 f.is_file().then_some(f)
             })
             .expect("tansu not found: run `bash ops/broker.sh install` (ops/test.sh does)");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = free_port();
         let mut broker = Broker {
             child: None,
             tansu,
@@ -293,20 +295,9 @@ impl Broker {
 
     /// SIGTERM, then SIGKILL after 5 s.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        for _ in 0..50 {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
+        if let Some(mut child) = self.child.take() {
+            terminate(&mut child);
         }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 }
 
@@ -325,15 +316,46 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A process killed (SIGTERM, then SIGKILL) on drop.
+/// Sends SIGTERM to `child` (what a service manager sends); panics if
+/// the signal cannot be sent.
+pub fn sigterm(child: &Child) {
+    let pid = libc::pid_t::try_from(child.id()).expect("a pid fits pid_t");
+    // SAFETY: kill(2) with a pid this process spawned; no memory involved.
+    let r = unsafe { libc::kill(pid, libc::SIGTERM) };
+    // A child not reaped yet has its pid even after it exited, so this
+    // fails only on a real error.
+    assert_eq!(
+        r,
+        0,
+        "kill -TERM {pid} failed: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Stops `child` whatever it is doing: SIGTERM, then SIGKILL if it has not
+/// exited within 5 s; reaps it.
+pub fn terminate(child: &mut Child) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    sigterm(child);
+    for _ in 0..50 {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A process stopped by [`terminate`] on drop.
 pub struct Proc(pub Child);
 
 impl Proc {
     /// SIGTERM and wait; panics unless it exits 0.
     pub fn stop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
+        sigterm(&self.0);
         let status = self.0.wait().expect("wait");
         assert!(status.success(), "exit status {status}");
     }
@@ -341,20 +363,7 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        if let Ok(Some(_)) = self.0.try_wait() {
-            return;
-        }
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        for _ in 0..50 {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        terminate(&mut self.0);
     }
 }
 
