@@ -286,7 +286,7 @@ fn prometheus_scrapes_and_the_drift_page_shows_the_published_tiles() {
         ),
     )
     .unwrap();
-    let _prometheus = Proc(
+    let _prometheus = Proc::new(
         Command::new("prometheus")
             .arg(format!("--config.file={}", config.display()))
             .arg(format!(
@@ -298,6 +298,7 @@ fn prometheus_scrapes_and_the_drift_page_shows_the_published_tiles() {
             .stderr(Stdio::null())
             .spawn()
             .expect("prometheus runs (ops/test.sh installs Debian's package)"),
+        "prometheus",
     );
     let prom = format!("http://127.0.0.1:{prom_port}");
 

@@ -241,6 +241,7 @@ fn sigkill_at_random_moments_loses_nothing() {
                 .stderr(Stdio::null())
                 .spawn()
                 .unwrap();
+            let _dog = Watchdog::arm(&child, "osmvec replicate (to be killed)");
             std::thread::sleep(Duration::from_millis(rng.next() % max_ms));
             if child.try_wait().unwrap().is_none() {
                 child.kill().unwrap(); // SIGKILL
@@ -602,6 +603,7 @@ fn sigterm_stops_replication_cleanly() {
     // Mid-run (after its first applied diff): the diff in progress is
     // finished, then exit 0.
     let mut child = spawn();
+    let _dog = Watchdog::arm(&child, "osmvec replicate (SIGTERM mid-run)");
     let mut err = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
     while err.read_line(&mut line).unwrap() > 0 && !line.contains("applied diff") {
@@ -626,7 +628,7 @@ fn sigterm_stops_replication_cleanly() {
 }
 
 /// Runs `osmvec args…` to its end: exit status, stderr, peak resident set
-/// in bytes (harness::osmvec_peak_rss).
+/// in bytes (osmvec_test_kit::osmvec_peak_rss).
 fn run_measured(args: &[&str]) -> (std::process::ExitStatus, String, u64) {
     let (status, _, stderr, kb) = osmvec_peak_rss(args);
     (status, stderr, kb as u64 * 1024)
@@ -769,6 +771,7 @@ fn sigterm_ends_replicate_while_the_source_is_unreachable() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let _dog = Watchdog::arm(&child, "osmvec replicate (retrying)");
     // Wait until it has failed once and is waiting to retry.
     let mut err = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();

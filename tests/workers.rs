@@ -45,7 +45,7 @@ fn spawn_worker(broker: &str, ckpt: &std::path::Path, group: &str) -> Worker {
         }
     });
     Worker {
-        proc: Proc(child),
+        proc: Proc::new(child, "osmvec worker"),
         url: format!("http://127.0.0.1:{port}"),
         batches,
     }
@@ -190,6 +190,7 @@ fn two_workers_replay_the_feed_like_the_single_process_daemon_and_survive_losing
         .stdout(Stdio::piped())
         .spawn()
         .expect("osmvec run --mode ingest starts");
+    let _dog = Watchdog::arm(&ingest, "osmvec run --mode ingest");
     let mut cycles = BufReader::new(ingest.stdout.take().unwrap()).lines();
     let jobs_of = |l: std::io::Result<String>| -> u64 {
         let v: serde_json::Value = serde_json::from_str(&l.unwrap()).unwrap();

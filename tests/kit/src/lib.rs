@@ -1,7 +1,8 @@
 //! Test support of the end-to-end tests in `tests/`: they drive the real
 //! `osmvec` binary over real data and compare with osmium-tool, the
 //! reference. Processes ([`Proc`], [`sigterm`], [`terminate`], one way to
-//! stop a child), ports ([`free_port`]), the tansu broker ([`Broker`]), the
+//! stop a child; a [`Watchdog`] on each, so a hung one fails its test
+//! rather than the suite's time limit), ports ([`free_port`]), the tansu broker ([`Broker`]), the
 //! loopback replication source ([`HttpSource`]), Kafka records
 //! ([`consume`], [`decode`]) and the dashboards' PromQL ([`metric_names`]).
 
@@ -47,12 +48,18 @@ pub fn bin() -> PathBuf {
     p
 }
 
+/// Runs osmvec to the end (under a [`Watchdog`]: a run that hangs is
+/// killed and fails its test instead of the whole suite's time limit).
 pub fn osmvec(args: &[&str]) -> Output {
-    Command::new(bin())
+    let child = Command::new(bin())
         .args(args)
         .env("OSMVEC_LOG", "warn")
-        .output()
-        .expect("osmvec runs")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("osmvec runs");
+    let _dog = Watchdog::arm(&child, &format!("osmvec {args:?}"));
+    child.wait_with_output().expect("osmvec runs")
 }
 
 /// Runs osmvec and insists on success, showing stderr otherwise.
@@ -349,14 +356,91 @@ pub fn terminate(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// A process stopped by [`terminate`] on drop.
-pub struct Proc(pub Child);
+/// How long one process of a test may run before its [`Watchdog`] kills
+/// it: `OSMVEC_TEST_PROCESS_TIMEOUT_S` seconds, 1,200 unless set (the
+/// longest run of the suite takes about 100 s here, 3× that on a slow CI
+/// machine).
+pub fn process_limit() -> Duration {
+    let s = std::env::var("OSMVEC_TEST_PROCESS_TIMEOUT_S")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1200);
+    Duration::from_secs(s)
+}
+
+/// SIGKILLs a child that is still running after [`process_limit`], with a
+/// line on stderr naming it, so that a test waiting on it (its output, its
+/// exit) fails with what it read rather than hanging; disarmed on drop.
+pub struct Watchdog {
+    cancel: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    pub fn arm(child: &Child, what: &str) -> Watchdog {
+        Watchdog::arm_for(child, what, process_limit())
+    }
+
+    pub fn arm_for(child: &Child, what: &str, limit: Duration) -> Watchdog {
+        let pid = libc::pid_t::try_from(child.id()).expect("a pid fits pid_t");
+        let what = what.to_string();
+        let (cancel, wait) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(limit) {
+                // Still our child? (A pid reaped meanwhile could be reused.)
+                let ours = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .ok()
+                    .and_then(|s| {
+                        let after_name = &s[s.rfind(')')? + 1..];
+                        after_name.split_whitespace().nth(1)?.parse::<u32>().ok()
+                    })
+                    == Some(std::process::id());
+                if ours {
+                    eprintln!("watchdog: {what} still running after {limit:?}; killed");
+                    // SAFETY: kill(2) on a pid this process spawned; no
+                    // memory involved.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        });
+        Watchdog {
+            cancel: Some(cancel),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Watchdog {
+    /// Stops watching (the process has exited or is about to be reaped).
+    pub fn disarm(&mut self) {
+        drop(self.cancel.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.disarm();
+    }
+}
+
+/// A process stopped by [`terminate`] on drop, under a [`Watchdog`].
+pub struct Proc(pub Child, Watchdog);
 
 impl Proc {
-    /// SIGTERM and wait; panics unless it exits 0.
+    pub fn new(child: Child, what: &str) -> Proc {
+        let dog = Watchdog::arm(&child, what);
+        Proc(child, dog)
+    }
+
+    /// SIGTERM and wait (the watchdog still on guard); panics unless it
+    /// exits 0.
     pub fn stop(&mut self) {
         sigterm(&self.0);
         let status = self.0.wait().expect("wait");
+        self.1.disarm();
         assert!(status.success(), "exit status {status}");
     }
 }
@@ -364,6 +448,7 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         terminate(&mut self.0);
+        self.1.disarm();
     }
 }
 
@@ -487,7 +572,7 @@ pub fn start_daemon_env(
         });
     }
     let url = format!("http://127.0.0.1:{port}");
-    let proc = Proc(child);
+    let proc = Proc::new(child, "osmvec run");
     wait_for("the daemon's /healthz", Duration::from_secs(60), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
@@ -786,6 +871,7 @@ pub fn osmvec_peak_rss(args: &[&str]) -> (std::process::ExitStatus, String, Stri
         .stderr(Stdio::piped())
         .spawn()
         .expect("osmvec starts");
+    let mut dog = Watchdog::arm(&child, &format!("osmvec {args:?}"));
     let mut stdout = child.stdout.take().unwrap();
     let mut stderr = child.stderr.take().unwrap();
     let out = std::thread::spawn(move || {
@@ -804,6 +890,7 @@ pub fn osmvec_peak_rss(args: &[&str]) -> (std::process::ExitStatus, String, Stri
     let pid = child.id() as libc::pid_t;
     let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
     assert_eq!(r, pid, "wait4 failed");
+    dog.disarm();
     (
         std::process::ExitStatus::from_raw(status),
         out.join().unwrap(),
