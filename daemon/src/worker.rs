@@ -41,8 +41,9 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
+use crate::config::{Config, listen_address};
 use crate::observe::worker::{WorkerMetrics, WorkerStatus};
-use crate::publish::kafka::{TileRecord, Topics, client_config};
+use crate::publish::kafka::{KafkaConfig, TileRecord, client_config};
 use crate::publish::messages::Encoding;
 use osmvec_pipeline::checkpoint::Model;
 use osmvec_pipeline::embed::{cosine_distance, same_space};
@@ -52,12 +53,12 @@ use osmvec_pipeline::tags::TagVectors;
 
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
-    pub brokers: String,
+    /// The broker, topics, encoding and client settings: the same
+    /// `[kafka]` as the ingest daemon's.
+    pub kafka: KafkaConfig,
     pub group: String,
     /// Kafka static membership (`group.instance.id`), when set.
     pub instance_id: Option<String>,
-    pub topics: Topics,
-    pub encoding: Encoding,
     pub checkpoint: PathBuf,
     pub model_dir: PathBuf,
     pub device: Device,
@@ -65,16 +66,33 @@ pub struct WorkerOptions {
     pub batch: usize,
     /// Longest wait for a batch to fill.
     pub max_wait: Duration,
-    pub message_timeout_ms: u64,
     /// One JSON line per batch on stdout.
     pub json: bool,
     /// Where /metrics, /healthz and /readyz are served (None: not at all).
     pub http_listen: Option<String>,
-    /// librdkafka settings for every client (`[kafka.properties]`).
-    pub properties: std::collections::BTreeMap<String, String>,
-    /// CloudEvents `source` for the records it publishes (read from the
-    /// shared file, as the single-process daemon does).
-    pub cloudevents_source: String,
+}
+
+impl WorkerOptions {
+    /// The worker's options from the checked configuration (`checkpoint`,
+    /// `[kafka]`, `[worker]`) and the resolved device.
+    pub fn new(c: &Config, device: Device, model_dir: PathBuf) -> Result<WorkerOptions> {
+        Ok(WorkerOptions {
+            kafka: c.kafka.clone(),
+            group: c.worker.group.clone(),
+            instance_id: c.worker.instance_id.clone(),
+            checkpoint: c.checkpoint.clone().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no checkpoint: give --checkpoint, OSMVEC_CHECKPOINT or `checkpoint = …`"
+                )
+            })?,
+            model_dir,
+            device,
+            batch: c.worker.batch.max(1),
+            max_wait: Duration::from_millis(c.worker.max_wait_ms),
+            json: false,
+            http_listen: listen_address(&c.worker.http_listen),
+        })
+    }
 }
 
 /// One line per batch.
@@ -370,20 +388,24 @@ impl<'a> Worker<'a> {
     fn start(o: &'a WorkerOptions, stop: Arc<AtomicBool>) -> Result<Worker<'a>> {
         let model = Model::load(&o.checkpoint, &o.device)?;
         let intake = Intake::join(o)?;
-        let models: BaseConsumer = client_config(&o.brokers, &o.properties)
+        let models: BaseConsumer = client_config(&o.kafka.brokers, &o.kafka.properties)
             .set("group.id", format!("{}-models", o.group))
             .set("enable.auto.commit", "false")
             .create()?;
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&o.topics.models, 0, Offset::Beginning)?;
+        tpl.add_partition_offset(&o.kafka.topics.models, 0, Offset::Beginning)?;
         models.assign(&tpl)?;
-        let producer: BaseProducer<Deliveries> = client_config(&o.brokers, &o.properties)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "5")
-            .set("message.timeout.ms", o.message_timeout_ms.to_string())
-            .create_with_context(Deliveries::default())
-            .with_context(|| format!("creating a Kafka producer for {}", o.brokers))?;
+        let producer: BaseProducer<Deliveries> =
+            client_config(&o.kafka.brokers, &o.kafka.properties)
+                .set("enable.idempotence", "true")
+                .set("acks", "all")
+                .set("linger.ms", "5")
+                .set(
+                    "message.timeout.ms",
+                    o.kafka.message_timeout_ms().to_string(),
+                )
+                .create_with_context(Deliveries::default())
+                .with_context(|| format!("creating a Kafka producer for {}", o.kafka.brokers))?;
         let status = Arc::new(WorkerStatus {
             metrics: WorkerMetrics::new(osmvec_pipeline::checkpoint::git_revision())?,
             group: o.group.clone(),
@@ -403,7 +425,7 @@ impl<'a> Worker<'a> {
         }
         tracing::info!(
             group = %o.group,
-            topic = %o.topics.jobs,
+            topic = %o.kafka.topics.jobs,
             model_version = %model.meta.model_version,
             "worker started"
         );
@@ -557,7 +579,7 @@ struct Intake {
 impl Intake {
     /// Joins the group on the jobs topic.
     fn join(o: &WorkerOptions) -> Result<Intake> {
-        let mut cc = client_config(&o.brokers, &o.properties);
+        let mut cc = client_config(&o.kafka.brokers, &o.kafka.properties);
         cc.set("group.id", &o.group)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
@@ -568,13 +590,13 @@ impl Intake {
         }
         let consumer: JobConsumer = cc
             .create_with_context(WorkerCtx::default())
-            .with_context(|| format!("creating a Kafka consumer for {}", o.brokers))?;
+            .with_context(|| format!("creating a Kafka consumer for {}", o.kafka.brokers))?;
         consumer
-            .subscribe(&[&o.topics.jobs])
-            .with_context(|| format!("subscribing to {}", o.topics.jobs))?;
+            .subscribe(&[&o.kafka.topics.jobs])
+            .with_context(|| format!("subscribing to {}", o.kafka.topics.jobs))?;
         Ok(Intake {
             consumer,
-            topic: o.topics.jobs.clone(),
+            topic: o.kafka.topics.jobs.clone(),
             batch: o.batch,
             max_wait: o.max_wait,
             carry: Taken::default(),
@@ -673,8 +695,11 @@ impl Embedder {
     /// cache when the old one is full.
     fn refresh(&mut self, o: &WorkerOptions, status: &WorkerStatus) {
         let m = &status.metrics;
-        self.follower
-            .read(&self.models, o.encoding, &self.model.meta.model_version);
+        self.follower.read(
+            &self.models,
+            o.kafka.encoding,
+            &self.model.meta.model_version,
+        );
         if let Some(new) = self.follower.try_load(&o.checkpoint, &o.device, m) {
             let before = std::mem::replace(&mut self.model, new);
             m.set_model(
@@ -852,10 +877,10 @@ fn publish(
     stop: &AtomicBool,
 ) -> Result<()> {
     for (_, t, seq, e) in records {
-        let tile = TileRecord::new(*t, e.as_ref(), *seq, o.encoding)?;
-        let mut rec: BaseRecord<'_, str, [u8]> = BaseRecord::to(&o.topics.embeddings)
+        let tile = TileRecord::new(*t, e.as_ref(), *seq, o.kafka.encoding)?;
+        let mut rec: BaseRecord<'_, str, [u8]> = BaseRecord::to(&o.kafka.topics.embeddings)
             .key(tile.key.as_str())
-            .headers(tile.headers(o.encoding, &o.cloudevents_source));
+            .headers(tile.headers(o.kafka.encoding, &o.kafka.cloudevents_source));
         if let Some(p) = &tile.payload {
             rec = rec.payload(p.as_slice());
         }
@@ -874,7 +899,7 @@ fn publish(
     }
     // Wait for every acknowledgement, in short steps so that a stop is
     // answered at once (the batch is then redone by whoever owns it next).
-    let deadline = Instant::now() + Duration::from_millis(o.message_timeout_ms + 5_000);
+    let deadline = Instant::now() + Duration::from_millis(o.kafka.message_timeout_ms() + 5_000);
     while producer.in_flight_count() > 0 {
         if stop.load(Ordering::Relaxed) {
             bail!("stopping before every embedding was acknowledged");
@@ -883,7 +908,7 @@ fn publish(
             bail!(
                 "{} embeddings still unacknowledged after {} ms",
                 producer.in_flight_count(),
-                o.message_timeout_ms + 5_000
+                o.kafka.message_timeout_ms() + 5_000
             );
         }
         producer.poll(Duration::from_millis(50));

@@ -5,7 +5,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use osmvec_graphstore::Store;
@@ -17,10 +16,10 @@ use osmvec_graphstore::import::import;
 use osmvec_graphstore::tiles::TileId;
 use osmvec_model::Device;
 use osmvec_pipeline::checkpoint::Model;
-use osmvec_pipeline::embed::{EmbedArgs, EmbedReport, embed, embed_tiles};
+use osmvec_pipeline::embed::{EmbedConfig, EmbedReport, embed_tiles};
 use osmvec_pipeline::inputs::{CacheLimits, EncodePath, Inputs, encode_batch_training};
 use osmvec_pipeline::tags::TagVectors;
-use osmvec_pipeline::train::{TrainArgs, default_model_dir, train};
+use osmvec_pipeline::train::{TrainConfig, default_model_dir, train};
 
 fn extract() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -33,8 +32,8 @@ fn store_and_checkpoint(dir: &Path) -> (PathBuf, PathBuf) {
     let ckpt = dir.join("ckpt");
     import(&store, &[extract()], TileConfig::default(), &|_| {}).expect("import");
     train(
-        &TrainArgs {
-            store: store.clone(),
+        &Store::open(&store).unwrap(),
+        &TrainConfig {
             out: ckpt.clone(),
             steps: 2,
             batch_size: 16,
@@ -50,7 +49,8 @@ fn store_and_checkpoint(dir: &Path) -> (PathBuf, PathBuf) {
             tag_texts: Default::default(),
             dropout: 0.0,
         },
-        Arc::new(AtomicBool::new(false)),
+        &mut |_| {},
+        &AtomicBool::new(false),
     )
     .expect("train");
     (store, ckpt)
@@ -211,9 +211,14 @@ fn embeddings(store_dir: &Path) -> BTreeMap<TileId, Vec<f32>> {
         .collect()
 }
 
-fn embed_args(store: &Path, ckpt: &Path, all: bool) -> EmbedArgs {
-    EmbedArgs {
-        store: store.to_path_buf(),
+/// `embed` on a store directory, opened for the call (the test opens it
+/// between calls).
+fn embed(store: &Path, a: &EmbedConfig) -> EmbedReport {
+    osmvec_pipeline::embed::embed(&Store::open(store).unwrap(), a, &mut |_| {}).unwrap()
+}
+
+fn embed_args(ckpt: &Path, all: bool) -> EmbedConfig {
+    EmbedConfig {
         checkpoint: ckpt.to_path_buf(),
         all,
         batch_size: 64,
@@ -246,7 +251,7 @@ fn retag(store_dir: &Path, id: i64, key: &str, value: &str) {
 fn pruning_re_embeds_only_what_changed_and_equals_a_full_re_embed() {
     let tmp = tempfile::tempdir().unwrap();
     let (store_dir, ckpt) = store_and_checkpoint(tmp.path());
-    let first = embed(&embed_args(&store_dir, &ckpt, true)).unwrap();
+    let first = embed(&store_dir, &embed_args(&ckpt, true));
     assert!(first.embedded > 500);
     let model = Model::load(&ckpt, &Device::Cpu).unwrap();
     let cap = model.meta.config.graphs.coarse_max_nodes;
@@ -281,7 +286,7 @@ fn pruning_re_embeds_only_what_changed_and_equals_a_full_re_embed() {
 
     // 1. An edit outside the context sample: the coarse mark changes no child.
     retag(&store_dir, outside, "bench", "yes");
-    let r: EmbedReport = embed(&embed_args(&store_dir, &ckpt, false)).unwrap();
+    let r: EmbedReport = embed(&store_dir, &embed_args(&ckpt, false));
     let children = Store::open(&store_dir)
         .unwrap()
         .children_with_features(coarse)
@@ -295,7 +300,7 @@ fn pruning_re_embeds_only_what_changed_and_equals_a_full_re_embed() {
     assert!(r.context.children_pruned >= children, "{:?}", r.context);
     assert!(r.tiles >= 1 && r.tiles < children, "{} tiles", r.tiles);
     let pruned = embeddings(&store_dir);
-    embed(&embed_args(&store_dir, &ckpt, true)).unwrap();
+    embed(&store_dir, &embed_args(&ckpt, true));
     let full = embeddings(&store_dir);
     assert_eq!(
         pruned.keys().collect::<Vec<_>>(),
@@ -317,7 +322,7 @@ fn pruning_re_embeds_only_what_changed_and_equals_a_full_re_embed() {
 
     // 2. An edit inside the sample: every child of the coarse tile again.
     retag(&store_dir, inside, "bench", "yes");
-    let r = embed(&embed_args(&store_dir, &ckpt, false)).unwrap();
+    let r = embed(&store_dir, &embed_args(&ckpt, false));
     eprintln!(
         "inside the sample: {:?}, {} tiles embedded",
         r.context, r.tiles
@@ -325,7 +330,7 @@ fn pruning_re_embeds_only_what_changed_and_equals_a_full_re_embed() {
     assert!(r.context.children_marked >= children, "{:?}", r.context);
     assert!(r.tiles >= children);
     let dirty = embeddings(&store_dir);
-    embed(&embed_args(&store_dir, &ckpt, true)).unwrap();
+    embed(&store_dir, &embed_args(&ckpt, true));
     let full = embeddings(&store_dir);
     let worst = dirty
         .iter()

@@ -14,11 +14,11 @@ use osmvec_graphstore::import::import;
 use osmvec_graphstore::{TileConfig, feature::FeatureKind};
 use osmvec_model::{Device, NodeType};
 use osmvec_pipeline::checkpoint::Model;
-use osmvec_pipeline::embed::{EmbedArgs, embed};
-use osmvec_pipeline::eval::{EvalArgs, eval};
+use osmvec_pipeline::embed::{EmbedConfig, EmbedReport};
+use osmvec_pipeline::eval::{EvalConfig, EvalReport};
 use osmvec_pipeline::graphs::to_model_graph;
 use osmvec_pipeline::tags::TagVectors;
-use osmvec_pipeline::train::{TrainArgs, default_model_dir, tag_texts, train};
+use osmvec_pipeline::train::{TrainConfig, TrainReport, default_model_dir, tag_texts};
 
 fn extract() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -29,9 +29,8 @@ fn import_store(dir: &Path) {
     import(dir, &[extract()], TileConfig::default(), &|_| {}).expect("import");
 }
 
-fn train_args(store: &Path, out: &Path, steps: u64) -> TrainArgs {
-    TrainArgs {
-        store: store.to_path_buf(),
+fn train_args(out: &Path, steps: u64) -> TrainConfig {
+    TrainConfig {
         out: out.to_path_buf(),
         steps,
         batch_size: 16,
@@ -47,6 +46,20 @@ fn train_args(store: &Path, out: &Path, steps: u64) -> TrainArgs {
         tag_texts: Default::default(),
         dropout: 0.0,
     }
+}
+
+// The pipeline's calls on a store directory, opened for the call (as the
+// CLI does), so that the test can open it between calls.
+fn train(store: &Path, a: &TrainConfig, stop: Arc<AtomicBool>) -> anyhow::Result<TrainReport> {
+    osmvec_pipeline::train::train(&Store::open(store)?, a, &mut |_| {}, &stop)
+}
+
+fn embed(store: &Path, a: &EmbedConfig) -> anyhow::Result<EmbedReport> {
+    osmvec_pipeline::embed::embed(&Store::open(store)?, a, &mut |_| {})
+}
+
+fn eval(store: &Path, a: &EvalConfig) -> anyhow::Result<EvalReport> {
+    osmvec_pipeline::eval::eval(&Store::open(store)?, a)
 }
 
 fn weights(dir: &Path) -> Vec<u8> {
@@ -71,15 +84,15 @@ fn train_resume_embed_reload_eval_on_liechtenstein() {
         tmp.path().join("b"),
         tmp.path().join("c"),
     );
-    let ra = train(&train_args(&store_dir, &a, 3), no_stop()).unwrap();
+    let ra = train(&store_dir, &train_args(&a, 3), no_stop()).unwrap();
     assert_eq!(ra.steps, 3);
     assert!(ra.last_loss.unwrap().is_finite());
     assert!(ra.train_tiles > ra.batch_size, "{ra:?}");
     assert!(ra.heldout_tiles > 0, "{ra:?}");
-    train(&train_args(&store_dir, &b, 3), no_stop()).unwrap();
+    train(&store_dir, &train_args(&b, 3), no_stop()).unwrap();
     assert_eq!(weights(&a), weights(&b), "same seed, different weights");
-    train(&train_args(&store_dir, &c, 2), no_stop()).unwrap();
-    let rc = train(&train_args(&store_dir, &c, 3), no_stop()).unwrap();
+    train(&store_dir, &train_args(&c, 2), no_stop()).unwrap();
+    let rc = train(&store_dir, &train_args(&c, 3), no_stop()).unwrap();
     assert_eq!(rc.steps_this_run, 1);
     assert_eq!(
         weights(&a),
@@ -89,9 +102,9 @@ fn train_resume_embed_reload_eval_on_liechtenstein() {
     // With SIREN dropout (masks drawn from the step's seeded generator):
     // still resumable bit for bit, and not the run without dropout.
     let dropout = |out: &Path, steps| {
-        let mut args = train_args(&store_dir, out, steps);
+        let mut args = train_args(out, steps);
         args.dropout = 0.5;
-        train(&args, no_stop()).unwrap();
+        train(&store_dir, &args, no_stop()).unwrap();
     };
     let (d, e) = (tmp.path().join("d"), tmp.path().join("e"));
     dropout(&d, 3);
@@ -102,10 +115,10 @@ fn train_resume_embed_reload_eval_on_liechtenstein() {
     assert_eq!(Model::read_meta(&d).unwrap().config.location.dropout, 0.5);
     // Training changed the weights.
     let init = tmp.path().join("init");
-    train(&train_args(&store_dir, &init, 1), no_stop()).unwrap();
+    train(&store_dir, &train_args(&init, 1), no_stop()).unwrap();
     assert_ne!(weights(&a), weights(&init));
     // Asking for no more steps than done is an error that says so.
-    let e = train(&train_args(&store_dir, &a, 3), no_stop()).unwrap_err();
+    let e = train(&store_dir, &train_args(&a, 3), no_stop()).unwrap_err();
     assert!(
         format!("{e:#}").contains("already trained 3 steps"),
         "{e:#}"
@@ -116,8 +129,7 @@ fn train_resume_embed_reload_eval_on_liechtenstein() {
     let store = Store::open(&store_dir).unwrap();
     let tiles_with_features = store.tiles().unwrap().keys().filter(|t| t.z == 15).count();
     drop(store);
-    let args = EmbedArgs {
-        store: store_dir.clone(),
+    let args = EmbedConfig {
         checkpoint: a.clone(),
         all: true,
         batch_size: 32,
@@ -125,7 +137,7 @@ fn train_resume_embed_reload_eval_on_liechtenstein() {
         device: Device::Cpu,
         reference: false,
     };
-    let r1 = embed(&args).unwrap();
+    let r1 = embed(&store_dir, &args).unwrap();
     assert_eq!(r1.tiles, tiles_with_features);
     assert!(
         r1.embedded > 0 && r1.embedded + r1.removed == r1.tiles,
@@ -147,7 +159,7 @@ fn train_resume_embed_reload_eval_on_liechtenstein() {
             .unwrap()
             .is_empty()
     );
-    let r2 = embed(&args).unwrap();
+    let r2 = embed(&store_dir, &args).unwrap();
     assert_eq!(r2.embedded, r1.embedded);
     let second = Store::open(&store_dir).unwrap().tile_embeddings().unwrap();
     assert_eq!(first.len(), second.len());
@@ -161,26 +173,31 @@ fn train_resume_embed_reload_eval_on_liechtenstein() {
         );
     }
     // Nothing dirty: --dirty has nothing to do.
-    let r3 = embed(&EmbedArgs {
-        all: false,
-        ..args.clone()
-    })
+    let r3 = embed(
+        &store_dir,
+        &EmbedConfig {
+            all: false,
+            ..args.clone()
+        },
+    )
     .unwrap();
     assert_eq!(r3.tiles, 0);
 
     // Evaluation runs on held-out blocks and reports all three models.
-    let rep = eval(&EvalArgs {
-        store: store_dir.clone(),
-        checkpoint: a.clone(),
-        retrieval_tiles: 200,
-        reference_tiles: 400,
-        resamples: 200,
-        seed: 3,
-        external_labels: None,
-        save: true,
-        model_dir: default_model_dir(),
-        device: Device::Cpu,
-    })
+    let rep = eval(
+        &store_dir,
+        &EvalConfig {
+            checkpoint: a.clone(),
+            retrieval_tiles: 200,
+            reference_tiles: 400,
+            resamples: 200,
+            seed: 3,
+            external_labels: None,
+            save: true,
+            model_dir: default_model_dir(),
+            device: Device::Cpu,
+        },
+    )
     .unwrap();
     let r = &rep.retrieval;
     let t = &r.models["trained"];
@@ -300,22 +317,24 @@ fn training_beats_untrained_retrieval_over_five_seeds() {
     let mut gains = Vec::new();
     for seed in 1..=5u64 {
         let ckpt = tmp.path().join(format!("ckpt-{seed}"));
-        let mut args = train_args(&store_dir, &ckpt, STEPS);
+        let mut args = train_args(&ckpt, STEPS);
         args.seed = seed;
         args.batch_size = 64;
-        train(&args, no_stop()).unwrap();
-        let rep = eval(&EvalArgs {
-            store: store_dir.clone(),
-            checkpoint: ckpt,
-            retrieval_tiles: 1000,
-            reference_tiles: 300,
-            resamples: 100,
-            seed,
-            external_labels: None,
-            save: false,
-            model_dir: default_model_dir(),
-            device: Device::Cpu,
-        })
+        train(&store_dir, &args, no_stop()).unwrap();
+        let rep = eval(
+            &store_dir,
+            &EvalConfig {
+                checkpoint: ckpt,
+                retrieval_tiles: 1000,
+                reference_tiles: 300,
+                resamples: 100,
+                seed,
+                external_labels: None,
+                save: false,
+                model_dir: default_model_dir(),
+                device: Device::Cpu,
+            },
+        )
         .unwrap();
         let r = &rep.retrieval;
         let (t, u) = (&r.models["trained"].top10, &r.models["untrained"].top10);

@@ -40,15 +40,22 @@ use super::inputs::{EncodePath, Inputs};
 use super::tags::TagVectors;
 
 #[derive(Debug, Clone)]
-pub struct EmbedArgs {
-    pub store: PathBuf,
+pub struct EmbedConfig {
     pub checkpoint: PathBuf,
+    /// Every tile of the store, not only the dirty ones.
     pub all: bool,
     pub batch_size: usize,
     pub model_dir: PathBuf,
     pub device: Device,
     /// Embed with the reference forward pass instead of engine v2.
     pub reference: bool,
+}
+
+/// How far [`embed`] is: tiles done of all it will embed.
+#[derive(Debug, Clone, Copy)]
+pub struct EmbedProgress {
+    pub done: u64,
+    pub total: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -373,12 +380,42 @@ pub fn cosine_distance(a: &[f32], b: &[f32]) -> f32 {
     (1.0 - dot / (na.sqrt() * nb.sqrt())) as f32
 }
 
-pub fn embed(a: &EmbedArgs) -> Result<EmbedReport> {
-    let store = Store::open(&a.store)?;
+/// The tiles `embed` takes, in order, and the dirty marks it clears: every
+/// tile (grouped by coarse parent, so that a context is encoded once), or
+/// the dirty ones.
+fn tiles_for(
+    store: &Store,
+    model: &Model,
+    inputs: &mut Inputs,
+    all: bool,
+) -> Result<(Vec<TileId>, Marks, ContextReport)> {
+    if !all {
+        return tiles_to_embed(store, model, inputs, usize::MAX, true);
+    }
+    let (fine, coarse_zoom) = (
+        store.tile_config().fine_zoom,
+        store.tile_config().coarse_zoom,
+    );
+    let marks = store.dirty_marks()?;
+    let mut set: BTreeSet<TileId> = store.tiles()?.into_keys().filter(|t| t.z == fine).collect();
+    // Tiles that lost their last feature: their embedding goes.
+    set.extend(store.tile_embeddings()?.into_iter().map(|(t, _)| t));
+    set.extend(marks.iter().filter(|(t, _)| t.z == fine).map(|(t, _)| *t));
+    let mut tiles: Vec<TileId> = set.into_iter().collect();
+    tiles.sort_by_key(|t| (coarse_parent(*t, coarse_zoom), *t));
+    Ok((tiles, marks, ContextReport::default()))
+}
+
+/// `osmvec embed`: embeds the store's dirty tiles (or all of them) with the
+/// checkpoint, clearing each tile's mark with the batch that handled it.
+pub fn embed(
+    store: &Store,
+    a: &EmbedConfig,
+    progress: &mut dyn FnMut(EmbedProgress),
+) -> Result<EmbedReport> {
     store.ensure_consistent()?;
     let model = Model::load(&a.checkpoint, &a.device)?;
     let fine = store.tile_config().fine_zoom;
-    let coarse_zoom = store.tile_config().coarse_zoom;
     let mut inputs = Inputs::new(
         TagVectors::new(a.model_dir.clone(), a.device.clone()),
         false,
@@ -386,23 +423,7 @@ pub fn embed(a: &EmbedArgs) -> Result<EmbedReport> {
     if a.reference {
         inputs.path = EncodePath::Reference;
     }
-    let mut context = ContextReport::default();
-    let (tiles, seen): (Vec<TileId>, Vec<(TileId, DirtyMark)>) = if a.all {
-        let marks = store.dirty_marks()?;
-        let mut set: BTreeSet<TileId> =
-            store.tiles()?.into_keys().filter(|t| t.z == fine).collect();
-        // Tiles that lost their last feature: their embedding goes.
-        set.extend(store.tile_embeddings()?.into_iter().map(|(t, _)| t));
-        set.extend(marks.iter().filter(|(t, _)| t.z == fine).map(|(t, _)| *t));
-        // Grouped by coarse parent: a context is encoded once.
-        let mut tiles: Vec<TileId> = set.into_iter().collect();
-        tiles.sort_by_key(|t| (coarse_parent(*t, coarse_zoom), *t));
-        (tiles, marks)
-    } else {
-        let (tiles, marks, report) = tiles_to_embed(&store, &model, &mut inputs, usize::MAX, true)?;
-        context = report;
-        (tiles, marks)
-    };
+    let (tiles, seen, context) = tiles_for(store, &model, &mut inputs, a.all)?;
     let mut report = EmbedReport {
         model_version: model.meta.model_version.clone(),
         sequence: store.replication_state()?.0,
@@ -410,10 +431,6 @@ pub fn embed(a: &EmbedArgs) -> Result<EmbedReport> {
         context,
         ..Default::default()
     };
-    let bar = super::progress_bar(
-        tiles.len() as u64,
-        "embedding {bar:30} {pos}/{len} tiles {per_sec} eta {eta}",
-    );
     let t0 = Instant::now();
     // Fine marks are cleared with the batch that handled their tile; coarse
     // marks (`--all`) once every child tile is done (a crash before that
@@ -421,10 +438,11 @@ pub fn embed(a: &EmbedArgs) -> Result<EmbedReport> {
     let coarse: Vec<(TileId, DirtyMark)> =
         seen.iter().filter(|(t, _)| t.z != fine).copied().collect();
     let by_tile: std::collections::HashMap<TileId, DirtyMark> = seen.iter().copied().collect();
-    // The progress bar moves a step of batches at a time.
+    // Progress moves a step of batches at a time.
+    let mut done = 0;
     for step in tiles.chunks(a.batch_size.max(1) * 8) {
         embed_pipelined(
-            &store,
+            store,
             &model,
             &mut inputs,
             step,
@@ -433,12 +451,15 @@ pub fn embed(a: &EmbedArgs) -> Result<EmbedReport> {
             None,
             &mut report,
         )?;
-        bar.inc(step.len() as u64);
+        done += step.len() as u64;
+        progress(EmbedProgress {
+            done,
+            total: tiles.len() as u64,
+        });
     }
     if !coarse.is_empty() {
-        embed_tiles(&store, &model, &mut inputs, &[], &coarse, &mut report)?;
+        embed_tiles(store, &model, &mut inputs, &[], &coarse, &mut report)?;
     }
-    bar.finish_and_clear();
     report.seconds = t0.elapsed().as_secs_f64();
     report.tiles_per_second = report.tiles as f64 / report.seconds.max(1e-9);
     report.tag_texts_encoded = inputs.vectors.encoded;

@@ -54,8 +54,7 @@ use super::tags::TagVectors;
 use super::train::{SplitTiles, point_in_tile, split_tiles};
 
 #[derive(Debug, Clone)]
-pub struct EvalArgs {
-    pub store: PathBuf,
+pub struct EvalConfig {
     pub checkpoint: PathBuf,
     pub retrieval_tiles: usize,
     /// Training tiles whose graph vectors the retrieval baselines learn
@@ -323,7 +322,7 @@ fn retrieval_task(
     untrained: &Model,
     inputs: &mut Inputs,
     tiles: &SplitTiles,
-    a: &EvalArgs,
+    a: &EvalConfig,
 ) -> Result<RetrievalReport> {
     let split = trained.meta.config.split;
     let (t, p) = sample_points(&tiles.test, a.retrieval_tiles, a.seed);
@@ -488,7 +487,7 @@ fn classification_task(
     task: &ClassTask,
     trained: &Model,
     untrained: &Model,
-    a: &EvalArgs,
+    a: &EvalConfig,
 ) -> Result<ClassReport> {
     let nc = task.classes.len();
     let (tr, va, te) = (&task.train, &task.validation, &task.test);
@@ -747,35 +746,11 @@ fn leak(store: &Store, tiles: &SplitTiles) -> Result<(usize, usize, usize)> {
     Ok((test.len(), in_train, in_either))
 }
 
-pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
-    let t0 = Instant::now();
-    let store = Store::open(&a.store)?;
-    store.ensure_consistent()?;
-    let mut model = Model::load(&a.checkpoint, &a.device)?;
-    let untrained = Model::new(
-        model.meta.config.clone(),
-        model.meta.key_weights.clone(),
-        "untrained".into(),
-        &a.device,
-    )?;
-    let split = model.meta.config.split;
-    let tiles = split_tiles(&store, &split)?;
-    if tiles.test.is_empty() {
-        bail!(
-            "{} has no tile in a test block ({} training tiles): evaluation needs a larger area",
-            a.store.display(),
-            tiles.train.len()
-        );
-    }
-    if tiles.validation.is_empty() {
-        tracing::warn!(
-            "no validation tiles (checkpoint without validation blocks, or a small store): \
-             baselines choose k and λ on the test tiles, which flatters them"
-        );
-    }
-    let (test_features, in_train, in_either) = leak(&store, &tiles)?;
+/// How the tiles were used, and how much of the test features leak.
+fn split_report(store: &Store, split: SplitConfig, tiles: &SplitTiles) -> Result<SplitReport> {
+    let (test_features, in_train, in_either) = leak(store, tiles)?;
     let test_blocks: HashSet<TileId> = tiles.test.iter().map(|t| split.block(*t)).collect();
-    let split_report = SplitReport {
+    Ok(SplitReport {
         config: split,
         train_tiles: tiles.train.len(),
         guard_tiles: tiles.guard.len(),
@@ -790,13 +765,43 @@ pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
         test_features,
         test_features_in_training_tiles: in_train,
         test_features_in_training_or_guard_tiles: in_either,
-    };
+    })
+}
+
+/// `osmvec eval`: the checkpoint's retrieval and probe scores on the
+/// store's test blocks, against the baselines, with bootstrap intervals.
+pub fn eval(store: &Store, a: &EvalConfig) -> Result<EvalReport> {
+    let t0 = Instant::now();
+    store.ensure_consistent()?;
+    let mut model = Model::load(&a.checkpoint, &a.device)?;
+    let untrained = Model::new(
+        model.meta.config.clone(),
+        model.meta.key_weights.clone(),
+        "untrained".into(),
+        &a.device,
+    )?;
+    let split = model.meta.config.split;
+    let tiles = split_tiles(store, &split)?;
+    if tiles.test.is_empty() {
+        bail!(
+            "{} has no tile in a test block ({} training tiles): evaluation needs a larger area",
+            store.path().display(),
+            tiles.train.len()
+        );
+    }
+    if tiles.validation.is_empty() {
+        tracing::warn!(
+            "no validation tiles (checkpoint without validation blocks, or a small store): \
+             baselines choose k and λ on the test tiles, which flatters them"
+        );
+    }
+    let split_report = split_report(store, split, &tiles)?;
 
     let mut inputs = Inputs::new(TagVectors::new(a.model_dir.clone(), a.device.clone()), true);
-    let retrieval = retrieval_task(&store, &model, &untrained, &mut inputs, &tiles, a)?;
+    let retrieval = retrieval_task(store, &model, &untrained, &mut inputs, &tiles, a)?;
     drop(inputs);
 
-    let lu = land_use_task(&store, &split, &tiles)?;
+    let lu = land_use_task(store, &split, &tiles)?;
     let land_use = if lu.train.y.is_empty() || lu.test.y.is_empty() {
         tracing::warn!("no labelled training or test tile: no land-use probe");
         None
@@ -823,7 +828,7 @@ pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
     let report = EvalReport {
         model_version: model.meta.model_version.clone(),
         checkpoint: a.checkpoint.display().to_string(),
-        store: a.store.display().to_string(),
+        store: store.path().display().to_string(),
         training_steps: model.meta.training.steps,
         split: split_report,
         bootstrap: BootstrapInfo {

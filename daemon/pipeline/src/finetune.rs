@@ -143,36 +143,33 @@ pub fn split_version(version: &str) -> Result<(u32, u32)> {
     ))
 }
 
-/// Fine-tunes a copy of `current` and gates it (`inputs` builds the tile
-/// graphs and caches tag vectors). Returns the candidate and
-/// the report (`promoted` says what the gate decided). `stop` aborts
-/// between steps with an error (nothing is saved by this function).
-pub fn finetune(
-    store: &Store,
-    current: &Model,
-    recent: &[TileId],
-    cfg: &FinetuneConfig,
-    inputs: &mut Inputs,
-    seed: u64,
-    stop: Arc<AtomicBool>,
-) -> Result<(Model, FinetuneReport)> {
-    let device = &current.device;
-    let t0 = Instant::now();
+/// A copy of `current` under the next minor version.
+fn candidate(current: &Model) -> Result<Model> {
     let version = next_minor(&current.meta.model_version)?;
     let mut cand = Model::new(
         current.meta.config.clone(),
         current.meta.key_weights.clone(),
         version.clone(),
-        device,
+        &current.device,
     )?;
     cand.params
         .load_bytes(&current.params.to_safetensors(&BTreeMap::new())?)
         .context("copying the serving model's weights")?;
     cand.meta = current.meta.clone();
-    cand.meta.model_version = version.clone();
+    cand.meta.model_version = version;
     cand.meta.created_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    Ok(cand)
+}
 
-    // The sample: recent training tiles, then a replay sample of all.
+/// The run's tiles: a share of the recent training tiles, then a replay
+/// sample of all training tiles; and how many are recent.
+fn sample_tiles(
+    store: &Store,
+    current: &Model,
+    recent: &[TileId],
+    cfg: &FinetuneConfig,
+    seed: u64,
+) -> Result<(Vec<TileId>, usize)> {
     let split = current.meta.config.split;
     let train = split_tiles(store, &split)?.train;
     if train.len() < 2 {
@@ -204,8 +201,18 @@ pub fn finetune(
             tiles.push(train[i]);
         }
     }
+    Ok((tiles, recent_examples))
+}
 
-    // Frozen graph vectors, once.
+/// The frozen graph encoder's vectors of `tiles` (`[n, d]`) and which
+/// graphs are not empty.
+fn frozen_vectors(
+    store: &Store,
+    current: &Model,
+    tiles: &[TileId],
+    inputs: &mut Inputs,
+    stop: &AtomicBool,
+) -> Result<(Tensor, Vec<bool>)> {
     let mut rows: Vec<Tensor> = Vec::new();
     let mut present: Vec<bool> = Vec::new();
     for chunk in tiles.chunks(128) {
@@ -217,10 +224,20 @@ pub fn finetune(
         rows.push(g.vectors.detach());
         present.extend(g.present);
     }
-    let graph = Tensor::cat(&rows, 0)?;
     inputs.clear();
+    Ok((Tensor::cat(&rows, 0)?, present))
+}
 
-    // AdamW over the location encoder and the temperature only.
+/// AdamW over the candidate's location encoder and temperature only,
+/// against the frozen vectors: the first and last loss.
+fn optimise(
+    cand: &mut Model,
+    tiles: &[TileId],
+    (graph, present): (&Tensor, &[bool]),
+    cfg: &FinetuneConfig,
+    seed: u64,
+    stop: &AtomicBool,
+) -> Result<(Option<f64>, Option<f64>)> {
     let vars: BTreeMap<_, _> = cand
         .params
         .named_vars()
@@ -269,6 +286,29 @@ pub fn finetune(
         first_loss.get_or_insert(value);
         last_loss = Some(value);
     }
+    Ok((first_loss, last_loss))
+}
+
+/// Fine-tunes a copy of `current` and gates it (`inputs` builds the tile
+/// graphs and caches tag vectors). Returns the candidate and
+/// the report (`promoted` says what the gate decided). `stop` aborts
+/// between steps with an error (nothing is saved by this function).
+pub fn finetune(
+    store: &Store,
+    current: &Model,
+    recent: &[TileId],
+    cfg: &FinetuneConfig,
+    inputs: &mut Inputs,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+) -> Result<(Model, FinetuneReport)> {
+    let t0 = Instant::now();
+    let mut cand = candidate(current)?;
+    let (tiles, recent_examples) = sample_tiles(store, current, recent, cfg, seed)?;
+    // Frozen graph vectors, once.
+    let (graph, present) = frozen_vectors(store, current, &tiles, inputs, &stop)?;
+    let (first_loss, last_loss) =
+        optimise(&mut cand, &tiles, (&graph, &present), cfg, seed, &stop)?;
     cand.meta.training.steps += cfg.steps;
     cand.meta.training.last_loss = last_loss;
     cand.meta.training.temperature = Some(cand.loss.temperature()?);
@@ -295,7 +335,7 @@ pub fn finetune(
         && not_worse(cur.probe_macro_f1, new.probe_macro_f1);
     let report = FinetuneReport {
         from_version: current.meta.model_version.clone(),
-        candidate_version: version,
+        candidate_version: cand.meta.model_version.clone(),
         promoted,
         current: cur,
         candidate: new,

@@ -176,6 +176,13 @@ pub struct Inputs {
     pub contexts_cached: u64,
 }
 
+/// Graphs built for one batch: fine tiles', and coarse tiles' with their
+/// context fingerprints.
+type Fresh = (
+    HashMap<TileId, Arc<TileGraph>>,
+    HashMap<TileId, (u64, Arc<TileGraph>)>,
+);
+
 impl Inputs {
     /// `cache_fine`: keep converted fine graphs (training revisits tiles;
     /// embedding does not).
@@ -309,7 +316,6 @@ impl Inputs {
     pub fn batch(&mut self, store: &Store, model: &Model, tiles: &[TileId]) -> Result<Batch> {
         self.adopt(model);
         let coarse_zoom = store.tile_config().coarse_zoom;
-        let cfg = model.meta.config.graphs;
         let parents: Vec<TileId> = tiles
             .iter()
             .map(|t| coarse_parent(*t, coarse_zoom))
@@ -328,9 +334,6 @@ impl Inputs {
             .zip(store.current_marks(&distinct)?)
             .map(|(t, m)| (*t, m.map(|m| m.generation)))
             .collect();
-        let generations = &self.generations;
-        let current = |p: &TileId, g: Option<u64>| generations.get(p) == Some(&g);
-        let want_vectors = self.path == EncodePath::Engine && !self.cache_fine;
         // Room first, so that nothing this batch relies on is evicted.
         self.context_vectors.reserve(distinct.len());
         self.coarse.reserve(distinct.len());
@@ -342,8 +345,59 @@ impl Inputs {
             .filter(|t| !self.cache_fine || self.fine.get(t).is_none())
             .copied()
             .collect();
+        let mut contexts = self.plan_contexts(&distinct, &mut need)?;
+        need.sort();
+        need.dedup();
+        let (fresh_fine, fresh_coarse) = self.build_needed(store, model, &need)?;
+        for c in contexts.iter_mut() {
+            if c.graph.is_none() && c.vector.is_none() {
+                let (fp, g) = fresh_coarse
+                    .get(&c.tile.expect("a store context has its tile"))
+                    .cloned()
+                    .context("a context graph was not built")?;
+                c.fingerprint = fp;
+                c.graph = Some(g);
+            }
+        }
+        let mut graphs = Vec::with_capacity(tiles.len());
+        for t in tiles {
+            let g = match fresh_fine.get(t) {
+                Some(g) => g.clone(),
+                None => self
+                    .fine
+                    .get(t)
+                    .cloned()
+                    .with_context(|| format!("the graph of tile {t} was not built"))?,
+            };
+            graphs.push(g);
+        }
+        let index: HashMap<TileId, u32> = distinct
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (*t, i as u32))
+            .collect();
+        let context_of = parents.iter().map(|p| index[p]).collect();
+        Ok(Batch {
+            tiles: tiles.to_vec(),
+            graphs,
+            contexts,
+            context_of,
+        })
+    }
+
+    /// Each distinct coarse tile's context input: its cached vector or
+    /// graph when still current, else an empty slot and the tile added to
+    /// `need`.
+    fn plan_contexts(
+        &mut self,
+        distinct: &[TileId],
+        need: &mut Vec<TileId>,
+    ) -> Result<Vec<ContextInput>> {
+        let generations = &self.generations;
+        let current = |p: &TileId, g: Option<u64>| generations.get(p) == Some(&g);
+        let want_vectors = self.path == EncodePath::Engine && !self.cache_fine;
         let mut contexts = Vec::with_capacity(distinct.len());
-        for p in &distinct {
+        for p in distinct {
             let vector = want_vectors
                 .then(|| {
                     self.context_vectors
@@ -384,9 +438,15 @@ impl Inputs {
                 }
             }
         }
-        need.sort();
-        need.dedup();
-        let built = self.build_graphs(store, &cfg, &need)?;
+        Ok(contexts)
+    }
+
+    /// Builds and converts the graphs of `need` (fine and coarse tiles),
+    /// caching coarse ones (and fine ones when `cache_fine`).
+    fn build_needed(&mut self, store: &Store, model: &Model, need: &[TileId]) -> Result<Fresh> {
+        let coarse_zoom = store.tile_config().coarse_zoom;
+        let cfg = model.meta.config.graphs;
+        let built = self.build_graphs(store, &cfg, need)?;
         let fingerprints: Vec<u64> = built.iter().map(|g| g.fingerprint()).collect();
         let converted = self.convert(store, model, &built)?;
         let mut fresh_fine: HashMap<TileId, Arc<TileGraph>> = HashMap::new();
@@ -411,40 +471,7 @@ impl Inputs {
                 fresh_fine.insert(*t, g);
             }
         }
-        for c in contexts.iter_mut() {
-            if c.graph.is_none() && c.vector.is_none() {
-                let (fp, g) = fresh_coarse
-                    .get(&c.tile.expect("a store context has its tile"))
-                    .cloned()
-                    .context("a context graph was not built")?;
-                c.fingerprint = fp;
-                c.graph = Some(g);
-            }
-        }
-        let mut graphs = Vec::with_capacity(tiles.len());
-        for t in tiles {
-            let g = match fresh_fine.get(t) {
-                Some(g) => g.clone(),
-                None => self
-                    .fine
-                    .get(t)
-                    .cloned()
-                    .with_context(|| format!("the graph of tile {t} was not built"))?,
-            };
-            graphs.push(g);
-        }
-        let index: HashMap<TileId, u32> = distinct
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (*t, i as u32))
-            .collect();
-        let context_of = parents.iter().map(|p| index[p]).collect();
-        Ok(Batch {
-            tiles: tiles.to_vec(),
-            graphs,
-            contexts,
-            context_of,
-        })
+        Ok((fresh_fine, fresh_coarse))
     }
 
     /// Graph embeddings of a batch on this input's path; the serving path

@@ -14,7 +14,6 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -31,9 +30,9 @@ use super::inputs::{Inputs, encode_batch_reference, encode_batch_training};
 use super::split::{Role, SplitConfig, mix};
 use super::tags::{KeyWeights, TagVectors};
 
+/// One training run: the command's flags (the store is passed apart).
 #[derive(Debug, Clone)]
-pub struct TrainArgs {
-    pub store: PathBuf,
+pub struct TrainConfig {
     pub out: PathBuf,
     /// Total steps (a resumed run continues up to this count).
     pub steps: u64,
@@ -52,6 +51,16 @@ pub struct TrainArgs {
     pub tag_texts: super::tags::TagTexts,
     /// SIREN dropout rate of a new checkpoint (SatCLIP: 0.5).
     pub dropout: f64,
+}
+
+/// Where a run is, after each step (what a progress bar shows).
+#[derive(Debug, Clone, Copy)]
+pub struct TrainProgress {
+    /// Steps done, counting those of earlier runs.
+    pub step: u64,
+    /// Steps the run goes to.
+    pub steps: u64,
+    pub loss: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -174,9 +183,9 @@ pub fn sample_distinct(n: usize, k: usize, rng: &mut SplitMix64) -> Vec<usize> {
     out
 }
 
-pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>) -> Result<TrainReport> {
-    let store = Store::open(&a.store)?;
-    store.ensure_consistent()?;
+/// A new model for the store, or the checkpoint at `a.out` to resume,
+/// with the tiles of its split and the tag texts the store needs.
+fn prepare(store: &Store, a: &TrainConfig) -> Result<(Model, bool, SplitTiles, HashSet<String>)> {
     let resuming = Model::exists(&a.out);
     if !(0.0..1.0).contains(&a.dropout) {
         bail!("--dropout {} must be in [0, 1)", a.dropout);
@@ -189,14 +198,14 @@ pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>) -> Result<TrainReport> {
         c.location.dropout = a.dropout;
         c
     };
-    let tiles = split_tiles(&store, &config.split)?;
+    let tiles = split_tiles(store, &config.split)?;
     let t_scan = Instant::now();
-    let texts = tag_texts(&store, &config.tags)?;
+    let texts = tag_texts(store, &config.tags)?;
     // A resumed model keeps the key weights it was trained with.
     let weights = if resuming {
         None
     } else {
-        Some(key_weights(&store, &tiles.train)?)
+        Some(key_weights(store, &tiles.train)?)
     };
     tracing::info!(
         keys = weights.as_ref().map(|w| w.counts.len()),
@@ -204,23 +213,25 @@ pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>) -> Result<TrainReport> {
         seconds = t_scan.elapsed().as_secs_f64(),
         "scanned feature tags"
     );
-    let mut model = if resuming {
-        let m = Model::load(&a.out, &a.device)?;
-        if m.meta.config.seed != a.seed || m.meta.config.location.degree != a.degree {
-            tracing::warn!(
-                "resuming {}: its seed {} and degree {} are kept (flags ignored)",
-                a.out.display(),
-                m.meta.config.seed,
-                m.meta.config.location.degree
-            );
+    let model = match weights {
+        None => {
+            let m = Model::load(&a.out, &a.device)?;
+            if m.meta.config.seed != a.seed || m.meta.config.location.degree != a.degree {
+                tracing::warn!(
+                    "resuming {}: its seed {} and degree {} are kept (flags ignored)",
+                    a.out.display(),
+                    m.meta.config.seed,
+                    m.meta.config.location.degree
+                );
+            }
+            tracing::info!(steps = m.meta.training.steps, "resuming training");
+            m
         }
-        tracing::info!(steps = m.meta.training.steps, "resuming training");
-        m
-    } else {
-        let mut config = config;
-        config.graphs.coarse_max_nodes = 256;
-        let weights = weights.expect("computed for a new model");
-        Model::new(config, weights, format!("{}.0", a.major_version), &a.device)?
+        Some(weights) => {
+            let mut config = config;
+            config.graphs.coarse_max_nodes = 256;
+            Model::new(config, weights, format!("{}.0", a.major_version), &a.device)?
+        }
     };
     if model.meta.training.steps >= a.steps {
         bail!(
@@ -230,51 +241,151 @@ pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>) -> Result<TrainReport> {
             a.steps
         );
     }
-    let train_tiles = &tiles.train;
-    if train_tiles.len() < 2 {
+    if tiles.train.len() < 2 {
         bail!(
             "{} has {} training tile(s): too few to train on (import more data)",
-            a.store.display(),
-            train_tiles.len()
+            store.path().display(),
+            tiles.train.len()
         );
     }
-    let (seq, ts) = store.replication_state()?;
-    model.meta.data.store = a.store.display().to_string();
-    model.meta.data.replication_sequence = seq;
-    model.meta.data.replication_timestamp = ts;
-    model.meta.data.train_tiles = train_tiles.len();
-    model.meta.data.heldout_tiles = tiles.test.len();
-    model.meta.data.validation_tiles = tiles.validation.len();
-    model.meta.data.guard_tiles = tiles.guard.len();
-    tracing::info!(
-        train = train_tiles.len(),
-        guard = tiles.guard.len(),
-        validation = tiles.validation.len(),
-        test = tiles.test.len(),
-        "tiles (spatial block split)"
-    );
+    Ok((model, resuming, tiles, texts))
+}
 
-    let mut inputs = Inputs::new(TagVectors::new(a.model_dir.clone(), a.device.clone()), true);
-    inputs.vectors.ensure(Some(&store), &texts)?;
+/// What one optimiser step measured.
+struct Step {
+    loss: f64,
+    grad_norm: f64,
+    lr: f64,
+    input_seconds: f64,
+    compute_seconds: f64,
+}
 
-    let opt_cfg = AdamWConfig {
-        learning_rate: a.learning_rate,
-        ..Default::default()
-    };
-    let mut opt = model.optimizer(resuming.then_some(a.out.as_path()), opt_cfg)?;
-    let batch_size = a.batch_size.min(train_tiles.len());
-    model.meta.training.batch_size = batch_size;
-    model.meta.training.optimizer = Some(opt_cfg);
+/// The model, its optimiser and inputs, stepping through the run.
+struct Trainer<'a> {
+    store: &'a Store,
+    a: &'a TrainConfig,
+    model: Model,
+    opt: osmvec_model::optim::AdamW,
+    inputs: Inputs,
+    train_tiles: &'a [TileId],
+    batch_size: usize,
+}
 
-    let start_step = model.meta.training.steps;
-    let bar = super::progress_bar(
-        a.steps,
-        "training {bar:30} {pos}/{len} steps {per_sec} eta {eta} {msg}",
-    );
-    bar.set_position(start_step);
+impl<'a> Trainer<'a> {
+    /// Records the data in the model's description, loads the tag vectors
+    /// and the optimiser (its state, when resuming).
+    fn new(
+        store: &'a Store,
+        a: &'a TrainConfig,
+        mut model: Model,
+        resuming: bool,
+        tiles: &'a SplitTiles,
+        texts: &HashSet<String>,
+    ) -> Result<Trainer<'a>> {
+        let (seq, ts) = store.replication_state()?;
+        let data = &mut model.meta.data;
+        data.store = store.path().display().to_string();
+        data.replication_sequence = seq;
+        data.replication_timestamp = ts;
+        data.train_tiles = tiles.train.len();
+        data.heldout_tiles = tiles.test.len();
+        data.validation_tiles = tiles.validation.len();
+        data.guard_tiles = tiles.guard.len();
+        tracing::info!(
+            train = tiles.train.len(),
+            guard = tiles.guard.len(),
+            validation = tiles.validation.len(),
+            test = tiles.test.len(),
+            "tiles (spatial block split)"
+        );
+        let mut inputs = Inputs::new(TagVectors::new(a.model_dir.clone(), a.device.clone()), true);
+        inputs.vectors.ensure(Some(store), texts)?;
+        let opt_cfg = AdamWConfig {
+            learning_rate: a.learning_rate,
+            ..Default::default()
+        };
+        let opt = model.optimizer(resuming.then_some(a.out.as_path()), opt_cfg)?;
+        let batch_size = a.batch_size.min(tiles.train.len());
+        model.meta.training.batch_size = batch_size;
+        model.meta.training.optimizer = Some(opt_cfg);
+        Ok(Trainer {
+            store,
+            a,
+            model,
+            opt,
+            inputs,
+            train_tiles: &tiles.train,
+            batch_size,
+        })
+    }
+
+    /// Step `step` (0-based): its tiles and points come from `(seed, step)`.
+    fn step(&mut self, step: u64) -> Result<Step> {
+        let (a, model) = (self.a, &mut self.model);
+        let t_step = Instant::now();
+        let lr = if step < a.warmup_steps {
+            a.learning_rate * (step + 1) as f64 / a.warmup_steps as f64
+        } else {
+            a.learning_rate
+        };
+        self.opt.set_learning_rate(lr);
+        let mut rng = SplitMix64::new(mix(model.meta.config.seed ^ mix(step)));
+        let idx = sample_distinct(self.train_tiles.len(), self.batch_size, &mut rng);
+        let tiles: Vec<TileId> = idx.iter().map(|&i| self.train_tiles[i]).collect();
+        let coords: Vec<(f64, f64)> = tiles.iter().map(|t| point_in_tile(*t, &mut rng)).collect();
+        let batch = self.inputs.batch(self.store, model, &tiles)?;
+        let t_fwd = Instant::now();
+        let g = if a.reference {
+            encode_batch_reference(model, &batch)?
+        } else {
+            encode_batch_training(model, &batch)?
+        };
+        let loc = model.location.forward_train(&coords, &mut rng)?;
+        let groups: Vec<u64> = (0..tiles.len() as u64).collect();
+        let loss = model.loss.forward(&loc, &g.vectors, &groups, &g.present)?;
+        let loss_value = loss.to_scalar::<f32>()? as f64;
+        let grads = loss.backward()?;
+        let grad_norm = self
+            .opt
+            .step(&grads)
+            .with_context(|| format!("optimiser step {}", step + 1))?;
+        let compute_seconds = t_fwd.elapsed().as_secs_f64();
+        model.loss.clamp_parameter(&model.params)?;
+        model.meta.training.steps = step + 1;
+        model.meta.training.last_loss = Some(loss_value);
+        model.meta.training.seconds += t_step.elapsed().as_secs_f64();
+        Ok(Step {
+            loss: loss_value,
+            grad_norm,
+            lr,
+            input_seconds: (t_fwd - t_step).as_secs_f64(),
+            compute_seconds,
+        })
+    }
+
+    fn save(&mut self) -> Result<()> {
+        self.model.meta.training.temperature = Some(self.model.loss.temperature()?);
+        self.model.save(&self.a.out, Some(&self.opt))
+    }
+}
+
+/// Trains (or resumes training) up to `a.steps`, saving a checkpoint every
+/// `a.save_every` steps and at the end; `stop` ends the run after the
+/// current step, saved, so the same call resumes it. `progress` is called
+/// after every step.
+pub fn train(
+    store: &Store,
+    a: &TrainConfig,
+    progress: &mut dyn FnMut(TrainProgress),
+    stop: &AtomicBool,
+) -> Result<TrainReport> {
+    store.ensure_consistent()?;
+    let (model, resuming, tiles, texts) = prepare(store, a)?;
+    let mut t = Trainer::new(store, a, model, resuming, &tiles, &texts)?;
+    let (start_step, batch_size) = (t.model.meta.training.steps, t.batch_size);
+
     let t0 = Instant::now();
-    let mut first_loss = None;
-    let mut last_loss = None;
+    let (mut first_loss, mut last_loss) = (None, None);
     let mut interrupted = false;
     let mut last_log = Instant::now();
     let (mut input_seconds, mut compute_seconds) = (0f64, 0f64);
@@ -283,66 +394,38 @@ pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>) -> Result<TrainReport> {
             interrupted = true;
             break;
         }
-        let t_step = Instant::now();
-        let lr = if step < a.warmup_steps {
-            a.learning_rate * (step + 1) as f64 / a.warmup_steps as f64
-        } else {
-            a.learning_rate
-        };
-        opt.set_learning_rate(lr);
-        let mut rng = SplitMix64::new(mix(model.meta.config.seed ^ mix(step)));
-        let idx = sample_distinct(train_tiles.len(), batch_size, &mut rng);
-        let tiles: Vec<TileId> = idx.iter().map(|&i| train_tiles[i]).collect();
-        let coords: Vec<(f64, f64)> = tiles.iter().map(|t| point_in_tile(*t, &mut rng)).collect();
-        let batch = inputs.batch(&store, &model, &tiles)?;
-        let t_fwd = Instant::now();
-        input_seconds += (t_fwd - t_step).as_secs_f64();
-        let g = if a.reference {
-            encode_batch_reference(&model, &batch)?
-        } else {
-            encode_batch_training(&model, &batch)?
-        };
-        let loc = model.location.forward_train(&coords, &mut rng)?;
-        let groups: Vec<u64> = (0..tiles.len() as u64).collect();
-        let loss = model.loss.forward(&loc, &g.vectors, &groups, &g.present)?;
-        let loss_value = loss.to_scalar::<f32>()? as f64;
-        let grads = loss.backward()?;
-        let grad_norm = opt
-            .step(&grads)
-            .with_context(|| format!("optimiser step {}", step + 1))?;
-        compute_seconds += t_fwd.elapsed().as_secs_f64();
-        model.loss.clamp_parameter(&model.params)?;
+        let s = t.step(step)?;
+        input_seconds += s.input_seconds;
+        compute_seconds += s.compute_seconds;
         let done = step + 1;
-        model.meta.training.steps = done;
-        model.meta.training.last_loss = Some(loss_value);
-        model.meta.training.seconds += t_step.elapsed().as_secs_f64();
-        first_loss.get_or_insert(loss_value);
-        last_loss = Some(loss_value);
-        bar.set_position(done);
-        bar.set_message(format!("loss {loss_value:.4}"));
+        first_loss.get_or_insert(s.loss);
+        last_loss = Some(s.loss);
+        progress(TrainProgress {
+            step: done,
+            steps: a.steps,
+            loss: s.loss,
+        });
         if last_log.elapsed().as_secs_f64() >= 10.0 || done == a.steps || done == start_step + 1 {
             last_log = Instant::now();
             tracing::info!(
                 step = done,
-                loss = loss_value,
-                temperature = model.loss.temperature()?,
-                grad_norm,
-                lr,
-                step_seconds = t_step.elapsed().as_secs_f64(),
-                inputs_seconds = (t_fwd - t_step).as_secs_f64(),
+                loss = s.loss,
+                temperature = t.model.loss.temperature()?,
+                grad_norm = s.grad_norm,
+                lr = s.lr,
+                step_seconds = s.input_seconds + s.compute_seconds,
+                inputs_seconds = s.input_seconds,
                 samples_per_second =
                     (done - start_step) as f64 * batch_size as f64 / t0.elapsed().as_secs_f64(),
                 "training"
             );
         }
         if a.save_every > 0 && done % a.save_every == 0 && done < a.steps {
-            model.meta.training.temperature = Some(model.loss.temperature()?);
-            model.save(&a.out, Some(&opt))?;
+            t.save()?;
         }
     }
-    bar.finish_and_clear();
-    model.meta.training.temperature = Some(model.loss.temperature()?);
-    model.save(&a.out, Some(&opt))?;
+    t.save()?;
+    let model = &t.model;
     let steps_this_run = model.meta.training.steps - start_step;
     let seconds = t0.elapsed().as_secs_f64();
     if interrupted {
@@ -362,11 +445,11 @@ pub fn train(a: &TrainArgs, stop: Arc<AtomicBool>) -> Result<TrainReport> {
         first_loss,
         last_loss,
         temperature: model.meta.training.temperature,
-        train_tiles: train_tiles.len(),
+        train_tiles: tiles.train.len(),
         heldout_tiles: tiles.test.len(),
         validation_tiles: tiles.validation.len(),
         guard_tiles: tiles.guard.len(),
-        tag_texts_encoded: inputs.vectors.encoded,
+        tag_texts_encoded: t.inputs.vectors.encoded,
         interrupted,
         input_seconds,
         step_seconds_compute: compute_seconds,

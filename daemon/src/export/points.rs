@@ -98,22 +98,7 @@ pub fn embed_points(
     };
     let bar =
         osmvec_pipeline::progress_bar(total, "{bar:40} {pos}/{len} points ({per_sec}, {eta} left)");
-    // Model and source are known before the first row, so the metadata goes
-    // into the Arrow schema (what pyarrow reads) and the Parquet footer
-    // (what DuckDB and GDAL read); the count is the file's row count.
-    let osmvec_meta = json!({
-        "what": "osmvec location-encoder embeddings of points",
-        "model_version": version,
-        "dim": dim,
-        "checkpoint": checkpoint.display().to_string(),
-        "source": match points {
-            Points::File(p) => json!({ "file": p.display().to_string() }),
-            Points::Grid { bbox, step_m } => json!({ "bbox": bbox, "step_m": step_m }),
-        },
-        "osmvec_version": env!("CARGO_PKG_VERSION"),
-        "created_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-    })
-    .to_string();
+    let osmvec_meta = file_metadata(&version, dim, checkpoint, points);
     let mut emit = |chunk: Chunk| -> Result<()> {
         if chunk.lon.is_empty() {
             return Ok(());
@@ -135,29 +120,7 @@ pub fn embed_points(
             .flatten_all()?
             .to_vec1::<f32>()?;
         if writer.is_none() {
-            let mut fields = Vec::new();
-            match &chunk.id {
-                Some(IdColumn::Int(_)) => fields.push(Field::new("id", DataType::Int64, false)),
-                Some(IdColumn::Text(_)) => fields.push(Field::new("id", DataType::Utf8, false)),
-                None => {}
-            }
-            fields.push(Field::new("lon", DataType::Float64, false));
-            fields.push(Field::new("lat", DataType::Float64, false));
-            fields.push(Field::new("embedding", embedding_type(dim), false));
-            let schema = Arc::new(Schema::new_with_metadata(
-                fields,
-                [("osmvec".to_string(), osmvec_meta.clone())]
-                    .into_iter()
-                    .collect::<std::collections::HashMap<_, _>>(),
-            ));
-            let props = WriterProperties::builder()
-                .set_compression(Compression::SNAPPY)
-                .set_max_row_group_row_count(Some(CHUNK))
-                .set_key_value_metadata(Some(vec![KeyValue::new(
-                    "osmvec".to_string(),
-                    osmvec_meta.clone(),
-                )]))
-                .build();
+            let (schema, props) = points_schema(chunk.id.as_ref(), dim, &osmvec_meta);
             let f = BufWriter::with_capacity(1 << 20, file.take().expect("one writer"));
             writer = Some((
                 ArrowWriter::try_new(f, schema.clone(), Some(props))?,
@@ -165,25 +128,8 @@ pub fn embed_points(
             ));
         }
         let (w, schema) = writer.as_mut().expect("created above");
-        let mut columns: Vec<ArrayRef> = Vec::new();
-        match chunk.id {
-            Some(IdColumn::Int(v)) => columns.push(Arc::new(Int64Array::from(v))),
-            Some(IdColumn::Text(v)) => columns.push(Arc::new(StringArray::from(v))),
-            None => {}
-        }
-        if columns.len() + 3 != schema.fields().len() {
-            bail!("the input's id column appears in some rows only");
-        }
         bar.inc(chunk.lon.len() as u64);
-        columns.push(Arc::new(Float64Array::from(chunk.lon)));
-        columns.push(Arc::new(Float64Array::from(chunk.lat)));
-        columns.push(Arc::new(FixedSizeListArray::try_new(
-            Arc::new(Field::new("item", DataType::Float32, false)),
-            dim as i32,
-            Arc::new(Float32Array::from(values)),
-            None,
-        )?));
-        w.write(&RecordBatch::try_new(schema.clone(), columns)?)?;
+        w.write(&points_batch(schema, chunk, values, dim)?)?;
         Ok(())
     };
     match points {
@@ -226,6 +172,83 @@ pub fn embed_points(
         seconds,
         points_per_second: count as f64 / seconds.max(1e-9),
     })
+}
+
+/// The file's `osmvec` metadata. Model and source are known before the
+/// first row, so it goes into the Arrow schema (what pyarrow reads) and the
+/// Parquet footer (what DuckDB and GDAL read); the count is the file's row
+/// count.
+fn file_metadata(version: &str, dim: usize, checkpoint: &Path, points: &Points) -> String {
+    json!({
+        "what": "osmvec location-encoder embeddings of points",
+        "model_version": version,
+        "dim": dim,
+        "checkpoint": checkpoint.display().to_string(),
+        "source": match points {
+            Points::File(p) => json!({ "file": p.display().to_string() }),
+            Points::Grid { bbox, step_m } => json!({ "bbox": bbox, "step_m": step_m }),
+        },
+        "osmvec_version": env!("CARGO_PKG_VERSION"),
+        "created_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    })
+    .to_string()
+}
+
+/// The schema (an `id` column of the input's type, when it has one) and
+/// the writer's settings.
+fn points_schema(id: Option<&IdColumn>, dim: usize, meta: &str) -> (SchemaRef, WriterProperties) {
+    let mut fields = Vec::new();
+    match id {
+        Some(IdColumn::Int(_)) => fields.push(Field::new("id", DataType::Int64, false)),
+        Some(IdColumn::Text(_)) => fields.push(Field::new("id", DataType::Utf8, false)),
+        None => {}
+    }
+    fields.push(Field::new("lon", DataType::Float64, false));
+    fields.push(Field::new("lat", DataType::Float64, false));
+    fields.push(Field::new("embedding", embedding_type(dim), false));
+    let schema = Arc::new(Schema::new_with_metadata(
+        fields,
+        [("osmvec".to_string(), meta.to_string())]
+            .into_iter()
+            .collect::<std::collections::HashMap<_, _>>(),
+    ));
+    let props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_max_row_group_row_count(Some(CHUNK))
+        .set_key_value_metadata(Some(vec![KeyValue::new(
+            "osmvec".to_string(),
+            meta.to_string(),
+        )]))
+        .build();
+    (schema, props)
+}
+
+/// One chunk's rows: its ids (when the schema has them), coordinates and
+/// vectors (`dim` values per point, row-major).
+fn points_batch(
+    schema: &SchemaRef,
+    chunk: Chunk,
+    values: Vec<f32>,
+    dim: usize,
+) -> Result<RecordBatch> {
+    let mut columns: Vec<ArrayRef> = Vec::new();
+    match chunk.id {
+        Some(IdColumn::Int(v)) => columns.push(Arc::new(Int64Array::from(v))),
+        Some(IdColumn::Text(v)) => columns.push(Arc::new(StringArray::from(v))),
+        None => {}
+    }
+    if columns.len() + 3 != schema.fields().len() {
+        bail!("the input's id column appears in some rows only");
+    }
+    columns.push(Arc::new(Float64Array::from(chunk.lon)));
+    columns.push(Arc::new(Float64Array::from(chunk.lat)));
+    columns.push(Arc::new(FixedSizeListArray::try_new(
+        Arc::new(Field::new("item", DataType::Float32, false)),
+        dim as i32,
+        Arc::new(Float32Array::from(values)),
+        None,
+    )?));
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
 }
 
 const M_PER_DEG: f64 = 111_320.0;

@@ -234,9 +234,9 @@ impl TileRecord {
     }
 }
 
-/// Topic names.
+/// Topic names (`[kafka.topics]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Topics {
     pub embeddings: String,
     pub changes: String,
@@ -259,9 +259,10 @@ impl Default for Topics {
     }
 }
 
-/// How to reach and use the broker.
+/// How to reach and use the broker (`[kafka]`): one configuration for the
+/// publisher, the admin client and the workers' clients.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct KafkaConfig {
     /// `bootstrap.servers`, e.g. `127.0.0.1:9092`.
     pub brokers: String,
@@ -270,15 +271,17 @@ pub struct KafkaConfig {
     pub partitions: i32,
     pub replication_factor: i32,
     /// How long librdkafka keeps retrying one message before reporting it
-    /// failed (it is then sent again by a later drain).
-    pub message_timeout_ms: u64,
+    /// failed (it is then sent again by a later drain), seconds.
+    pub message_timeout_seconds: u64,
     /// Encoding of message values.
     pub encoding: Encoding,
     /// Largest record sent (librdkafka `message.max.bytes`). Change records
     /// are cut to fit it, embedding records always do (checked at start),
     /// larger jobs go to the dead-letter topic.
     pub max_message_bytes: usize,
-    /// librdkafka settings for every client (`[kafka.properties]`).
+    /// librdkafka settings for every client (`[kafka.properties]`; TOML
+    /// numbers and booleans become their text).
+    #[serde(deserialize_with = "crate::config::property_values")]
     pub properties: std::collections::BTreeMap<String, String>,
     /// CloudEvents `source` (`ce_source`) of every record: a URI
     /// reference naming this deployment.
@@ -292,7 +295,7 @@ impl Default for KafkaConfig {
             topics: Topics::default(),
             partitions: 4,
             replication_factor: 1,
-            message_timeout_ms: 30_000,
+            message_timeout_seconds: 30,
             encoding: Encoding::Json,
             max_message_bytes: 1_000_000,
             properties: Default::default(),
@@ -301,7 +304,66 @@ impl Default for KafkaConfig {
     }
 }
 
+impl KafkaConfig {
+    /// `message.timeout.ms`.
+    pub fn message_timeout_ms(&self) -> u64 {
+        self.message_timeout_seconds.saturating_mul(1000)
+    }
+
+    /// Ranges and reserved settings; errors name the key.
+    pub fn validate(&self) -> Result<()> {
+        for k in self.properties.keys() {
+            check_property(k)?;
+        }
+        if !(1_000..=1_000_000_000).contains(&self.max_message_bytes) {
+            anyhow::bail!(
+                "kafka.max_message_bytes must be between 1000 and 1000000000 (librdkafka's range), not {}",
+                self.max_message_bytes
+            );
+        }
+        if self.partitions < 1 || self.replication_factor < 1 {
+            anyhow::bail!("kafka.partitions and kafka.replication_factor must be at least 1");
+        }
+        if self.message_timeout_seconds == 0 || self.message_timeout_seconds > 2_147_483 {
+            anyhow::bail!(
+                "kafka.message_timeout_seconds must be between 1 and 2147483 (librdkafka's range), not {}",
+                self.message_timeout_seconds
+            );
+        }
+        Ok(())
+    }
+}
+
 type Opaque = Box<(Vec<u8>, u64)>;
+
+/// Hands a record to the producer, waiting while its queue is full. None:
+/// queued; Some(reason): refused for good (the record goes to the
+/// dead-letter topic); Some(""): not now (the drain stops, the record stays
+/// in the outbox).
+fn enqueue<C: rdkafka::producer::ProducerContext>(
+    producer: &BaseProducer<C>,
+    mut record: BaseRecord<'_, str, [u8], C::DeliveryOpaque>,
+    topic: &str,
+) -> Option<String> {
+    loop {
+        match producer.send(record) {
+            Ok(()) => return None,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                producer.poll(Duration::from_millis(50));
+            }
+            Err((err, _)) if err.rdkafka_error_code().is_some_and(is_permanent) => {
+                return Some(err.to_string());
+            }
+            Err((err, _)) => {
+                // Not this record's fault (a topic missing from the
+                // metadata, say): it stays queued for a later drain.
+                tracing::warn!(error = %err, topic, "cannot queue a record; trying again later");
+                return Some(String::new());
+            }
+        }
+    }
+}
 
 /// Kafka errors that say "this record will never be accepted": sending it
 /// again gets the same answer, so it goes to the dead-letter topic instead
@@ -507,7 +569,10 @@ impl Publisher {
         c.set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
-            .set("message.timeout.ms", config.message_timeout_ms.to_string())
+            .set(
+                "message.timeout.ms",
+                config.message_timeout_ms().to_string(),
+            )
             .set("message.max.bytes", config.max_message_bytes.to_string());
         if jobs {
             // Jobs are large and repetitive (tag texts): zstd unless the
@@ -896,112 +961,104 @@ impl Publisher {
             if report.sent >= max {
                 break;
             }
-            let token = (e.key.clone(), e.id);
-            if self.in_flight.contains(&token) || self.dead_in_flight.contains_key(&token) {
-                continue;
+            if !self.send_entry(store, &e, &mut report)? {
+                break;
             }
-            let built = match self.build(store, &e)? {
-                Ok(b) => b,
-                Err(why) => {
-                    let (topic, key) = match &e.item {
-                        OutboxItem::Job(t) => (self.config.topics.jobs.clone(), t.to_string()),
-                        OutboxItem::Change(c) => (
-                            self.config.topics.changes.clone(),
-                            format!("{}/{}", c.osm_type, c.id),
-                        ),
-                        OutboxItem::Tile(t) => {
-                            (self.config.topics.embeddings.clone(), t.to_string())
-                        }
-                    };
-                    self.dead_letter(store, &e, &topic, &key, None, &why)?;
-                    report.dead_lettered += 1;
-                    continue;
+            self.collect(store, &mut report)?;
+        }
+        self.settle(store, &mut report, wait)?;
+        Ok(report)
+    }
+
+    /// Queues one outbox entry (or dead-letters it); false: the producer
+    /// cannot queue now, the drain stops and the entry waits for the next.
+    fn send_entry(
+        &mut self,
+        store: &Store,
+        e: &OutboxEntry,
+        report: &mut DrainReport,
+    ) -> Result<bool> {
+        let token = (e.key.clone(), e.id);
+        if self.in_flight.contains(&token) || self.dead_in_flight.contains_key(&token) {
+            return Ok(true);
+        }
+        let built = match self.build(store, e)? {
+            Ok(b) => b,
+            Err(why) => {
+                let (topic, key) = match &e.item {
+                    OutboxItem::Job(t) => (self.config.topics.jobs.clone(), t.to_string()),
+                    OutboxItem::Change(c) => (
+                        self.config.topics.changes.clone(),
+                        format!("{}/{}", c.osm_type, c.id),
+                    ),
+                    OutboxItem::Tile(t) => (self.config.topics.embeddings.clone(), t.to_string()),
+                };
+                self.dead_letter(store, e, &topic, &key, None, &why)?;
+                report.dead_lettered += 1;
+                return Ok(true);
+            }
+        };
+        let refused = match self.refused.remove(&token) {
+            Some(err) => Some(err),
+            None => {
+                let enc = self.config.encoding;
+                let mut record: BaseRecord<'_, str, [u8], Opaque> =
+                    BaseRecord::with_opaque_to(&built.topic, Box::new(token.clone()))
+                        .key(built.key.as_str())
+                        // Jobs are CBOR whatever kafka.encoding says.
+                        .headers(record_headers(
+                            &built.idempotency_key,
+                            if built.job { Encoding::Cbor } else { enc },
+                            &self.config.cloudevents_source,
+                            CloudEvent {
+                                ty: built.ce_type,
+                                subject: &built.key,
+                                time: built.time,
+                            },
+                        ));
+                if let Some(p) = &built.payload {
+                    record = record.payload(p.as_slice());
                 }
-            };
-            if let Some(err) = self.refused.remove(&token) {
+                let producer = match (&self.jobs_producer, built.job) {
+                    (Some(j), true) => j,
+                    _ => &self.producer,
+                };
+                enqueue(producer, record, &built.topic)
+            }
+        };
+        match refused {
+            None => {
+                self.in_flight.insert(token);
+                report.sent += 1;
+                *self
+                    .stats
+                    .payload_bytes
+                    .entry(built.topic.clone())
+                    .or_default() += built.payload.as_ref().map_or(0, |p| p.len() as u64);
+            }
+            Some(err) if err.is_empty() => return Ok(false),
+            Some(err) => {
                 self.dead_letter(
                     store,
-                    &e,
+                    e,
                     &built.topic,
                     &built.key,
                     built.payload.as_deref(),
                     &err,
                 )?;
                 report.dead_lettered += 1;
-                continue;
             }
-            let enc = self.config.encoding;
-            let mut record: BaseRecord<'_, str, [u8], Opaque> =
-                BaseRecord::with_opaque_to(&built.topic, Box::new(token.clone()))
-                    .key(built.key.as_str())
-                    // Jobs are CBOR whatever kafka.encoding says.
-                    .headers(record_headers(
-                        &built.idempotency_key,
-                        if built.job { Encoding::Cbor } else { enc },
-                        &self.config.cloudevents_source,
-                        CloudEvent {
-                            ty: built.ce_type,
-                            subject: &built.key,
-                            time: built.time,
-                        },
-                    ));
-            if let Some(p) = &built.payload {
-                record = record.payload(p.as_slice());
-            }
-            let producer = match (&self.jobs_producer, built.job) {
-                (Some(j), true) => j,
-                _ => &self.producer,
-            };
-            let mut refused = None;
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                        record = r;
-                        producer.poll(Duration::from_millis(50));
-                    }
-                    Err((err, _)) if err.rdkafka_error_code().is_some_and(is_permanent) => {
-                        refused = Some(err.to_string());
-                        break;
-                    }
-                    Err((err, _)) => {
-                        // Not this record's fault (a topic missing from the
-                        // metadata, say): it stays queued for a later drain.
-                        tracing::warn!(error = %err, topic = %built.topic, "cannot queue a record; trying again later");
-                        refused = Some(String::new());
-                        break;
-                    }
-                }
-            }
-            match refused {
-                None => {
-                    self.in_flight.insert(token);
-                    report.sent += 1;
-                    *self
-                        .stats
-                        .payload_bytes
-                        .entry(built.topic.clone())
-                        .or_default() += built.payload.as_ref().map_or(0, |p| p.len() as u64);
-                }
-                Some(err) if err.is_empty() => break,
-                Some(err) => {
-                    self.dead_letter(
-                        store,
-                        &e,
-                        &built.topic,
-                        &built.key,
-                        built.payload.as_deref(),
-                        &err,
-                    )?;
-                    report.dead_lettered += 1;
-                }
-            }
-            self.collect(store, &mut report)?;
         }
+        Ok(true)
+    }
+
+    /// Waits up to `wait` for the drain's deliveries, then judges the
+    /// broker's reachability and replaces a producer that cannot recover.
+    fn settle(&mut self, store: &Store, report: &mut DrainReport, wait: Duration) -> Result<()> {
         let deadline = Instant::now() + wait;
         loop {
             self.poll_all(Duration::from_millis(10));
-            self.collect(store, &mut report)?;
+            self.collect(store, report)?;
             if self.in_flight() == 0 || Instant::now() >= deadline {
                 break;
             }
@@ -1031,7 +1088,7 @@ impl Publisher {
         } else if report.delivered == 0 && report.rejected > 0 {
             self.replace_producer("the broker rejected every record of a drain")?;
         }
-        Ok(report)
+        Ok(())
     }
 
     fn collect(&mut self, store: &Store, report: &mut DrainReport) -> Result<()> {

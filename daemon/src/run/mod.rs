@@ -47,7 +47,7 @@ use osmvec_pipeline::checkpoint::{Model, git_revision};
 use osmvec_pipeline::finetune::FinetuneConfig;
 use serde::Serialize;
 
-use crate::config::{Mode, RunSettings};
+use crate::config::{Config, Mode, listen_address};
 use crate::observe::api::{Shared, serve};
 use crate::observe::drift::DriftWindow;
 use crate::observe::metrics::Metrics;
@@ -96,23 +96,26 @@ pub struct RunOptions {
 }
 
 impl RunOptions {
-    /// The daemon's options from merged settings and the resolved device.
-    pub fn new(s: RunSettings, device: Device, model_dir: PathBuf) -> RunOptions {
-        RunOptions {
-            store: s.store,
-            source: s.source,
-            checkpoint: s.checkpoint,
-            kafka: s.kafka,
+    /// The daemon's options from the checked configuration and the resolved
+    /// device; errors if `store`, `source` or `checkpoint` is missing.
+    pub fn new(c: &Config, device: Device, model_dir: PathBuf) -> Result<RunOptions> {
+        let (store, source, checkpoint) = c.required()?;
+        // `Config::validate` has checked every duration (finite, ≥ 0, at
+        // most a year).
+        let secs = |v: f64| crate::cli::seconds(v).map_err(anyhow::Error::msg);
+        Ok(RunOptions {
+            store,
+            source,
+            checkpoint,
+            kafka: c.kafka.clone(),
             until_caught_up: false,
-            // `merge` has checked both (finite, ≥ 0, at most a year).
-            poll_interval: crate::cli::seconds(s.poll_interval_seconds)
-                .unwrap_or(Duration::from_secs(30)),
-            debounce: crate::cli::seconds(s.debounce_seconds).unwrap_or(Duration::from_secs(2)),
-            embed_batch: s.embed_batch,
-            max_tiles_per_cycle: s.max_tiles_per_cycle,
-            sweep_tiles_per_cycle: s.sweep_tiles_per_cycle,
-            context_pruning: s.context_pruning,
-            mode: s.mode,
+            poll_interval: secs(c.poll_interval_seconds).context("poll_interval_seconds")?,
+            debounce: secs(c.debounce_seconds).context("debounce_seconds")?,
+            embed_batch: c.embed_batch,
+            max_tiles_per_cycle: c.max_tiles_per_cycle,
+            sweep_tiles_per_cycle: c.sweep_tiles_per_cycle,
+            context_pruning: c.context_pruning,
+            mode: c.mode,
             max_outbox_per_drain: 10_000,
             shutdown_flush: Duration::from_secs(10),
             backoff: Backoff {
@@ -121,26 +124,25 @@ impl RunOptions {
                 max_attempts: None,
             },
             osc: OscOptions {
-                max_decompressed_bytes: s.max_diff_bytes,
+                max_decompressed_bytes: c.max_diff_bytes,
                 ..OscOptions::default()
             },
             source_options: SourceOptions {
-                max_diff_bytes: s.max_diff_bytes,
-                fetch_timeout: crate::cli::seconds(s.fetch_timeout_seconds)
-                    .unwrap_or(Duration::from_secs(600)),
-                ca_file: s.source_ca_file.clone(),
+                max_diff_bytes: c.max_diff_bytes,
+                fetch_timeout: secs(c.fetch_timeout_seconds).context("fetch_timeout_seconds")?,
+                ca_file: c.source_ca_file.clone(),
                 ..SourceOptions::default()
             },
             model_dir,
             device,
             json: false,
-            http_listen: s.http_listen,
-            http_token: s.http_token,
-            http_export_max_tiles: s.http_export_max_tiles,
-            drift_threshold: s.drift_threshold,
-            drift_window_seconds: s.drift_window_seconds,
-            finetune: s.finetune,
-        }
+            http_listen: listen_address(&c.http.listen),
+            http_token: c.http.token.clone().filter(|t| !t.is_empty()),
+            http_export_max_tiles: c.http.export_max_tiles,
+            drift_threshold: c.drift.threshold,
+            drift_window_seconds: c.drift.window_seconds,
+            finetune: c.finetune.clone(),
+        })
     }
 }
 
