@@ -176,7 +176,9 @@ fn forced_finetunes_are_promoted_or_rejected_by_the_gate() {
 }
 
 /// A crash between writing the candidate's weights and committing them
-/// (OSMVEC_FAILPOINT aborts the process there): the checkpoint directory
+/// (the `checkpoint-commit` failpoint, FAILPOINTS=checkpoint-commit=return
+/// in a binary built with `--features failpoints` as `cargo test
+/// --workspace` builds it, aborts the process there): the checkpoint directory
 /// still holds the old version, complete; the restarted daemon serves it,
 /// and the next save removes the orphaned weight file.
 #[test]
@@ -201,7 +203,7 @@ fn a_crash_during_promotion_leaves_the_old_version_serving() {
         &server.url,
         &broker.addr,
         &args,
-        &[("OSMVEC_FAILPOINT", "checkpoint-commit")],
+        &[("FAILPOINTS", "checkpoint-commit=return")],
     );
     wait_for("sequence 2, all embedded", Duration::from_secs(300), || {
         metric(&url, "osmvec_replication_sequence") == Some(2.0)
@@ -211,7 +213,8 @@ fn a_crash_during_promotion_leaves_the_old_version_serving() {
     let status = daemon.0.wait().unwrap();
     assert!(
         !status.success(),
-        "the failpoint should have killed the daemon"
+        "the failpoint should have killed the daemon (is the binary built with \
+         --features failpoints, as `cargo test --release --workspace` builds it?)"
     );
     let weights: Vec<String> = std::fs::read_dir(&ckpt)
         .unwrap()

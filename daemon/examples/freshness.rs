@@ -26,7 +26,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -49,26 +49,21 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[i]
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().collect();
-    let need = |n: &str| arg(&args, n).ok_or_else(|| format!("missing {n}"));
-    let osmvec = need("--osmvec")?;
-    let store = need("--store")?;
-    let checkpoint = need("--checkpoint")?;
-    let feed = need("--feed")?;
-    let brokers = need("--brokers")?;
-    let last: u64 = need("--last")?.parse()?;
-    let poll = arg(&args, "--poll-interval").unwrap_or_else(|| "0.1".into());
-    let topic = arg(&args, "--topic").unwrap_or_else(|| "osmvec.tile-embeddings".into());
-    let topic = topic.as_str();
+type Error = Box<dyn std::error::Error>;
+/// Tiles embedded per sequence (summed over its cycles) and whether a
+/// cycle at that sequence left nothing dirty.
+type Embedded = Arc<Mutex<HashMap<u64, (u64, bool)>>>;
+/// Arrival times of the records read, per sequence.
+type Arrivals = Arc<Mutex<HashMap<u64, Vec<Instant>>>>;
+
+/// The loopback replication source with every diff hidden; its URL.
+fn start_source(feed: &str) -> Result<(Child, String), Error> {
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../tests/fixtures/http_source.py"
     );
-
-    // The source, every diff hidden.
     let mut server = Command::new("python3")
-        .args([script, "--dir", &feed, "--port", "0", "--hide-after", "0"])
+        .args([script, "--dir", feed, "--port", "0", "--hide-after", "0"])
         .stdout(Stdio::piped())
         .spawn()?;
     let mut line = String::new();
@@ -77,43 +72,49 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "http://127.0.0.1:{}",
         line.trim().trim_start_matches("PORT ")
     );
+    Ok((server, url))
+}
 
-    // The daemon, as a user runs it; its cycle lines say how many tiles
-    // each sequence embedded (summed over the cycles at that sequence) and
-    // when it is done (a line at that sequence with nothing left dirty).
-    let mut daemon = Command::new(&osmvec)
-        .args(["run", "--store", &store, "--checkpoint", &checkpoint])
-        .args(["--source", &url, "--brokers", &brokers, "--json"])
-        .args(["--poll-interval", &poll, "--http-listen", "off"])
-        .args(["--topic-embeddings", topic])
+/// The daemon, as a user runs it; its cycle lines (read on a thread) say
+/// how many tiles each sequence embedded and when it is done.
+fn start_daemon(args: &[&str]) -> Result<(Child, Embedded), Error> {
+    let (osmvec, rest) = args.split_first().expect("the binary first");
+    let mut daemon = Command::new(osmvec)
+        .arg("run")
+        .args(rest)
+        .args(["--json", "--http-listen", "off"])
         .env("OSMVEC_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()?;
-    let embedded: Arc<Mutex<HashMap<u64, (u64, bool)>>> = Arc::default();
-    {
-        let embedded = embedded.clone();
-        let out = daemon.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for l in BufReader::new(out).lines() {
-                let Ok(l) = l else { break };
-                let c: serde_json::Value = serde_json::from_str(&l).unwrap();
-                let Some(seq) = c["sequence"].as_u64() else {
-                    continue;
-                };
-                let mut e = embedded.lock().unwrap();
-                let entry = e.entry(seq).or_default();
-                entry.0 += c["tiles_embedded"].as_u64().unwrap();
-                entry.1 |= c["dirty_left"] == 0;
-            }
-        });
-    }
-    std::thread::sleep(Duration::from_secs(2));
+    let embedded: Embedded = Arc::default();
+    let e = embedded.clone();
+    let out = daemon.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines() {
+            let Ok(l) = l else { break };
+            let c: serde_json::Value = serde_json::from_str(&l).unwrap();
+            let Some(seq) = c["sequence"].as_u64() else {
+                continue;
+            };
+            let mut e = e.lock().unwrap();
+            let entry = e.entry(seq).or_default();
+            entry.0 += c["tiles_embedded"].as_u64().unwrap();
+            entry.1 |= c["dirty_left"] == 0;
+        }
+    });
+    Ok((daemon, embedded))
+}
 
-    // The consumer: (sequence -> arrival times) of every record read; made
-    // once the daemon has created the topic.
-    let arrivals: Arc<Mutex<HashMap<u64, Vec<Instant>>>> = Arc::default();
+/// A consumer of `topic` from the beginning (once the daemon has created
+/// it), recording arrivals on a thread until `stop`.
+fn start_consumer(
+    brokers: &str,
+    topic: &str,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<(std::thread::JoinHandle<()>, Arrivals), Error> {
+    let arrivals: Arrivals = Arc::default();
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
+        .set("bootstrap.servers", brokers)
         .set("group.id", "osmvec-freshness")
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "10")
@@ -135,26 +136,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::thread::sleep(Duration::from_millis(200));
     }
     consumer.assign(&tpl)?;
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let reader = {
-        let (arrivals, stop) = (arrivals.clone(), stop.clone());
-        std::thread::spawn(move || {
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Some(Ok(m)) = consumer.poll(Duration::from_millis(5)) {
-                    let at = Instant::now();
-                    let Some(p) = m.payload() else { continue };
-                    let v: serde_json::Value = serde_json::from_slice(p).expect("JSON records");
-                    let seq = v["sequence"].as_u64().unwrap_or(0);
-                    arrivals.lock().unwrap().entry(seq).or_default().push(at);
-                }
+    let a = arrivals.clone();
+    let reader = std::thread::spawn(move || {
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(5)) {
+                let at = Instant::now();
+                let Some(p) = m.payload() else { continue };
+                let v: serde_json::Value = serde_json::from_slice(p).expect("JSON records");
+                let seq = v["sequence"].as_u64().unwrap_or(0);
+                a.lock().unwrap().entry(seq).or_default().push(at);
             }
-        })
-    };
+        }
+    });
+    Ok((reader, arrivals))
+}
 
+/// Publishes sequences 1..=last one at a time and waits for each one's
+/// records: the freshness of each diff that embedded tiles, and how many
+/// embedded none.
+fn publish_and_wait(
+    url: &str,
+    last: u64,
+    embedded: &Embedded,
+    arrivals: &Arrivals,
+) -> Result<(Vec<f64>, u64), Error> {
     let agent = ureq::Agent::new_with_defaults();
     let mut latencies = Vec::new();
     let mut empty = 0;
-    let t_all = Instant::now();
     for k in 1..=last {
         let published = Instant::now();
         agent
@@ -186,6 +194,42 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             std::thread::sleep(Duration::from_millis(2));
         }
     }
+    Ok((latencies, empty))
+}
+
+fn main() -> Result<(), Error> {
+    let args: Vec<String> = std::env::args().collect();
+    let need = |n: &str| arg(&args, n).ok_or_else(|| format!("missing {n}"));
+    let osmvec = need("--osmvec")?;
+    let store = need("--store")?;
+    let checkpoint = need("--checkpoint")?;
+    let feed = need("--feed")?;
+    let brokers = need("--brokers")?;
+    let last: u64 = need("--last")?.parse()?;
+    let poll = arg(&args, "--poll-interval").unwrap_or_else(|| "0.1".into());
+    let topic = arg(&args, "--topic").unwrap_or_else(|| "osmvec.tile-embeddings".into());
+
+    let (mut server, url) = start_source(&feed)?;
+    let (mut daemon, embedded) = start_daemon(&[
+        &osmvec,
+        "--store",
+        &store,
+        "--checkpoint",
+        &checkpoint,
+        "--source",
+        &url,
+        "--brokers",
+        &brokers,
+        "--poll-interval",
+        &poll,
+        "--topic-embeddings",
+        &topic,
+    ])?;
+    std::thread::sleep(Duration::from_secs(2));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (reader, arrivals) = start_consumer(&brokers, &topic, stop.clone())?;
+    let t_all = Instant::now();
+    let (latencies, empty) = publish_and_wait(&url, last, &embedded, &arrivals)?;
     let wall = t_all.elapsed().as_secs_f64();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     reader.join().unwrap();

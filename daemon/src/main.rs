@@ -886,6 +886,9 @@ impl From<TagTextsArg> for osmvec_pipeline::tags::TagTexts {
 
 fn main() -> ExitCode {
     tune_allocator();
+    // Crash points from FAILPOINTS, in a build with `--features failpoints`
+    // (the test suite's); nothing otherwise.
+    let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match run(cli) {

@@ -395,17 +395,11 @@ impl<'a> Worker<'a> {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&o.kafka.topics.models, 0, Offset::Beginning)?;
         models.assign(&tpl)?;
-        let producer: BaseProducer<Deliveries> =
-            client_config(&o.kafka.brokers, &o.kafka.properties)
-                .set("enable.idempotence", "true")
-                .set("acks", "all")
-                .set("linger.ms", "5")
-                .set(
-                    "message.timeout.ms",
-                    o.kafka.message_timeout_ms().to_string(),
-                )
-                .create_with_context(Deliveries::default())
-                .with_context(|| format!("creating a Kafka producer for {}", o.kafka.brokers))?;
+        let producer: BaseProducer<Deliveries> = o
+            .kafka
+            .producer_config()
+            .create_with_context(Deliveries::default())
+            .with_context(|| format!("creating a Kafka producer for {}", o.kafka.brokers))?;
         let status = Arc::new(WorkerStatus {
             metrics: WorkerMetrics::new(osmvec_pipeline::checkpoint::git_revision())?,
             group: o.group.clone(),

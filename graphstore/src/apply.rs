@@ -186,12 +186,9 @@ impl<'s> DiffApplier<'s> {
                 ids.sort_unstable();
                 ids.dedup();
                 let keys: Vec<[u8; 8]> = ids.iter().map(|id| codec::id_key(*id)).collect();
-                let vals = store
-                    .db()
-                    .batched_multi_get_cf(store.cf($cf), keys.iter(), true);
-                for (id, v) in ids.into_iter().zip(vals) {
-                    let v = v.map_err(|e| StoreError::db(store.path(), e))?;
-                    let old = v.map(|v| $decode(id, &v)).transpose()?;
+                store.multi_get($cf, &keys, true, |i, v| {
+                    let id = ids[i];
+                    let old = v.map(|v| $decode(id, v)).transpose()?;
                     $map.insert(
                         id,
                         Slot {
@@ -199,7 +196,8 @@ impl<'s> DiffApplier<'s> {
                             old,
                         },
                     );
-                }
+                    Ok(())
+                })?;
             }};
         }
         load!(self.nodes, ElementType::Node, cf::NODES, codec::decode_node);

@@ -22,19 +22,17 @@ pub(crate) fn loc_of(lat: i32, lon: i32) -> [f64; 2] {
 impl Lookup for Store {
     fn node_locs(&self, ids: &[i64]) -> Result<Vec<Option<[f64; 2]>>> {
         let keys: Vec<[u8; 8]> = ids.iter().map(|id| codec::id_key(*id)).collect();
-        let cf = self.cf(cf::NODES);
-        let res = self.db().batched_multi_get_cf(cf, keys.iter(), false);
         let mut out = Vec::with_capacity(ids.len());
-        for r in res {
-            let v = r.map_err(|e| crate::error::StoreError::db(self.path(), e))?;
+        self.multi_get(cf::NODES, &keys, false, |_, v| {
             out.push(match v {
                 Some(v) => {
-                    let (lat, lon) = codec::decode_node_location(&v)?;
+                    let (lat, lon) = codec::decode_node_location(v)?;
                     Some(loc_of(lat, lon))
                 }
                 None => None,
             });
-        }
+            Ok(())
+        })?;
         Ok(out)
     }
 

@@ -32,12 +32,12 @@
 //! now (see the embedding pipeline's context-dirty pruning): an edit that
 //! does not reach the coarse tile's sampled graph changes no child.
 
-use rocksdb::{IteratorMode, WriteBatch};
+use rocksdb::WriteBatch;
 
 use crate::codec::{self, Reader, put_uvarint};
 use crate::element::ElementType;
 use crate::error::{Result, StoreError};
-use crate::store::{Store, cf, meta};
+use crate::store::{Snapshot, Store, cf, meta};
 use crate::tiles::TileId;
 
 /// A tile's dirty mark (see the module docs).
@@ -211,17 +211,13 @@ impl Store {
 
     /// Current marks of `tiles` (one multi-get).
     pub fn current_marks(&self, tiles: &[TileId]) -> Result<Vec<Option<DirtyMark>>> {
-        let c = self.cf(cf::DIRTY_TILES);
         let keys: Vec<[u8; 9]> = tiles.iter().map(|t| t.to_key()).collect();
-        self.db()
-            .multi_get_cf(keys.iter().map(|k| (c, k.as_slice())))
-            .into_iter()
-            .map(|r| {
-                r.map_err(|e| self.db_err(e))?
-                    .map(|v| DirtyMark::decode(&v))
-                    .transpose()
-            })
-            .collect()
+        let mut out = Vec::with_capacity(tiles.len());
+        self.multi_get(cf::DIRTY_TILES, &keys, false, |_, v| {
+            out.push(v.map(DirtyMark::decode).transpose()?);
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     /// Writes `tile`'s mark `new` in `b`, given its current mark `cur`
@@ -321,18 +317,16 @@ impl Store {
     /// what it returns, whatever the size of the backlog.
     pub fn oldest_marks(&self, limit: usize) -> Result<Vec<(TileId, DirtyMark)>> {
         let mut tiles = Vec::with_capacity(limit.min(1 << 16));
-        let mut it = self.db().raw_iterator_cf(self.cf(cf::DIRTY_ORDER));
-        it.seek_to_first();
-        while it.valid() && tiles.len() < limit {
-            let k = it.key().expect("valid iterator has a key");
-            let t = (k.len() == 17)
-                .then(|| TileId::from_key(&k[8..]))
-                .flatten()
-                .ok_or_else(|| StoreError::corrupt("dirty order key"))?;
-            tiles.push(t);
-            it.next();
+        if limit > 0 {
+            self.scan_from(cf::DIRTY_ORDER, &[], |k, _| {
+                let t = (k.len() == 17)
+                    .then(|| TileId::from_key(&k[8..]))
+                    .flatten()
+                    .ok_or_else(|| StoreError::corrupt("dirty order key"))?;
+                tiles.push(t);
+                Ok(tiles.len() < limit)
+            })?;
         }
-        it.status().map_err(|e| self.db_err(e))?;
         let mut out = Vec::with_capacity(tiles.len());
         for (t, m) in tiles.iter().zip(self.current_marks(&tiles)?) {
             let m = m.ok_or_else(|| {
@@ -413,22 +407,20 @@ impl Store {
 
     /// The recorded context fingerprints of `tiles` (see the module docs).
     pub fn context_fingerprints(&self, tiles: &[TileId]) -> Result<Vec<Option<u64>>> {
-        let c = self.cf(cf::TILE_CONTEXTS);
         let keys: Vec<[u8; 9]> = tiles.iter().map(|t| t.to_key()).collect();
-        self.db()
-            .multi_get_cf(keys.iter().map(|k| (c, k.as_slice())))
-            .into_iter()
-            .map(|r| {
-                r.map_err(|e| self.db_err(e))?
-                    .map(|v| {
-                        v.as_slice()
-                            .try_into()
-                            .map(u64::from_le_bytes)
-                            .map_err(|_| StoreError::corrupt("context fingerprint"))
-                    })
-                    .transpose()
-            })
-            .collect()
+        let mut out = Vec::with_capacity(tiles.len());
+        self.multi_get(cf::TILE_CONTEXTS, &keys, false, |_, v| {
+            out.push(
+                v.map(|v| {
+                    v.try_into()
+                        .map(u64::from_le_bytes)
+                        .map_err(|_| StoreError::corrupt("context fingerprint"))
+                })
+                .transpose()?,
+            );
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     /// Forgets the recorded contexts of `tiles` (their next embedding is
@@ -446,14 +438,11 @@ impl Store {
     /// scheduler uses [`Store::oldest_marks`]).
     pub fn dirty_marks(&self) -> Result<Vec<(TileId, DirtyMark)>> {
         let mut out = Vec::new();
-        for kv in self
-            .db()
-            .iterator_cf(self.cf(cf::DIRTY_TILES), IteratorMode::Start)
-        {
-            let (k, v) = kv.map_err(|e| self.db_err(e))?;
-            let t = TileId::from_key(&k).ok_or_else(|| StoreError::corrupt("dirty tile key"))?;
-            out.push((t, DirtyMark::decode(&v)?));
-        }
+        self.scan_from(cf::DIRTY_TILES, &[], |k, v| {
+            let t = TileId::from_key(k).ok_or_else(|| StoreError::corrupt("dirty tile key"))?;
+            out.push((t, DirtyMark::decode(v)?));
+            Ok(true)
+        })?;
         Ok(out)
     }
 
@@ -482,35 +471,29 @@ impl Store {
 
     /// Of `tiles`, those that hold features (one multi-get on `tiles`).
     pub fn tiles_with_features(&self, tiles: &[TileId]) -> Result<Vec<TileId>> {
-        let c = self.cf(cf::TILES);
         let keys: Vec<[u8; 9]> = tiles.iter().map(|t| t.to_key()).collect();
         let mut out = Vec::new();
-        for (t, r) in tiles.iter().zip(
-            self.db()
-                .multi_get_cf(keys.iter().map(|k| (c, k.as_slice()))),
-        ) {
-            if r.map_err(|e| self.db_err(e))?.is_some() {
-                out.push(*t);
+        self.multi_get(cf::TILES, &keys, false, |i, v| {
+            if v.is_some() {
+                out.push(tiles[i]);
             }
-        }
+            Ok(())
+        })?;
         Ok(out)
     }
 
     /// Cached vectors of `texts` under `text_model`, `None` where not cached.
     pub fn tag_vectors(&self, text_model: &str, texts: &[&str]) -> Result<Vec<Option<Vec<f32>>>> {
-        let cf = self.cf(cf::TAG_VECTORS);
         let keys: Vec<Vec<u8>> = texts
             .iter()
             .map(|t| tag_vector_key(text_model, t))
             .collect();
-        self.db()
-            .multi_get_cf(keys.iter().map(|k| (cf, k.as_slice())))
-            .into_iter()
-            .map(|r| {
-                r.map(|o| o.map(|v| f32s_from_le(&v)))
-                    .map_err(|e| self.db_err(e))
-            })
-            .collect()
+        let mut out = Vec::with_capacity(texts.len());
+        self.multi_get(cf::TAG_VECTORS, &keys, false, |_, v| {
+            out.push(v.map(f32s_from_le));
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     /// Caches vectors of tag texts under `text_model`.
@@ -537,14 +520,11 @@ impl Store {
     /// Every stored tile embedding, in tile key order.
     pub fn tile_embeddings(&self) -> Result<Vec<(TileId, TileEmbedding)>> {
         let mut out = Vec::new();
-        for kv in self
-            .db()
-            .iterator_cf(self.cf(cf::TILE_EMBEDDINGS), IteratorMode::Start)
-        {
-            let (k, v) = kv.map_err(|e| self.db_err(e))?;
-            let t = TileId::from_key(&k).ok_or_else(|| StoreError::corrupt("embedding key"))?;
-            out.push((t, TileEmbedding::decode(&v)?));
-        }
+        self.scan_from(cf::TILE_EMBEDDINGS, &[], |k, v| {
+            let t = TileId::from_key(k).ok_or_else(|| StoreError::corrupt("embedding key"))?;
+            out.push((t, TileEmbedding::decode(v)?));
+            Ok(true)
+        })?;
         Ok(out)
     }
 
@@ -567,19 +547,14 @@ impl Store {
     /// writes meanwhile.
     pub fn embedding_view(&self) -> EmbeddingView<'_> {
         EmbeddingView {
-            store: self,
-            snapshot: self.db().snapshot(),
+            snapshot: self.snapshot(),
         }
     }
 
     /// RocksDB's estimate of the number of stored tile embeddings (for a
     /// progress bar; exact after a compaction, close otherwise).
     pub fn estimated_tile_embeddings(&self) -> Result<u64> {
-        Ok(self
-            .db()
-            .property_int_value_cf(self.cf(cf::TILE_EMBEDDINGS), "rocksdb.estimate-num-keys")
-            .map_err(|e| self.db_err(e))?
-            .unwrap_or(0))
+        self.estimate_keys(cf::TILE_EMBEDDINGS)
     }
 
     /// Writes embedding results in one batch: `Some` stores a tile's new
@@ -672,17 +647,13 @@ impl Store {
     /// logarithm weighs a tag in a feature's text vector, as in GeoLink and
     /// OSMGraphCLIP) are computed from. A scan of the whole store.
     pub fn for_each_feature_tags(&self, mut f: impl FnMut(&crate::element::Tags)) -> Result<()> {
-        for kv in self
-            .db()
-            .iterator_cf(self.cf(cf::FEATURES), IteratorMode::Start)
-        {
-            let (k, _) = kv.map_err(|e| self.db_err(e))?;
-            let (t, id) = codec::typed_from_key(&k)?;
+        self.scan_from(cf::FEATURES, &[], |k, _| {
+            let (t, id) = codec::typed_from_key(k)?;
             if let Some(tags) = self.element_tags(t, id)? {
                 f(&tags);
             }
-        }
-        Ok(())
+            Ok(true)
+        })
     }
 
     /// The tags of the object behind feature `(t, id)`, if it is stored.
@@ -697,66 +668,61 @@ impl Store {
 
 /// See [`Store::embedding_view`].
 pub struct EmbeddingView<'a> {
-    store: &'a Store,
-    snapshot: rocksdb::Snapshot<'a>,
+    snapshot: Snapshot<'a>,
 }
 
 impl EmbeddingView<'_> {
-    fn read_options(&self) -> rocksdb::ReadOptions {
-        let mut ro = rocksdb::ReadOptions::default();
-        ro.set_snapshot(&self.snapshot);
-        ro
-    }
-
     /// [`Store::for_each_tile_embedding`] in this view.
     pub fn for_each<E: From<StoreError>>(
         &self,
         bbox: Option<[f64; 4]>,
         mut f: impl FnMut(TileId, TileEmbedding) -> Result<bool, E>,
     ) -> Result<u64, E> {
-        let st = self.store;
-        let cf = st.cf(cf::TILE_EMBEDDINGS);
+        let snap = &self.snapshot;
         let mut seen = 0u64;
-        let mut visit = |k: &[u8], v: &[u8]| -> Result<bool, E> {
+        // `f`'s own error stops the scan and is returned as it is.
+        let mut failed: Option<E> = None;
+        let mut visit = |k: &[u8], v: &[u8]| -> Result<bool> {
             let t = TileId::from_key(k).ok_or_else(|| StoreError::corrupt("embedding key"))?;
             seen += 1;
-            f(t, TileEmbedding::decode(v)?)
-        };
-        match bbox {
-            None => {
-                for kv in st
-                    .db()
-                    .iterator_cf_opt(cf, self.read_options(), IteratorMode::Start)
-                {
-                    let (k, v) = kv.map_err(|e| st.db_err(e))?;
-                    if !visit(&k, &v)? {
-                        break;
-                    }
+            match f(t, TileEmbedding::decode(v)?) {
+                Ok(go) => Ok(go),
+                Err(e) => {
+                    failed = Some(e);
+                    Ok(false)
                 }
             }
+        };
+        match bbox {
+            None => snap.scan_from(cf::TILE_EMBEDDINGS, &[], &mut visit)?,
             Some(b) => {
-                let z = st.tile_config().fine_zoom;
+                let z = snap.store().tile_config().fine_zoom;
                 let nw = TileId::containing(z, b[0], b[3]);
                 let se = TileId::containing(z, b[2], b[1]);
                 // One seek per column of the cover: keys are (z, x, y), so
                 // a column's tiles are one contiguous key range.
-                'columns: for x in nw.x..=se.x {
+                let mut stopped = false;
+                for x in nw.x..=se.x {
                     let first = TileId { z, x, y: nw.y }.to_key();
                     let last = TileId { z, x, y: se.y }.to_key();
-                    let mode = IteratorMode::From(&first, rocksdb::Direction::Forward);
-                    for kv in st.db().iterator_cf_opt(cf, self.read_options(), mode) {
-                        let (k, v) = kv.map_err(|e| st.db_err(e))?;
-                        if k.as_ref() > last.as_slice() {
-                            break;
+                    snap.scan_from(cf::TILE_EMBEDDINGS, &first, |k, v| {
+                        if k > last.as_slice() {
+                            return Ok(false);
                         }
-                        if !visit(&k, &v)? {
-                            break 'columns;
-                        }
+                        let go = visit(k, v)?;
+                        stopped = !go;
+                        Ok(go)
+                    })?;
+                    if stopped {
+                        break;
                     }
                 }
             }
         }
-        Ok(seen)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(seen),
+        }
     }
 }
 

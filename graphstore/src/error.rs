@@ -114,10 +114,7 @@ mod tests {
                 b.put_cf(store.cf(crate::store::cf::META), i.to_be_bytes(), value);
             }
             store.write(b, true).unwrap();
-            store
-                .db()
-                .flush_cf(store.cf(crate::store::cf::META))
-                .unwrap();
+            store.flush().unwrap();
         }
         let sst = std::fs::read_dir(&path)
             .unwrap()

@@ -506,6 +506,60 @@ fn vertex_count(g: &Option<geo::Geometry>) -> usize {
     g.as_ref().map_or(0, |g| g.coords_count())
 }
 
+/// The node cap of each tile: the fine or the coarse one, by zoom.
+fn node_caps(store: &Store, tiles: &[TileId], cfg: &GraphConfig) -> Result<Vec<usize>> {
+    let tcfg = store.tile_config();
+    tiles
+        .iter()
+        .map(|tile| {
+            cfg.cap_for(&tcfg, tile.z).ok_or_else(|| StoreError::Io {
+                context: format!("building the graph of tile {tile}"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "zoom {} is neither the fine zoom {} nor the coarse zoom {} of the store",
+                        tile.z, tcfg.fine_zoom, tcfg.coarse_zoom
+                    ),
+                ),
+            })
+        })
+        .collect()
+}
+
+/// Reads and assembles the features of `need` (in parallel chunks) into
+/// the cache, and builds each one's outline once.
+fn resolve_into(
+    view: &geometry::View,
+    need: &[(ElementType, i64)],
+    cache: &mut FeatureCache,
+) -> Result<()> {
+    use rayon::prelude::*;
+    let resolved: Vec<Vec<geometry::Resolved>> = need
+        .par_chunks(512)
+        .map(|chunk| view.resolve_many(chunk))
+        .collect::<Result<_>>()?;
+    for r in resolved.into_iter().flatten() {
+        let vertices = vertex_count(&r.geometry);
+        cache.vertices += vertices;
+        cache.map.insert(
+            (r.element, r.id),
+            std::sync::Arc::new(SharedFeature {
+                resolved: r,
+                outline: std::sync::OnceLock::new(),
+            }),
+        );
+    }
+    // Outlines of this batch's lines and polygons, each built once.
+    let shared: Vec<std::sync::Arc<SharedFeature>> = need
+        .iter()
+        .filter_map(|k| cache.map.get(k).cloned())
+        .collect();
+    shared.par_iter().for_each(|f| {
+        f.outline();
+    });
+    Ok(())
+}
+
 /// Builds the graphs of `tiles` (fine or coarse, as [`build_tile_graph`]),
 /// in parallel, from one store snapshot, resolving each feature once (and
 /// not at all when `cache` holds it). Gives exactly the graphs
@@ -517,23 +571,7 @@ pub fn build_tile_graphs(
     cache: &mut FeatureCache,
 ) -> Result<Vec<TileGraph>> {
     use rayon::prelude::*;
-    let tcfg = store.tile_config();
-    let mut caps = Vec::with_capacity(tiles.len());
-    for tile in tiles {
-        let Some(cap) = cfg.cap_for(&tcfg, tile.z) else {
-            return Err(StoreError::Io {
-                context: format!("building the graph of tile {tile}"),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!(
-                        "zoom {} is neither the fine zoom {} nor the coarse zoom {} of the store",
-                        tile.z, tcfg.fine_zoom, tcfg.coarse_zoom
-                    ),
-                ),
-            });
-        };
-        caps.push(cap);
-    }
+    let caps = node_caps(store, tiles, cfg)?;
     let view = geometry::View::new(store);
     let keys: Vec<(Vec<(ElementType, i64)>, usize)> = tiles
         .par_iter()
@@ -563,29 +601,7 @@ pub fn build_tile_graphs(
         cache.clear();
         need = missing(cache);
     }
-    let resolved: Vec<Vec<geometry::Resolved>> = need
-        .par_chunks(512)
-        .map(|chunk| view.resolve_many(chunk))
-        .collect::<Result<_>>()?;
-    for r in resolved.into_iter().flatten() {
-        let vertices = vertex_count(&r.geometry);
-        cache.vertices += vertices;
-        cache.map.insert(
-            (r.element, r.id),
-            std::sync::Arc::new(SharedFeature {
-                resolved: r,
-                outline: std::sync::OnceLock::new(),
-            }),
-        );
-    }
-    // Outlines of this batch's lines and polygons, each built once.
-    let shared: Vec<std::sync::Arc<SharedFeature>> = need
-        .iter()
-        .filter_map(|k| cache.map.get(k).cloned())
-        .collect();
-    shared.par_iter().for_each(|f| {
-        f.outline();
-    });
+    resolve_into(&view, &need, cache)?;
     let cache = &*cache;
     Ok(tiles
         .par_iter()

@@ -106,6 +106,90 @@ pub fn import(
     Ok(summary)
 }
 
+/// Reads one file into the store (raw objects and reverse indexes), batch
+/// by batch; counts what it read. Returns the file's summary and header,
+/// and adds to `written` / `kept_newer`.
+fn read_file(
+    store: &Store,
+    f: &PathBuf,
+    check_existing: bool,
+    counts: &mut Counts,
+    (written, kept_newer): (&mut u64, &mut u64),
+    progress: &(dyn Fn(ImportProgress) + Sync),
+) -> Result<(FileSummary, FileHeader)> {
+    let mut fs = FileSummary {
+        path: f.clone(),
+        nodes: 0,
+        ways: 0,
+        relations: 0,
+        replication_timestamp: None,
+        replication_sequence: None,
+    };
+    let mut store_err: Option<StoreError> = None;
+    let mut seen = 0u64;
+    let header = read::read_extract(f, &mut |batch: Vec<Element>| {
+        seen += batch.len() as u64;
+        for e in &batch {
+            match e {
+                Element::Node(_) => fs.nodes += 1,
+                Element::Way(_) => fs.ways += 1,
+                Element::Relation(_) => fs.relations += 1,
+            }
+        }
+        match write_raw(store, &batch, check_existing, counts) {
+            Ok((w, k)) => {
+                *written += w;
+                *kept_newer += k;
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                store_err = Some(e);
+                return Err(ReadError::consumer(msg));
+            }
+        }
+        progress(ImportProgress::Reading {
+            file: f,
+            objects: seen,
+        });
+        Ok(())
+    });
+    let header = match (header, store_err) {
+        (_, Some(e)) => return Err(e),
+        (Err(e), None) => return Err(e.into()),
+        (Ok(h), None) => h,
+    };
+    fs.replication_timestamp = header
+        .replication_timestamp
+        .map(crate::store::format_timestamp);
+    fs.replication_sequence = header.replication_sequence;
+    Ok((fs, header))
+}
+
+/// The replication state after an import: the oldest header timestamp is
+/// the safe start (a change applied twice is a no-op; a change missed is
+/// lost). A sequence number is only meaningful if every file agrees on it.
+fn imported_state(
+    store: &Store,
+    headers: &[FileHeader],
+    existed: bool,
+) -> Result<(Option<u64>, Option<i64>)> {
+    let (old_seq, old_ts) = store.replication_state()?;
+    let ts = headers
+        .iter()
+        .filter_map(|h| h.replication_timestamp)
+        .chain(old_ts)
+        .min();
+    let seqs: HashSet<Option<u64>> = headers.iter().map(|h| h.replication_sequence).collect();
+    let seq = if seqs.len() == 1
+        && (!existed || old_seq.is_none() || old_seq == headers[0].replication_sequence)
+    {
+        headers[0].replication_sequence
+    } else {
+        None
+    };
+    Ok((seq, ts))
+}
+
 fn run(
     store: &Store,
     files: &[PathBuf],
@@ -122,80 +206,24 @@ fn run(
     store.write(b, true)?;
 
     let mut counts = store.counts()?;
-    let mut written = 0u64;
-    let mut kept_newer = 0u64;
+    let (mut written, mut kept_newer) = (0u64, 0u64);
     let mut summaries = Vec::new();
     let mut headers: Vec<FileHeader> = Vec::new();
     for (i, f) in files.iter().enumerate() {
-        let check_existing = existed || i > 0;
-        let mut fs = FileSummary {
-            path: f.clone(),
-            nodes: 0,
-            ways: 0,
-            relations: 0,
-            replication_timestamp: None,
-            replication_sequence: None,
-        };
-        let mut store_err: Option<StoreError> = None;
-        let mut seen = 0u64;
-        let header = read::read_extract(f, &mut |batch: Vec<Element>| {
-            seen += batch.len() as u64;
-            for e in &batch {
-                match e {
-                    Element::Node(_) => fs.nodes += 1,
-                    Element::Way(_) => fs.ways += 1,
-                    Element::Relation(_) => fs.relations += 1,
-                }
-            }
-            match write_raw(store, &batch, check_existing, &mut counts) {
-                Ok((w, k)) => {
-                    written += w;
-                    kept_newer += k;
-                }
-                Err(e) => {
-                    let msg = e.to_string();
-                    store_err = Some(e);
-                    return Err(ReadError::consumer(msg));
-                }
-            }
-            progress(ImportProgress::Reading {
-                file: f,
-                objects: seen,
-            });
-            Ok(())
-        });
-        let header = match (header, store_err) {
-            (_, Some(e)) => return Err(e),
-            (Err(e), None) => return Err(e.into()),
-            (Ok(h), None) => h,
-        };
-        fs.replication_timestamp = header
-            .replication_timestamp
-            .map(crate::store::format_timestamp);
-        fs.replication_sequence = header.replication_sequence;
+        let (fs, header) = read_file(
+            store,
+            f,
+            existed || i > 0,
+            &mut counts,
+            (&mut written, &mut kept_newer),
+            progress,
+        )?;
         headers.push(header);
         summaries.push(fs);
     }
 
     let derived = derive_all(store, &mut counts, progress)?;
-
-    // Replication state: the oldest header timestamp is the safe start (a
-    // change applied twice is a no-op; a change missed is lost). A sequence
-    // number is only meaningful if every file agrees on it.
-    let (old_seq, old_ts) = store.replication_state()?;
-    let ts = headers
-        .iter()
-        .filter_map(|h| h.replication_timestamp)
-        .chain(old_ts)
-        .min();
-    let seqs: HashSet<Option<u64>> = headers.iter().map(|h| h.replication_sequence).collect();
-    let seq = if seqs.len() == 1
-        && (!existed || old_seq.is_none() || old_seq == headers[0].replication_sequence)
-    {
-        headers[0].replication_sequence
-    } else {
-        None
-    };
+    let (seq, ts) = imported_state(store, &headers, existed)?;
     let mut b = WriteBatch::default();
     store.put_counts(&mut b, &counts);
     store.put_replication_state(&mut b, seq, ts);
@@ -234,27 +262,28 @@ fn write_raw(
         store.cf(cf::RELATIONS),
     );
     let (nw_cf, mr_cf) = (store.cf(cf::NODE_WAYS), store.cf(cf::MEMBER_RELATIONS));
-    let existing: Vec<Option<Vec<u8>>> = if check_existing {
-        let keys: Vec<(&rocksdb::ColumnFamily, [u8; 8])> = batch
-            .iter()
-            .map(|e| {
-                let c = match e {
-                    Element::Node(_) => nodes_cf,
-                    Element::Way(_) => ways_cf,
-                    Element::Relation(_) => rels_cf,
-                };
-                (c, codec::id_key(e.id()))
-            })
-            .collect();
-        store
-            .db()
-            .multi_get_cf(keys.iter().map(|(c, k)| (*c, k.as_slice())))
-            .into_iter()
-            .map(|r| r.map_err(|e| StoreError::db(store.path(), e)))
-            .collect::<Result<_>>()?
-    } else {
-        vec![None; batch.len()]
-    };
+    let mut existing: Vec<Option<Vec<u8>>> = vec![None; batch.len()];
+    if check_existing {
+        // One multi-get per column family; results back at their element.
+        for name in [cf::NODES, cf::WAYS, cf::RELATIONS] {
+            let (at, keys): (Vec<usize>, Vec<[u8; 8]>) = batch
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| {
+                    name == match e {
+                        Element::Node(_) => cf::NODES,
+                        Element::Way(_) => cf::WAYS,
+                        Element::Relation(_) => cf::RELATIONS,
+                    }
+                })
+                .map(|(i, e)| (i, codec::id_key(e.id())))
+                .unzip();
+            store.multi_get(name, &keys, false, |i, v| {
+                existing[at[i]] = v.map(<[u8]>::to_vec);
+                Ok(())
+            })?;
+        }
+    }
     let (mut written, mut kept) = (0u64, 0u64);
     for (e, old) in batch.iter().zip(existing) {
         let id = e.id();
@@ -319,6 +348,65 @@ struct Derived {
 
 /// Rebuilds every feature, the tile index and the tile counts from the raw
 /// objects, and marks every tile dirty.
+/// Where derived features go: the batch (feature and tile index), the
+/// per-tile counts, the features indexed at no zoom.
+struct Sink<'a> {
+    store: &'a Store,
+    tiles: BTreeMap<TileId, u64>,
+    oversize: u64,
+}
+
+impl Sink<'_> {
+    fn emit(
+        &mut self,
+        b: &mut WriteBatch,
+        t: ElementType,
+        id: i64,
+        f: &Feature,
+        counts: &mut Counts,
+    ) {
+        let fk = codec::typed_key(t, id);
+        counts.add_feature(f.kind, 1);
+        if f.fine_tiles.is_empty() || f.coarse_tiles.is_empty() {
+            self.oversize += 1;
+        }
+        for tile in f.all_tiles() {
+            b.put_cf(
+                self.store.cf(cf::TILE_FEATURES),
+                pair_key(&tile.to_key(), &fk),
+                [],
+            );
+            *self.tiles.entry(tile).or_default() += 1;
+        }
+        b.put_cf(self.store.cf(cf::FEATURES), fk, f.encode());
+    }
+}
+
+/// The feature of one stored way or relation (and, for a relation, whether
+/// its multipolygon was assembled).
+fn derive_stored(
+    store: &Store,
+    cfg: &TileConfig,
+    t: ElementType,
+    k: &[u8],
+    v: &[u8],
+) -> Result<Derivation> {
+    let id = codec::id_from_key(k)?;
+    if t == ElementType::Way {
+        let w = codec::decode_way(id, v)?;
+        return Ok((id, derive_way(&w, store, cfg)?, None));
+    }
+    let r = codec::decode_relation(id, v)?;
+    Ok(match derive_relation(&r, store, cfg)? {
+        RelationFeature::None => (id, None, None),
+        RelationFeature::Assembled(f) => (id, Some(f), Some(true)),
+        RelationFeature::Failed(why) => {
+            tracing::debug!(relation = id, %why, "multipolygon not assembled");
+            (id, None, Some(false))
+        }
+    })
+}
+
 fn derive_all(
     store: &Store,
     counts: &mut Counts,
@@ -338,26 +426,11 @@ fn derive_all(
 
     let total = (counts.nodes + counts.ways + counts.relations) as u64;
     let done = AtomicU64::new(0);
-    let mut tiles: BTreeMap<TileId, u64> = BTreeMap::new();
-    let mut oversize = 0u64;
-
-    let mut emit =
-        |b: &mut WriteBatch, t: ElementType, id: i64, f: &Feature, counts: &mut Counts| {
-            let fk = codec::typed_key(t, id);
-            counts.add_feature(f.kind, 1);
-            if f.fine_tiles.is_empty() || f.coarse_tiles.is_empty() {
-                oversize += 1;
-            }
-            for tile in f.all_tiles() {
-                b.put_cf(
-                    store.cf(cf::TILE_FEATURES),
-                    pair_key(&tile.to_key(), &fk),
-                    [],
-                );
-                *tiles.entry(tile).or_default() += 1;
-            }
-            b.put_cf(store.cf(cf::FEATURES), fk, f.encode());
-        };
+    let mut sink = Sink {
+        store,
+        tiles: BTreeMap::new(),
+        oversize: 0,
+    };
 
     // Nodes: point features need nothing but the node itself.
     let mut b = WriteBatch::default();
@@ -366,7 +439,7 @@ fn derive_all(
         let id = codec::id_from_key(&k)?;
         let n = codec::decode_node(id, &v)?;
         if let Some(f) = derive_node(&n, &cfg) {
-            emit(&mut b, ElementType::Node, id, &f, counts);
+            sink.emit(&mut b, ElementType::Node, id, &f, counts);
         }
         let d = done.fetch_add(1, Ordering::Relaxed) + 1;
         if d.is_multiple_of(65536) {
@@ -387,23 +460,7 @@ fn derive_all(
             let chunk: Vec<KeyValue> = it.by_ref().take(CHUNK).collect::<Result<_>>()?;
             let results: Vec<Result<Derivation>> = chunk
                 .par_iter()
-                .map(|(k, v)| {
-                    let id = codec::id_from_key(k)?;
-                    if t == ElementType::Way {
-                        let w = codec::decode_way(id, v)?;
-                        Ok((id, derive_way(&w, store, &cfg)?, None))
-                    } else {
-                        let r = codec::decode_relation(id, v)?;
-                        Ok(match derive_relation(&r, store, &cfg)? {
-                            RelationFeature::None => (id, None, None),
-                            RelationFeature::Assembled(f) => (id, Some(f), Some(true)),
-                            RelationFeature::Failed(why) => {
-                                tracing::debug!(relation = id, %why, "multipolygon not assembled");
-                                (id, None, Some(false))
-                            }
-                        })
-                    }
-                })
+                .map(|(k, v)| derive_stored(store, &cfg, t, k, v))
                 .collect();
             let mut b = WriteBatch::default();
             for r in results {
@@ -414,7 +471,7 @@ fn derive_all(
                     None => {}
                 }
                 if let Some(f) = f {
-                    emit(&mut b, t, id, &f, counts);
+                    sink.emit(&mut b, t, id, &f, counts);
                 }
             }
             store.write(b, false)?;
@@ -429,18 +486,24 @@ fn derive_all(
             "some area relations could not be assembled into polygons (open rings or members outside the extract)"
         );
     }
+    let Sink {
+        tiles, oversize, ..
+    } = sink;
+    write_tile_counts(store, &tiles)?;
+    Ok(Derived { tiles, oversize })
+}
 
-    // Tile counts, and every tile dirty: a fresh import needs embedding.
+/// Tile counts, and every tile dirty: a fresh import needs embedding.
+fn write_tile_counts(store: &Store, tiles: &BTreeMap<TileId, u64>) -> Result<()> {
     let (seq, _) = store.replication_state()?;
     let mut b = WriteBatch::default();
     let generation = store.next_dirty_generation(&mut b)?;
-    for (tile, n) in &tiles {
+    for (tile, n) in tiles {
         let mut v = Vec::new();
         put_uvarint(&mut v, *n);
         b.put_cf(store.cf(cf::TILES), tile.to_key(), v);
     }
     let all: Vec<TileId> = tiles.keys().copied().collect();
     store.mark_tiles(&mut b, &all, seq.unwrap_or(0), generation)?;
-    store.write(b, false)?;
-    Ok(Derived { tiles, oversize })
+    store.write(b, false)
 }

@@ -35,7 +35,7 @@
 //! The outbox is off until a publisher turns it on ([`Store::set_outbox_enabled`]):
 //! a store used only by `osmvec replicate` must not grow a queue nobody drains.
 
-use rocksdb::{Direction, IteratorMode, WriteBatch};
+use rocksdb::WriteBatch;
 
 use crate::error::{Result, StoreError};
 use crate::event::ChangeRecord;
@@ -145,16 +145,11 @@ impl Store {
 
     /// How many of `keys` are not in the outbox yet.
     fn absent(&self, keys: &[[u8; 10]]) -> Result<i64> {
-        let c = self.cf(cf::OUTBOX);
         let mut n = 0;
-        for v in self
-            .db()
-            .multi_get_cf(keys.iter().map(|k| (c, k.as_slice())))
-        {
-            if v.map_err(|e| self.db_err(e))?.is_none() {
-                n += 1;
-            }
-        }
+        self.multi_get(cf::OUTBOX, keys, false, |_, v| {
+            n += i64::from(v.is_none());
+            Ok(())
+        })?;
         Ok(n)
     }
 
@@ -233,19 +228,13 @@ impl Store {
     /// Up to `limit` entries in key order (change records by sequence first,
     /// then tiles), starting after `after` when given.
     pub fn outbox_entries(&self, after: Option<&[u8]>, limit: usize) -> Result<Vec<OutboxEntry>> {
-        let c = self.cf(cf::OUTBOX);
-        let mode = match after {
-            Some(k) => IteratorMode::From(k, Direction::Forward),
-            None => IteratorMode::Start,
-        };
         let mut out = Vec::new();
-        for kv in self.db().iterator_cf(c, mode) {
-            let (k, v) = kv.map_err(|e| self.db_err(e))?;
-            if after.is_some_and(|a| a == &*k) {
-                continue;
+        self.scan_from(cf::OUTBOX, after.unwrap_or(&[]), |k, v| {
+            if after.is_some_and(|a| a == k) {
+                return Ok(true);
             }
             if k.first() == Some(&DEAD) {
-                break; // dead letters sort last and are not queued
+                return Ok(false); // dead letters sort last and are not queued
             }
             if v.len() < 8 {
                 return Err(StoreError::corrupt("outbox entry"));
@@ -269,24 +258,21 @@ impl Store {
                 id,
                 item,
             });
-            if out.len() >= limit {
-                break;
-            }
-        }
+            Ok(out.len() < limit)
+        })?;
         Ok(out)
     }
 
     /// Deletes acknowledged entries whose id is unchanged; returns how many.
     pub fn outbox_ack(&self, acked: &[(Vec<u8>, u64)]) -> Result<usize> {
         let c = self.cf(cf::OUTBOX);
-        let current = self
-            .db()
-            .multi_get_cf(acked.iter().map(|(k, _)| (c, k.as_slice())));
+        let keys: Vec<&[u8]> = acked.iter().map(|(k, _)| k.as_slice()).collect();
         let mut b = WriteBatch::default();
         let mut n = 0;
         let mut seen = std::collections::HashSet::new();
-        for ((k, id), cur) in acked.iter().zip(current) {
-            if let Some(v) = cur.map_err(|e| self.db_err(e))?
+        self.multi_get(cf::OUTBOX, &keys, false, |i, cur| {
+            let (k, id) = &acked[i];
+            if let Some(v) = cur
                 && v.len() >= 8
                 && u64::from_le_bytes(v[..8].try_into().expect("8 bytes")) == *id
                 && seen.insert(k.as_slice())
@@ -294,7 +280,8 @@ impl Store {
                 b.delete_cf(c, k);
                 n += 1;
             }
-        }
+            Ok(())
+        })?;
         self.adjust_queued(&mut b, -(n as i64))?;
         self.write(b, false)?;
         Ok(n)
@@ -302,10 +289,11 @@ impl Store {
 
     /// Whether nothing waits (one seek).
     pub fn outbox_is_empty(&self) -> Result<bool> {
-        let mut it = self.db().raw_iterator_cf(self.cf(cf::OUTBOX));
-        it.seek_to_first();
-        let empty = !it.valid() || it.key().and_then(|k| k.first().copied()) == Some(DEAD);
-        it.status().map_err(|e| self.db_err(e))?;
+        let mut empty = true;
+        self.scan_from(cf::OUTBOX, &[], |k, _| {
+            empty = k.first() == Some(&DEAD);
+            Ok(false)
+        })?;
         Ok(empty)
     }
 
@@ -318,16 +306,11 @@ impl Store {
     /// equal).
     pub fn count_queued(&self) -> Result<u64> {
         let mut n = 0;
-        let mut it = self.db().raw_iterator_cf(self.cf(cf::OUTBOX));
-        it.seek_to_first();
-        while it.valid() {
-            if it.key().and_then(|k| k.first().copied()) == Some(DEAD) {
-                break;
-            }
-            n += 1;
-            it.next();
-        }
-        it.status().map_err(|e| self.db_err(e))?;
+        self.scan_from(cf::OUTBOX, &[], |k, _| {
+            let queued = k.first() != Some(&DEAD);
+            n += u64::from(queued);
+            Ok(queued)
+        })?;
         Ok(n)
     }
 
@@ -356,20 +339,16 @@ impl Store {
     /// Up to `limit` dead letters, oldest first: (id, record).
     pub fn dead_letters(&self, limit: usize) -> Result<Vec<(u64, Vec<u8>)>> {
         let mut out = Vec::new();
-        let start = [DEAD];
-        for kv in self.db().iterator_cf(
-            self.cf(cf::OUTBOX),
-            IteratorMode::From(&start, Direction::Forward),
-        ) {
-            let (k, v) = kv.map_err(|e| self.db_err(e))?;
+        self.scan_from(cf::OUTBOX, &[DEAD], |k, v| {
             if out.len() >= limit || k.first() != Some(&DEAD) || k.len() != 9 {
-                break;
+                return Ok(false);
             }
             out.push((
                 u64::from_be_bytes(k[1..].try_into().expect("8 bytes")),
                 v.to_vec(),
             ));
-        }
+            Ok(true)
+        })?;
         Ok(out)
     }
 
@@ -385,19 +364,15 @@ impl Store {
     /// already marked keeps its mark's first-dirty sequence. Returns how many.
     pub fn jobs_to_dirty_marks(&self) -> Result<usize> {
         let c = self.cf(cf::OUTBOX);
-        let start = [JOB];
         let mut tiles = Vec::new();
-        for kv in self
-            .db()
-            .iterator_cf(c, IteratorMode::From(&start, Direction::Forward))
-        {
-            let (k, _) = kv.map_err(|e| self.db_err(e))?;
+        self.scan_from(cf::OUTBOX, &[JOB], |k, _| {
             if k.first() != Some(&JOB) {
-                break;
+                return Ok(false);
             }
             let t = TileId::from_key(&k[1..]).ok_or_else(|| StoreError::corrupt("outbox job"))?;
             tiles.push((k.to_vec(), t));
-        }
+            Ok(true)
+        })?;
         if tiles.is_empty() {
             return Ok(0);
         }

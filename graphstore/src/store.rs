@@ -275,8 +275,81 @@ impl Store {
             .expect("every column family is opened at start")
     }
 
-    pub(crate) fn db(&self) -> &DB {
-        &self.db
+    /// A consistent read view as of now (a RocksDB snapshot): a batch of
+    /// graphs or an export reads one state of the store while diffs land.
+    pub(crate) fn snapshot(&self) -> Snapshot<'_> {
+        Snapshot {
+            store: self,
+            snap: self.db.snapshot(),
+        }
+    }
+
+    /// Visits the value of each of `keys` in `cf`, in order (`None`: no such
+    /// key); `sorted`: the keys ascend, which RocksDB reads faster.
+    pub(crate) fn multi_get<K: AsRef<[u8]>>(
+        &self,
+        cf: &str,
+        keys: &[K],
+        sorted: bool,
+        f: impl FnMut(usize, Option<&[u8]>) -> Result<()>,
+    ) -> Result<()> {
+        self.multi_get_opt(cf, keys, sorted, &ReadOptions::default(), f)
+    }
+
+    fn multi_get_opt<K: AsRef<[u8]>>(
+        &self,
+        cf: &str,
+        keys: &[K],
+        sorted: bool,
+        ro: &ReadOptions,
+        mut f: impl FnMut(usize, Option<&[u8]>) -> Result<()>,
+    ) -> Result<()> {
+        let values = self
+            .db
+            .batched_multi_get_cf_opt(self.cf(cf), keys.iter(), sorted, ro);
+        for (i, v) in values.into_iter().enumerate() {
+            f(i, v.map_err(|e| self.db_err(e))?.as_deref())?;
+        }
+        Ok(())
+    }
+
+    /// Visits the entries of `cf` from `start` (inclusive; empty: the first)
+    /// in key order while `f` returns true.
+    pub(crate) fn scan_from(
+        &self,
+        cf: &str,
+        start: &[u8],
+        f: impl FnMut(&[u8], &[u8]) -> Result<bool>,
+    ) -> Result<()> {
+        self.scan_opt(cf, start, ReadOptions::default(), f)
+    }
+
+    fn scan_opt(
+        &self,
+        cf: &str,
+        start: &[u8],
+        ro: ReadOptions,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<bool>,
+    ) -> Result<()> {
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(cf), ro);
+        it.seek(start);
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if !f(k, v)? {
+                return Ok(());
+            }
+            it.next();
+        }
+        it.status().map_err(|e| self.db_err(e))
+    }
+
+    /// RocksDB's estimate of the number of keys in `cf` (exact after a
+    /// compaction, close otherwise).
+    pub(crate) fn estimate_keys(&self, cf: &str) -> Result<u64> {
+        Ok(self
+            .db
+            .property_int_value_cf(self.cf(cf), "rocksdb.estimate-num-keys")
+            .map_err(|e| self.db_err(e))?
+            .unwrap_or(0))
     }
 
     pub(crate) fn db_err(&self, e: rocksdb::Error) -> StoreError {
@@ -605,6 +678,46 @@ impl Store {
         self.db
             .iterator_cf(self.cf(name), IteratorMode::Start)
             .map(|kv| kv.map_err(|e| self.db_err(e)))
+    }
+}
+
+/// The store as of one moment ([`Store::snapshot`]).
+pub(crate) struct Snapshot<'a> {
+    store: &'a Store,
+    snap: rocksdb::Snapshot<'a>,
+}
+
+impl Snapshot<'_> {
+    fn read_options(&self) -> ReadOptions {
+        let mut ro = ReadOptions::default();
+        ro.set_snapshot(&self.snap);
+        ro
+    }
+
+    /// [`Store::multi_get`] as of the snapshot.
+    pub(crate) fn multi_get<K: AsRef<[u8]>>(
+        &self,
+        cf: &str,
+        keys: &[K],
+        sorted: bool,
+        f: impl FnMut(usize, Option<&[u8]>) -> Result<()>,
+    ) -> Result<()> {
+        self.store
+            .multi_get_opt(cf, keys, sorted, &self.read_options(), f)
+    }
+
+    /// [`Store::scan_from`] as of the snapshot.
+    pub(crate) fn scan_from(
+        &self,
+        cf: &str,
+        start: &[u8],
+        f: impl FnMut(&[u8], &[u8]) -> Result<bool>,
+    ) -> Result<()> {
+        self.store.scan_opt(cf, start, self.read_options(), f)
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        self.store
     }
 }
 

@@ -348,12 +348,13 @@ impl Model {
         self.meta.weights_file = weights_file;
         self.meta.optimizer_file = optimizer_file;
         self.meta.git_revision = git_revision().to_string();
-        // Crash injection for the crash-safety tests: die between writing
-        // the new weights and committing them.
-        if std::env::var("OSMVEC_FAILPOINT").as_deref() == Ok("checkpoint-commit") {
-            tracing::error!("OSMVEC_FAILPOINT=checkpoint-commit: aborting before the commit");
-            std::process::abort();
-        }
+        // Crash injection for the crash-safety tests (a build with the
+        // `failpoints` feature, FAILPOINTS=checkpoint-commit=return): die
+        // between writing the new weights and committing them.
+        fail::fail_point!("checkpoint-commit", |_| {
+            tracing::error!("failpoint checkpoint-commit: aborting before the commit");
+            std::process::abort()
+        });
         write_atomic(
             &dir.join(META_FILE),
             serde_json::to_string_pretty(&self.meta)?.as_bytes(),

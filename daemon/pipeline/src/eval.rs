@@ -316,51 +316,18 @@ fn best_on<T: Copy>(cands: &[(T, Vec<usize>)]) -> usize {
     best
 }
 
-fn retrieval_task(
-    store: &Store,
-    trained: &Model,
-    untrained: &Model,
-    inputs: &mut Inputs,
-    tiles: &SplitTiles,
-    a: &EvalConfig,
-) -> Result<RetrievalReport> {
-    let split = trained.meta.config.split;
-    let (t, p) = sample_points(&tiles.test, a.retrieval_tiles, a.seed);
-    tracing::info!(tiles = t.len(), "retrieval: test tiles");
-    let test = embedded(store, trained, inputs, t, p)?;
-    if test.tiles.is_empty() {
-        bail!("no test tile has a non-empty graph");
-    }
-    let (v, vp) = sample_points(tiles.validation_or_test(), a.retrieval_tiles, a.seed ^ 1);
-    tracing::info!(tiles = v.len(), "retrieval: validation tiles");
-    let val = embedded(store, trained, inputs, v, vp)?;
-    let (r, rp) = sample_points(&tiles.train, a.reference_tiles, a.seed ^ 2);
-    tracing::info!(tiles = r.len(), "retrieval: reference (training) tiles");
-    let reference = embedded(store, trained, inputs, r, rp)?;
-    if reference.tiles.is_empty() || val.tiles.is_empty() {
-        bail!("the store has no training or validation tile with a non-empty graph");
-    }
-    let dim = test.vectors.len() / test.tiles.len();
+/// Ranks of the test queries under the coordinate baselines (k-NN on
+/// coordinates, raw harmonics L = 10 and 40 ridge-mapped onto graph
+/// vectors), each with the k or λ it chose on the validation tiles.
+type Ranks = BTreeMap<&'static str, (Vec<usize>, Option<f64>)>;
 
-    let mut ranks: BTreeMap<&'static str, (Vec<usize>, Option<f64>)> = BTreeMap::new();
-    let (q, _) = location_rows(trained, &test.points)?;
-    ranks.insert("trained", (retrieval_ranks(&q, &test.vectors, dim)?, None));
-    // The untrained model against its own graph vectors of the same tiles.
-    tracing::info!("retrieval: untrained model");
-    let u = embedded(
-        store,
-        untrained,
-        inputs,
-        test.tiles.clone(),
-        test.points.clone(),
-    )?;
-    anyhow::ensure!(
-        u.tiles == test.tiles,
-        "untrained graphs differ in emptiness"
-    );
-    let (uq, _) = location_rows(untrained, &u.points)?;
-    ranks.insert("untrained", (retrieval_ranks(&uq, &u.vectors, dim)?, None));
-
+fn baseline_ranks(
+    test: &Embedded,
+    val: &Embedded,
+    reference: &Embedded,
+    dim: usize,
+) -> Result<Ranks> {
+    let mut ranks = Ranks::new();
     // k-NN on coordinates: neighbours among the reference tiles' points.
     let kmax = *K_GRID.last().unwrap();
     let nb = |pts: &[(f64, f64)]| -> Vec<Vec<usize>> {
@@ -403,6 +370,56 @@ fn retrieval_task(
             ),
         );
     }
+
+    Ok(ranks)
+}
+
+fn retrieval_task(
+    store: &Store,
+    trained: &Model,
+    untrained: &Model,
+    inputs: &mut Inputs,
+    tiles: &SplitTiles,
+    a: &EvalConfig,
+) -> Result<RetrievalReport> {
+    let split = trained.meta.config.split;
+    let (t, p) = sample_points(&tiles.test, a.retrieval_tiles, a.seed);
+    tracing::info!(tiles = t.len(), "retrieval: test tiles");
+    let test = embedded(store, trained, inputs, t, p)?;
+    if test.tiles.is_empty() {
+        bail!("no test tile has a non-empty graph");
+    }
+    let (v, vp) = sample_points(tiles.validation_or_test(), a.retrieval_tiles, a.seed ^ 1);
+    tracing::info!(tiles = v.len(), "retrieval: validation tiles");
+    let val = embedded(store, trained, inputs, v, vp)?;
+    let (r, rp) = sample_points(&tiles.train, a.reference_tiles, a.seed ^ 2);
+    tracing::info!(tiles = r.len(), "retrieval: reference (training) tiles");
+    let reference = embedded(store, trained, inputs, r, rp)?;
+    if reference.tiles.is_empty() || val.tiles.is_empty() {
+        bail!("the store has no training or validation tile with a non-empty graph");
+    }
+    let dim = test.vectors.len() / test.tiles.len();
+
+    let mut ranks = Ranks::new();
+    let (q, _) = location_rows(trained, &test.points)?;
+    ranks.insert("trained", (retrieval_ranks(&q, &test.vectors, dim)?, None));
+    // The untrained model against its own graph vectors of the same tiles.
+    tracing::info!("retrieval: untrained model");
+    let u = embedded(
+        store,
+        untrained,
+        inputs,
+        test.tiles.clone(),
+        test.points.clone(),
+    )?;
+    anyhow::ensure!(
+        u.tiles == test.tiles,
+        "untrained graphs differ in emptiness"
+    );
+    let (uq, _) = location_rows(untrained, &u.points)?;
+    ranks.insert("untrained", (retrieval_ranks(&uq, &u.vectors, dim)?, None));
+
+    ranks.extend(baseline_ranks(&test, &val, &reference, dim)?);
 
     let clusters: Vec<u64> = test.tiles.iter().map(|t| split.block_key(*t)).collect();
     let boot = Bootstrap::clustered(&clusters, a.resamples, CONFIDENCE, mix(a.seed ^ 0xb00))?;
@@ -483,6 +500,36 @@ fn probe_predict(
     Ok(probe.predict(test_x)?)
 }
 
+/// The k-NN vote baseline's test predictions, k chosen by validation
+/// macro-F1 (k = 1 .. 64; the first best; 8 without validation labels).
+fn knn_vote(tr: &Labelled, va: &Labelled, te: &Labelled, nc: usize) -> Result<(Vec<usize>, usize)> {
+    let kmax = *K_GRID.last().unwrap();
+    let nb = |pts: &[(f64, f64)]| -> Vec<Vec<usize>> {
+        pts.par_iter()
+            .map(|q| nearest(*q, &tr.coords, kmax))
+            .collect()
+    };
+    let k = if va.y.is_empty() {
+        8
+    } else {
+        let nb_val = nb(&va.coords);
+        let mut best = (f64::NEG_INFINITY, K_GRID[0]);
+        for k in K_GRID {
+            let p: Vec<usize> = nb_val.iter().map(|n| vote(n, &tr.y, k, nc)).collect();
+            let s = classification_scores(&va.y, &p, nc)?.macro_f1;
+            if s > best.0 {
+                best = (s, k);
+            }
+        }
+        best.1
+    };
+    let p = nb(&te.coords)
+        .iter()
+        .map(|n| vote(n, &tr.y, k, nc))
+        .collect();
+    Ok((p, k))
+}
+
 fn classification_task(
     task: &ClassTask,
     trained: &Model,
@@ -510,31 +557,7 @@ fn classification_task(
     }
     let m = majority(&tr.y, nc);
     preds.insert("majority", (vec![m; te.y.len()], None));
-    // k-NN vote, k by validation macro-F1 (k = 1 .. 64; the first best).
-    let kmax = *K_GRID.last().unwrap();
-    let nb = |pts: &[(f64, f64)]| -> Vec<Vec<usize>> {
-        pts.par_iter()
-            .map(|q| nearest(*q, &tr.coords, kmax))
-            .collect()
-    };
-    let k = if va.y.is_empty() {
-        8
-    } else {
-        let nb_val = nb(&va.coords);
-        let mut best = (f64::NEG_INFINITY, K_GRID[0]);
-        for k in K_GRID {
-            let p: Vec<usize> = nb_val.iter().map(|n| vote(n, &tr.y, k, nc)).collect();
-            let s = classification_scores(&va.y, &p, nc)?.macro_f1;
-            if s > best.0 {
-                best = (s, k);
-            }
-        }
-        best.1
-    };
-    let p = nb(&te.coords)
-        .iter()
-        .map(|n| vote(n, &tr.y, k, nc))
-        .collect();
+    let (p, k) = knn_vote(tr, va, te, nc)?;
     preds.insert("knn_coordinates", (p, Some(k)));
 
     let boot = Bootstrap::clustered(&te.clusters, a.resamples, CONFIDENCE, mix(a.seed ^ 0xc1a))?;

@@ -80,9 +80,6 @@ pub fn embed_points(
     let dim = model.location.config().out_dim;
     let version = model.meta.model_version.clone();
     let (guard, file) = AtomicFile::create(out)?;
-    let mut writer: Option<(ArrowWriter<BufWriter<File>>, SchemaRef)> = None;
-    let mut file = Some(file);
-    let mut count = 0u64;
     let total = match points {
         Points::Grid { bbox, step_m } => {
             let n = grid_count(*bbox, *step_m);
@@ -96,42 +93,20 @@ pub fn embed_points(
         }
         Points::File(_) => 0,
     };
-    let bar =
-        osmvec_pipeline::progress_bar(total, "{bar:40} {pos}/{len} points ({per_sec}, {eta} left)");
-    let osmvec_meta = file_metadata(&version, dim, checkpoint, points);
-    let mut emit = |chunk: Chunk| -> Result<()> {
-        if chunk.lon.is_empty() {
-            return Ok(());
-        }
-        count += chunk.lon.len() as u64;
-        if count > max_points {
-            bail!("the input has more than --max-points {max_points} points");
-        }
-        let coords: Vec<(f64, f64)> = chunk
-            .lat
-            .iter()
-            .copied()
-            .zip(chunk.lon.iter().copied())
-            .collect();
-        let values = model
-            .location
-            .forward(&coords)?
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        if writer.is_none() {
-            let (schema, props) = points_schema(chunk.id.as_ref(), dim, &osmvec_meta);
-            let f = BufWriter::with_capacity(1 << 20, file.take().expect("one writer"));
-            writer = Some((
-                ArrowWriter::try_new(f, schema.clone(), Some(props))?,
-                schema,
-            ));
-        }
-        let (w, schema) = writer.as_mut().expect("created above");
-        bar.inc(chunk.lon.len() as u64);
-        w.write(&points_batch(schema, chunk, values, dim)?)?;
-        Ok(())
+    let mut sink = PointsSink {
+        model,
+        dim,
+        meta: file_metadata(&version, dim, checkpoint, points),
+        file: Some(file),
+        writer: None,
+        count: 0,
+        max_points,
+        bar: osmvec_pipeline::progress_bar(
+            total,
+            "{bar:40} {pos}/{len} points ({per_sec}, {eta} left)",
+        ),
     };
+    let mut emit = |chunk: Chunk| sink.emit(chunk);
     match points {
         Points::Grid { bbox, step_m } => grid(*bbox, *step_m, &mut emit)?,
         Points::File(p) => {
@@ -146,8 +121,8 @@ pub fn embed_points(
             }
         }
     }
-    bar.finish_and_clear();
-    let Some((w, _)) = writer else {
+    sink.bar.finish_and_clear();
+    let Some((w, _)) = sink.writer else {
         bail!(
             "no points to embed in {}",
             match points {
@@ -165,13 +140,66 @@ pub fn embed_points(
     let seconds = started.elapsed().as_secs_f64();
     Ok(PointsReport {
         path: out.to_path_buf(),
-        points: count,
+        points: sink.count,
         dim,
         model_version: version,
         bytes,
         seconds,
-        points_per_second: count as f64 / seconds.max(1e-9),
+        points_per_second: sink.count as f64 / seconds.max(1e-9),
     })
+}
+
+/// Embeds chunks of points and writes them as Parquet rows (the writer is
+/// made at the first chunk, whose id column decides the schema).
+struct PointsSink<'a> {
+    model: &'a Model,
+    dim: usize,
+    meta: String,
+    file: Option<File>,
+    writer: Option<(ArrowWriter<BufWriter<File>>, SchemaRef)>,
+    count: u64,
+    max_points: u64,
+    bar: indicatif::ProgressBar,
+}
+
+impl PointsSink<'_> {
+    fn emit(&mut self, chunk: Chunk) -> Result<()> {
+        if chunk.lon.is_empty() {
+            return Ok(());
+        }
+        self.count += chunk.lon.len() as u64;
+        if self.count > self.max_points {
+            bail!(
+                "the input has more than --max-points {} points",
+                self.max_points
+            );
+        }
+        let coords: Vec<(f64, f64)> = chunk
+            .lat
+            .iter()
+            .copied()
+            .zip(chunk.lon.iter().copied())
+            .collect();
+        let values = self
+            .model
+            .location
+            .forward(&coords)?
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        if self.writer.is_none() {
+            let (schema, props) = points_schema(chunk.id.as_ref(), self.dim, &self.meta);
+            let f = BufWriter::with_capacity(1 << 20, self.file.take().expect("one writer"));
+            self.writer = Some((
+                ArrowWriter::try_new(f, schema.clone(), Some(props))?,
+                schema,
+            ));
+        }
+        let (w, schema) = self.writer.as_mut().expect("created above");
+        self.bar.inc(chunk.lon.len() as u64);
+        w.write(&points_batch(schema, chunk, values, self.dim)?)?;
+        Ok(())
+    }
 }
 
 /// The file's `osmvec` metadata. Model and source are known before the

@@ -424,37 +424,31 @@ async fn tiles(State(s): State<AppState>, Query(q): Query<HashMap<String, String
 /// bounded channel, so a large region costs the server a few row groups of
 /// memory, not the whole answer. Regions whose tile cover exceeds
 /// `export_max_tiles` are refused with 400; an empty one is 404.
-async fn tiles_parquet(
-    State(s): State<AppState>,
-    Query(q): Query<HashMap<String, String>>,
-) -> Response {
-    if s.ingest_only {
-        return ingest_only();
-    }
+/// The bbox and format of a `GET /v1/tiles.parquet`, or the 400 that says
+/// what is wrong with them.
+#[allow(clippy::result_large_err)]
+fn export_query(s: &AppState, q: &HashMap<String, String>) -> Result<([f64; 4], bool), Response> {
     let Some(b) = q.get("bbox") else {
-        return error(
+        return Err(error(
             StatusCode::BAD_REQUEST,
             "bbox=W,S,E,N (degrees) is required",
-        );
+        ));
     };
-    let bbox = match crate::export::parse_bbox(b) {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
+    let bbox = crate::export::parse_bbox(b).map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
     let geometry = match q.get("format").map(String::as_str) {
         None | Some("geoparquet") => true,
         Some("parquet") => false,
         Some(f) => {
-            return error(
+            return Err(error(
                 StatusCode::BAD_REQUEST,
                 format!("format must be geoparquet or parquet, got {f:?}"),
-            );
+            ));
         }
     };
     let zoom = s.store.tile_config().fine_zoom;
     let cover = crate::export::tiles_in_cover(zoom, bbox);
     if cover > s.export_max_tiles {
-        return error(
+        return Err(error(
             StatusCode::BAD_REQUEST,
             format!(
                 "the bbox covers {cover} z{zoom} tiles, more than the {} one request may ask for \
@@ -462,64 +456,86 @@ async fn tiles_parquet(
                  on the store",
                 s.export_max_tiles
             ),
-        );
+        ));
     }
-    // One blocking thread reads the region twice in one snapshot: first
-    // the survey (its answer decides between 404 and 200), then the rows
-    // into a bounded channel the response body drains.
+    Ok((bbox, geometry))
+}
+
+/// The export's blocking half: reads the region twice in one snapshot,
+/// first the survey (sent on `surveyed`: its answer decides between 404
+/// and 200), then the rows into `tx`, which the response body drains.
+fn stream_export(
+    store: &Store,
+    bbox: [f64; 4],
+    geometry: bool,
+    tx: tokio::sync::mpsc::Sender<std::io::Result<bytes::Bytes>>,
+    surveyed: tokio::sync::oneshot::Sender<Result<u64, String>>,
+) {
+    let view = store.embedding_view();
+    let survey = match crate::export::survey(&view, Some(bbox)) {
+        Ok(sv) if sv.tiles > 0 => sv,
+        Ok(_) => {
+            let _ = surveyed.send(Ok(0));
+            return;
+        }
+        Err(e) => {
+            let _ = surveyed.send(Err(format!("{e:#}")));
+            return;
+        }
+    };
+    if surveyed.send(Ok(survey.tiles)).is_err() {
+        return;
+    }
+    let meta = crate::export::tiles::ExportMeta {
+        store_sequence: store
+            .replication_state()
+            .ok()
+            .and_then(|r| r.0)
+            .unwrap_or(0),
+        zoom: store.tile_config().fine_zoom,
+        bbox: Some(bbox),
+    };
+    // A failure mid-stream is sent as an error item: the body is then cut
+    // without its last chunk, so the client sees a failed download rather
+    // than a short file that looks complete.
+    let abort = tx.clone();
+    let result = crate::export::write_rows(
+        &view,
+        Some(bbox),
+        &survey,
+        geometry,
+        meta,
+        crate::export::ChannelWriter::new(tx),
+        || {},
+    )
+    .and_then(|mut w| Ok(std::io::Write::flush(&mut w)?));
+    if let Err(e) = result {
+        let message = format!("{e:#}");
+        tracing::warn!(error = %message, "GET /v1/tiles.parquet failed mid-stream");
+        let _ = abort.blocking_send(Err(std::io::Error::other(message)));
+    }
+}
+
+async fn tiles_parquet(
+    State(s): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    if s.ingest_only {
+        return ingest_only();
+    }
+    let (bbox, geometry) = match export_query(&s, &q) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
     let (surveyed, survey_rx) = tokio::sync::oneshot::channel::<Result<u64, String>>();
     let store = s.store.clone();
-    tokio::task::spawn_blocking(move || {
-        let view = store.embedding_view();
-        let survey = match crate::export::survey(&view, Some(bbox)) {
-            Ok(sv) if sv.tiles > 0 => sv,
-            Ok(_) => {
-                let _ = surveyed.send(Ok(0));
-                return;
-            }
-            Err(e) => {
-                let _ = surveyed.send(Err(format!("{e:#}")));
-                return;
-            }
-        };
-        if surveyed.send(Ok(survey.tiles)).is_err() {
-            return;
-        }
-        let meta = crate::export::tiles::ExportMeta {
-            store_sequence: store
-                .replication_state()
-                .ok()
-                .and_then(|r| r.0)
-                .unwrap_or(0),
-            zoom,
-            bbox: Some(bbox),
-        };
-        // A failure mid-stream is sent as an error item: the body is then
-        // cut without its last chunk, so the client sees a failed download
-        // rather than a short file that looks complete.
-        let abort = tx.clone();
-        let result = crate::export::write_rows(
-            &view,
-            Some(bbox),
-            &survey,
-            geometry,
-            meta,
-            crate::export::ChannelWriter::new(tx),
-            || {},
-        )
-        .and_then(|mut w| Ok(std::io::Write::flush(&mut w)?));
-        if let Err(e) = result {
-            let message = format!("{e:#}");
-            tracing::warn!(error = %message, "GET /v1/tiles.parquet failed mid-stream");
-            let _ = abort.blocking_send(Err(std::io::Error::other(message)));
-        }
-    });
+    tokio::task::spawn_blocking(move || stream_export(&store, bbox, geometry, tx, surveyed));
     match survey_rx.await {
         Ok(Ok(0)) => {
             return error(
                 StatusCode::NOT_FOUND,
-                format!("no tile embeddings in bbox {b}"),
+                format!("no tile embeddings in bbox {}", q["bbox"]),
             );
         }
         Ok(Ok(_)) => {}

@@ -305,6 +305,20 @@ impl Default for KafkaConfig {
 }
 
 impl KafkaConfig {
+    /// The settings of every producer, the daemon's and the workers': the
+    /// user's client settings, then what the delivery guarantees rest on
+    /// (idempotence, acks from every in-sync replica; `check_property`
+    /// keeps the user from overriding them) and the timeout and size limit.
+    pub fn producer_config(&self) -> ClientConfig {
+        let mut c = client_config(&self.brokers, &self.properties);
+        c.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", self.message_timeout_ms().to_string())
+            .set("message.max.bytes", self.max_message_bytes.to_string());
+        c
+    }
+
     /// `message.timeout.ms`.
     pub fn message_timeout_ms(&self) -> u64 {
         self.message_timeout_seconds.saturating_mul(1000)
@@ -565,15 +579,7 @@ impl Publisher {
     }
 
     fn producer(config: &KafkaConfig, jobs: bool) -> Result<BaseProducer<Ctx>> {
-        let mut c = client_config(&config.brokers, &config.properties);
-        c.set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "5")
-            .set(
-                "message.timeout.ms",
-                config.message_timeout_ms().to_string(),
-            )
-            .set("message.max.bytes", config.max_message_bytes.to_string());
+        let mut c = config.producer_config();
         if jobs {
             // Jobs are large and repetitive (tag texts): zstd unless the
             // deployment chose a codec for every producer. Measured on the

@@ -7,14 +7,13 @@
 use std::collections::HashMap;
 
 use geo::{Coord, Geometry, LineString, MultiPolygon, Point, Polygon};
-use rocksdb::{DB, ReadOptions, SnapshotWithThreadMode};
 
 use crate::codec;
 use crate::derive::loc_of;
 use crate::element::{ElementType, Member, Tags, Way};
-use crate::error::{Result, StoreError};
+use crate::error::Result;
 use crate::feature::{Feature, FeatureKind};
-use crate::store::{Store, cf};
+use crate::store::{Snapshot, Store, cf};
 use crate::tiles::TileId;
 
 /// A feature with everything the graph builder needs.
@@ -49,75 +48,43 @@ pub fn feature_geometry(store: &Store, element: ElementType, id: i64) -> Result<
 /// before and after a diff committed while it was being built, with one
 /// batched multi-get per column family and step instead of a read per object.
 pub(crate) struct View<'a> {
-    store: &'a Store,
-    snap: SnapshotWithThreadMode<'a, DB>,
+    snap: Snapshot<'a>,
 }
 
 impl<'a> View<'a> {
     pub fn new(store: &'a Store) -> Self {
         View {
-            store,
-            snap: store.db().snapshot(),
+            snap: store.snapshot(),
         }
-    }
-
-    fn read_options(&self) -> ReadOptions {
-        let mut ro = ReadOptions::default();
-        ro.set_snapshot(&self.snap);
-        ro
-    }
-
-    fn db_err(&self, e: rocksdb::Error) -> StoreError {
-        StoreError::db(self.store.path(), e)
     }
 
     /// Features (type, id) indexed in a tile, in key order.
     pub fn tile_features(&self, tile: TileId) -> Result<Vec<(ElementType, i64)>> {
         let prefix = tile.to_key();
-        let mut ro = self.read_options();
-        // The tile key's successor: x and y are u32 and z is at most 30, so
-        // incrementing the last non-0xff byte is exact.
-        let mut upper = prefix.to_vec();
-        while let Some(b) = upper.pop() {
-            if b != 0xff {
-                upper.push(b + 1);
-                break;
-            }
-        }
-        ro.set_iterate_upper_bound(upper);
-        let mut it = self
-            .store
-            .db()
-            .raw_iterator_cf_opt(self.store.cf(cf::TILE_FEATURES), ro);
-        it.seek(prefix);
         let mut out = Vec::new();
-        while let Some(k) = it.key() {
+        self.snap.scan_from(cf::TILE_FEATURES, &prefix, |k, _| {
+            if !k.starts_with(&prefix) {
+                return Ok(false);
+            }
             out.push(codec::typed_from_key(&k[9..])?);
-            it.next();
-        }
-        it.status().map_err(|e| self.db_err(e))?;
+            Ok(true)
+        })?;
         Ok(out)
     }
 
-    /// Values of `keys` in one column family, in the order of `keys`.
+    /// Values of `keys` in one column family, in the order of `keys`
+    /// (absent keys skipped).
     fn multi_get<K: AsRef<[u8]>>(
         &self,
         name: &str,
         keys: &[K],
         decode: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
     ) -> Result<()> {
-        let ro = self.read_options();
         let sorted = keys.windows(2).all(|w| w[0].as_ref() <= w[1].as_ref());
-        let res =
-            self.store
-                .db()
-                .batched_multi_get_cf_opt(self.store.cf(name), keys.iter(), sorted, &ro);
-        for (i, r) in res.into_iter().enumerate() {
-            if let Some(v) = r.map_err(|e| self.db_err(e))? {
-                decode(i, &v)?;
-            }
-        }
-        Ok(())
+        self.snap.multi_get(name, keys, sorted, |i, v| match v {
+            Some(v) => decode(i, v),
+            None => Ok(()),
+        })
     }
 
     /// Locations (lon, lat degrees) of nodes, by id; missing nodes absent.

@@ -98,16 +98,10 @@ fn key_of(a: &Resolved, b: &Resolved) -> PairKey {
     (a.element as u8, a.id, b.element as u8, b.id)
 }
 
-/// `outlines[i]` is [`outline_of`] `nodes[i]` (built by the caller, so that
-/// a feature shared by many tiles gets one outline); `memo` keeps the
-/// verdicts of pairs across tiles.
-pub(super) fn spatial_edges(
-    nodes: &[&Resolved],
-    outlines: &[Option<&Outline>],
-    connected: &[(usize, usize)],
-    memo: &PairMemo,
-    edges: &mut Vec<(usize, usize, EdgeKind)>,
-) {
+type Envelopes = RTree<GeomWithData<Rectangle<[f64; 2]>, usize>>;
+
+/// An R-tree of the features' envelopes (index into `nodes` as data).
+fn envelope_tree(nodes: &[&Resolved], outlines: &[Option<&Outline>]) -> Envelopes {
     let kind = |i: usize| nodes[i].feature.kind;
     let mut items = Vec::new();
     for (i, r) in nodes.iter().enumerate() {
@@ -127,9 +121,19 @@ pub(super) fn spatial_edges(
             ));
         }
     }
-    let tree = RTree::bulk_load(items);
+    RTree::bulk_load(items)
+}
 
-    // Points inside polygons (a point on the outline is not within).
+/// `within` edges of points inside polygons (a point on the outline is not
+/// within).
+fn points_within(
+    nodes: &[&Resolved],
+    outlines: &[Option<&Outline>],
+    tree: &Envelopes,
+    memo: &PairMemo,
+    edges: &mut Vec<(usize, usize, EdgeKind)>,
+) {
+    let kind = |i: usize| nodes[i].feature.kind;
     let exact_only = exact_only();
     for (i, r) in nodes.iter().enumerate() {
         let (FeatureKind::Point, Some(Geometry::Point(p))) = (kind(i), &r.geometry) else {
@@ -156,6 +160,22 @@ pub(super) fn spatial_edges(
             }
         }
     }
+}
+
+/// `outlines[i]` is [`outline_of`] `nodes[i]` (built by the caller, so that
+/// a feature shared by many tiles gets one outline); `memo` keeps the
+/// verdicts of pairs across tiles.
+pub(super) fn spatial_edges(
+    nodes: &[&Resolved],
+    outlines: &[Option<&Outline>],
+    connected: &[(usize, usize)],
+    memo: &PairMemo,
+    edges: &mut Vec<(usize, usize, EdgeKind)>,
+) {
+    let kind = |i: usize| nodes[i].feature.kind;
+    let tree = envelope_tree(nodes, outlines);
+    points_within(nodes, outlines, &tree, memo, edges);
+    let exact_only = exact_only();
 
     // Line and polygon pairs, in index order (polylines before polygons, so
     // a's kind <= b's).
