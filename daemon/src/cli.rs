@@ -16,6 +16,20 @@ use osmvec_graphstore::{Store, TileConfig};
 
 use crate::follow::{self, FollowOptions};
 
+/// A progress bar on a terminal (hidden otherwise, so logs and pipes stay
+/// clean) with `template`'s indicatif style: the CLI draws what the
+/// pipeline's progress callbacks report.
+pub fn progress_bar(len: u64, template: &str) -> ProgressBar {
+    use std::io::IsTerminal;
+    let bar = if std::io::stderr().is_terminal() && len > 0 {
+        ProgressBar::new(len)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(ProgressStyle::with_template(template).expect("valid template"));
+    bar
+}
+
 fn spinner() -> ProgressBar {
     let pb = if std::io::stderr().is_terminal() {
         ProgressBar::new_spinner()

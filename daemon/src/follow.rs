@@ -423,6 +423,144 @@ pub fn apply_fetched(
 /// `osmvec replicate`'s loop: applies every diff after the stored sequence,
 /// in order, until caught up (with `until_caught_up`), `max_diffs`, a stop,
 /// or an error.
+/// `follow`'s state between the fetcher's answers.
+struct Follower<'a> {
+    store: &'a Store,
+    opts: &'a FollowOptions,
+    fetcher: &'a Fetcher,
+    describe: String,
+    applied: u64,
+    current: Option<u64>,
+    parse_attempt: u32,
+    behind_warned: Option<u64>,
+}
+
+impl Follower<'_> {
+    fn stopping(&self) -> bool {
+        self.opts.stop.load(Ordering::Relaxed)
+    }
+
+    /// Asks for `seq`; a request the fetcher cannot take because it ended
+    /// on the stop is no error: the loop's next turn sees the stop.
+    fn want(&self, seq: u64, after: Duration) -> Result<()> {
+        match self.fetcher.want(seq, after) {
+            Err(_) if self.stopping() => Ok(()),
+            r => r,
+        }
+    }
+
+    fn outcome(&self, behind: bool) -> FollowOutcome {
+        FollowOutcome {
+            applied: self.applied,
+            sequence: self.current,
+            behind,
+        }
+    }
+
+    /// Handles one answer of the fetcher; `Some`: the loop is over.
+    fn handle(
+        &mut self,
+        f: Fetched,
+        on_applied: &mut dyn FnMut(&ApplyReport),
+    ) -> Result<Option<FollowOutcome>> {
+        match f {
+            Fetched::StartsAfter(s) => {
+                if self.store.replication_state()?.0.is_none() {
+                    tracing::info!(
+                        sequence = s,
+                        "starting replication after the extract's timestamp"
+                    );
+                }
+                self.current = Some(s);
+                self.want(s + 1, Duration::ZERO)?;
+            }
+            Fetched::Diff {
+                seq,
+                state,
+                bytes,
+                latest,
+            } => {
+                let applied = apply_fetched(
+                    self.store,
+                    &self.describe,
+                    seq,
+                    &state,
+                    &bytes,
+                    &self.opts.osc,
+                )?;
+                return self.applied_or_retry(seq, latest, applied, on_applied);
+            }
+            Fetched::NotYet { wanted, .. } => {
+                if self.opts.until_caught_up {
+                    if self.applied > 0 {
+                        tracing::info!(sequence = wanted - 1, "caught up");
+                    }
+                    return Ok(Some(self.outcome(false)));
+                }
+            }
+            Fetched::Behind { wanted, latest } => {
+                let e = ReplicationError::Behind {
+                    source: self.describe.clone(),
+                    latest,
+                    stored: wanted - 1,
+                };
+                if self.opts.until_caught_up {
+                    return Err(e.into());
+                }
+                if self.behind_warned != Some(latest) {
+                    tracing::error!(error = %e, "waiting for the source to pass the store");
+                    self.behind_warned = Some(latest);
+                }
+            }
+            // The fetcher thread ends when it sees the stop: a stop that
+            // lands between the loop's check and this answer is a stop, not
+            // a failure.
+            Fetched::Failed(_) if self.stopping() => {
+                tracing::info!("stop requested; the last diff was applied whole");
+                return Ok(Some(self.outcome(false)));
+            }
+            Fetched::Failed(e) => return Err(e),
+        }
+        Ok(None)
+    }
+
+    /// After diff `seq` was applied (ask for the next) or found unreadable
+    /// (fetch it again, up to `PARSE_ATTEMPTS` downloads).
+    fn applied_or_retry(
+        &mut self,
+        seq: u64,
+        latest: u64,
+        applied: std::result::Result<ApplyReport, osmvec_graphstore::StoreError>,
+        on_applied: &mut dyn FnMut(&ApplyReport),
+    ) -> Result<Option<FollowOutcome>> {
+        match applied {
+            Ok(report) => {
+                self.parse_attempt = 0;
+                self.applied += 1;
+                on_applied(&report);
+                self.current = Some(seq);
+                if self.opts.max_diffs.is_some_and(|m| self.applied >= m) {
+                    return Ok(Some(self.outcome(latest > seq)));
+                }
+                self.want(seq + 1, Duration::ZERO)?;
+            }
+            Err(e) => {
+                self.parse_attempt += 1;
+                if self.parse_attempt >= PARSE_ATTEMPTS {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "diff {seq} is unreadable after {} downloads; the store stays at sequence {}",
+                        self.parse_attempt,
+                        seq - 1
+                    )));
+                }
+                tracing::warn!(sequence = seq, attempt = self.parse_attempt, error = %e, "diff unreadable, fetching it again");
+                self.want(seq, self.opts.backoff.initial * self.parse_attempt)?;
+            }
+        }
+        Ok(None)
+    }
+}
+
 pub fn follow(
     store: &Store,
     source: Box<dyn Source>,
@@ -433,99 +571,26 @@ pub fn follow(
     let fetcher = Fetcher::spawn(source, opts.backoff, opts.poll_interval, opts.stop.clone())?;
     let describe = fetcher.describe().to_string();
     fetcher.start(start_of(store)?)?;
-    let mut applied = 0u64;
-    let mut current: Option<u64> = None;
-    let mut parse_attempt = 0u32;
-    let mut behind_warned = None;
-    let stopping = || opts.stop.load(Ordering::Relaxed);
-    // A request the fetcher cannot take because it ended on the stop is
-    // no error: the loop's next turn sees the stop.
-    let want = |seq: u64, after: Duration| match fetcher.want(seq, after) {
-        Err(_) if stopping() => Ok(()),
-        r => r,
-    };
-    let outcome = |applied, current, behind| FollowOutcome {
-        applied,
-        sequence: current,
-        behind,
+    let mut f = Follower {
+        store,
+        opts,
+        fetcher: &fetcher,
+        describe,
+        applied: 0,
+        current: None,
+        parse_attempt: 0,
+        behind_warned: None,
     };
     loop {
-        if stopping() {
+        if f.stopping() {
             tracing::info!("stop requested; the last diff was applied whole");
-            return Ok(outcome(applied, current, false));
+            return Ok(f.outcome(false));
         }
-        let Some(f) = fetcher.take(Duration::from_millis(50)) else {
+        let Some(answer) = fetcher.take(Duration::from_millis(50)) else {
             continue;
         };
-        match f {
-            Fetched::StartsAfter(s) => {
-                if store.replication_state()?.0.is_none() {
-                    tracing::info!(
-                        sequence = s,
-                        "starting replication after the extract's timestamp"
-                    );
-                }
-                current = Some(s);
-                want(s + 1, Duration::ZERO)?;
-            }
-            Fetched::Diff {
-                seq,
-                state,
-                bytes,
-                latest,
-            } => match apply_fetched(store, &describe, seq, &state, &bytes, &opts.osc)? {
-                Ok(report) => {
-                    parse_attempt = 0;
-                    applied += 1;
-                    on_applied(&report);
-                    current = Some(seq);
-                    if opts.max_diffs.is_some_and(|m| applied >= m) {
-                        return Ok(outcome(applied, current, latest > seq));
-                    }
-                    want(seq + 1, Duration::ZERO)?;
-                }
-                Err(e) => {
-                    parse_attempt += 1;
-                    if parse_attempt >= PARSE_ATTEMPTS {
-                        return Err(anyhow::Error::new(e).context(format!(
-                            "diff {seq} is unreadable after {parse_attempt} downloads; the store stays at sequence {}",
-                            seq - 1
-                        )));
-                    }
-                    tracing::warn!(sequence = seq, attempt = parse_attempt, error = %e, "diff unreadable, fetching it again");
-                    want(seq, opts.backoff.initial * parse_attempt)?;
-                }
-            },
-            Fetched::NotYet { wanted, .. } => {
-                if opts.until_caught_up {
-                    if applied > 0 {
-                        tracing::info!(sequence = wanted - 1, "caught up");
-                    }
-                    return Ok(outcome(applied, current, false));
-                }
-            }
-            Fetched::Behind { wanted, latest } => {
-                let e = ReplicationError::Behind {
-                    source: describe.clone(),
-                    latest,
-                    stored: wanted - 1,
-                };
-                if opts.until_caught_up {
-                    return Err(e.into());
-                }
-                if behind_warned != Some(latest) {
-                    tracing::error!(error = %e, "waiting for the source to pass the store");
-                    behind_warned = Some(latest);
-                }
-            }
-            // The fetcher thread ends when it sees the stop: a stop that
-            // lands between the check above and this answer is a stop, not
-            // a failure.
-            Fetched::Failed(_) if stopping() => {
-                tracing::info!("stop requested; the last diff was applied whole");
-                return Ok(outcome(applied, current, false));
-            }
-            Fetched::Failed(e) => return Err(e),
+        if let Some(outcome) = f.handle(answer, on_applied)? {
+            return Ok(outcome);
         }
     }
 }

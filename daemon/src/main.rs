@@ -393,7 +393,7 @@ struct ReplicateCmd {
     #[arg(long)]
     until_caught_up: bool,
     /// Seconds between polls once caught up.
-    #[arg(long, default_value = "30", value_parser = cli::parse_seconds)]
+    #[arg(long, alias = "poll-interval-seconds", default_value = "30", value_parser = cli::parse_seconds)]
     poll_interval: std::time::Duration,
     /// Stop after this many diffs (for tests and benchmarks).
     #[arg(long)]
@@ -408,7 +408,7 @@ struct ReplicateCmd {
     #[arg(long, default_value = "300", value_parser = cli::parse_seconds)]
     retry_max: std::time::Duration,
     /// Longest time one HTTP request may take in all, seconds.
-    #[arg(long, default_value = "600", value_parser = cli::parse_seconds)]
+    #[arg(long, alias = "fetch-timeout-seconds", default_value = "600", value_parser = cli::parse_seconds)]
     fetch_timeout: std::time::Duration,
     /// Largest diff accepted, bytes, downloaded and decompressed (guards
     /// against gzip bombs).
@@ -520,7 +520,7 @@ impl TrainCmd {
         let (device, model_dir) = model.resolve()?;
         let stop = stop_on_signals()?;
         let store = osmvec_graphstore::Store::open(&store)?;
-        let bar = osmvec_pipeline::progress_bar(
+        let bar = osmvec::cli::progress_bar(
             steps,
             "training {bar:30} {pos}/{len} steps {per_sec} eta {eta} {msg}",
         );
@@ -593,10 +593,8 @@ impl EmbedCmd {
         } = self;
         let (device, model_dir) = model.resolve()?;
         let store = osmvec_graphstore::Store::open(&store)?;
-        let bar = osmvec_pipeline::progress_bar(
-            0,
-            "embedding {bar:30} {pos}/{len} tiles {per_sec} eta {eta}",
-        );
+        // Made at the first report, when the number of tiles is known.
+        let mut bar: Option<indicatif::ProgressBar> = None;
         let report = osmvec_pipeline::embed::embed(
             &store,
             &osmvec_pipeline::embed::EmbedConfig {
@@ -608,11 +606,18 @@ impl EmbedCmd {
                 reference,
             },
             &mut |p| {
-                bar.set_length(p.total);
-                bar.set_position(p.done);
+                bar.get_or_insert_with(|| {
+                    osmvec::cli::progress_bar(
+                        p.total,
+                        "embedding {bar:30} {pos}/{len} tiles {per_sec} eta {eta}",
+                    )
+                })
+                .set_position(p.done);
             },
         )?;
-        bar.finish_and_clear();
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
         print_report(&report, json)
     }
 }

@@ -19,19 +19,6 @@ pub mod split;
 pub mod tags;
 pub mod train;
 
-/// A progress bar on a terminal (hidden otherwise, so logs and pipes stay
-/// clean) with `template`'s indicatif style.
-pub fn progress_bar(len: u64, template: &str) -> indicatif::ProgressBar {
-    use std::io::IsTerminal;
-    let bar = if std::io::stderr().is_terminal() && len > 0 {
-        indicatif::ProgressBar::new(len)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(indicatif::ProgressStyle::with_template(template).expect("valid template"));
-    bar
-}
-
 /// Parses `cpu` / `cuda` / `cuda:N` into a candle device, with a clear error
 /// when CUDA was not compiled in.
 pub fn device(spec: &str) -> anyhow::Result<osmvec_model::Device> {

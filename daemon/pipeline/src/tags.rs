@@ -387,16 +387,14 @@ impl TagVectors {
             self.encoder = Some(enc);
         }
         let enc = self.encoder.as_ref().expect("just loaded");
-        let bar = (to_encode.len() >= 512).then(|| {
-            super::progress_bar(
-                to_encode.len() as u64,
-                "encoding tag texts {bar:30} {pos}/{len} {per_sec} eta {eta}",
-            )
-        });
         tracing::info!(
             texts = to_encode.len(),
             "encoding new tag texts with {TEXT_MODEL}"
         );
+        // A first training on a large store encodes thousands of texts
+        // (about a minute per 10,000 on 2 cores): progress in the log.
+        let started = std::time::Instant::now();
+        let mut last_log = started;
         for chunk in to_encode.chunks(64) {
             let refs: Vec<&str> = chunk.iter().map(|s| s.as_str()).collect();
             let vecs = enc.encode(&refs)?;
@@ -412,12 +410,15 @@ impl TagVectors {
                 self.memory.insert(t.clone(), Arc::new(v));
             }
             self.encoded += chunk.len() as u64;
-            if let Some(b) = &bar {
-                b.inc(chunk.len() as u64);
+            if last_log.elapsed().as_secs() >= 10 {
+                last_log = std::time::Instant::now();
+                tracing::info!(
+                    done = self.encoded,
+                    texts = to_encode.len(),
+                    seconds = started.elapsed().as_secs_f64(),
+                    "encoding tag texts"
+                );
             }
-        }
-        if let Some(b) = bar {
-            b.finish_and_clear();
         }
         Ok(())
     }

@@ -186,7 +186,7 @@ pub fn export_embeddings(
     if survey.tiles == 0 {
         bail!(no_tiles(store, bbox)?);
     }
-    let bar = osmvec_pipeline::progress_bar(
+    let bar = crate::cli::progress_bar(
         survey.tiles,
         "{bar:40} {pos}/{len} tiles ({per_sec}, {eta} left)",
     );

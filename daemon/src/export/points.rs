@@ -101,10 +101,7 @@ pub fn embed_points(
         writer: None,
         count: 0,
         max_points,
-        bar: osmvec_pipeline::progress_bar(
-            total,
-            "{bar:40} {pos}/{len} points ({per_sec}, {eta} left)",
-        ),
+        bar: crate::cli::progress_bar(total, "{bar:40} {pos}/{len} points ({per_sec}, {eta} left)"),
     };
     let mut emit = |chunk: Chunk| sink.emit(chunk);
     match points {

@@ -1097,6 +1097,59 @@ impl Publisher {
         Ok(())
     }
 
+    /// The answer to the model event in flight: delivered (the next one
+    /// may go), or to be sent again.
+    fn model_event_delivered(&mut self, error: Option<KafkaError>) {
+        match error {
+            None => {
+                self.stats.models_delivered += 1;
+                if let Some((version, ..)) = self.model_events.pop_front() {
+                    tracing::info!(model_version = %version, "model event delivered");
+                }
+            }
+            Some(e) => {
+                tracing::warn!(error = %e, "model event not delivered; sending it again");
+                if let Some(m) = self.model_events.front_mut() {
+                    m.2 = false;
+                }
+            }
+        }
+    }
+
+    /// The answer to a dead letter sent for outbox entry `token`: true when
+    /// the dead-letter topic has it (the entry can go); refused for good, it
+    /// stays in the store.
+    fn dead_letter_delivered(
+        &mut self,
+        store: &Store,
+        token: &(Vec<u8>, u64),
+        error: Option<KafkaError>,
+    ) -> Result<bool> {
+        let Some(value) = self.dead_in_flight.remove(token) else {
+            return Ok(false);
+        };
+        match error {
+            None => {
+                self.stats.dead_letters_topic += 1;
+                return Ok(true);
+            }
+            Some(e) if e.rdkafka_error_code().is_some_and(is_permanent) => {
+                tracing::error!(
+                    error = %e,
+                    "the dead-letter topic refused the record too: it stays in the store"
+                );
+                store.dead_letter(&token.0, token.1, &value)?;
+                self.stats.dead_letters_store += 1;
+            }
+            Some(e) => {
+                // Not answered (broker down): the entry is still queued, a
+                // later drain refuses and dead-letters it again.
+                tracing::warn!(error = %e, "dead letter not delivered; trying again later");
+            }
+        }
+        Ok(false)
+    }
+
     fn collect(&mut self, store: &Store, report: &mut DrainReport) -> Result<()> {
         let deliveries = self.take_deliveries();
         if deliveries.is_empty() {
@@ -1106,46 +1159,13 @@ impl Publisher {
         let mut first_error = None;
         for d in deliveries {
             if d.key == MODEL_KEY {
-                match d.error {
-                    None => {
-                        self.stats.models_delivered += 1;
-                        if let Some((version, ..)) = self.model_events.pop_front() {
-                            tracing::info!(model_version = %version, "model event delivered");
-                        }
-                    }
-                    Some(e) => {
-                        tracing::warn!(error = %e, "model event not delivered; sending it again");
-                        if let Some(m) = self.model_events.front_mut() {
-                            m.2 = false;
-                        }
-                    }
-                }
+                self.model_event_delivered(d.error);
                 continue;
             }
             if d.key.first() == Some(&DEAD_MARK) {
                 let token = (d.key[1..].to_vec(), d.id);
-                let Some(value) = self.dead_in_flight.remove(&token) else {
-                    continue;
-                };
-                match d.error {
-                    None => {
-                        self.stats.dead_letters_topic += 1;
-                        acked.push(token);
-                    }
-                    Some(e) if e.rdkafka_error_code().is_some_and(is_permanent) => {
-                        tracing::error!(
-                            error = %e,
-                            "the dead-letter topic refused the record too: it stays in the store"
-                        );
-                        store.dead_letter(&token.0, token.1, &value)?;
-                        self.stats.dead_letters_store += 1;
-                    }
-                    Some(e) => {
-                        // Not answered (broker down): the entry is still
-                        // queued, a later drain refuses and dead-letters it
-                        // again.
-                        tracing::warn!(error = %e, "dead letter not delivered; trying again later");
-                    }
+                if self.dead_letter_delivered(store, &token, d.error)? {
+                    acked.push(token);
                 }
                 continue;
             }
