@@ -155,25 +155,36 @@ pub enum Mode {
 }
 
 /// The configuration: the file at `path` (if any), the flags laid over it,
-/// checked. Errors name the file and line, or the key.
+/// checked. A file that does not parse is an error naming the file and the
+/// line; a value out of range one naming its key (it may come from the file,
+/// a variable or a flag).
 pub fn load<F: Serialize>(path: Option<&Path>, flags: &F) -> Result<Config> {
-    match path {
-        None => from_toml("", flags),
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read config file {}", path.display()))?;
-            from_toml(&text, flags).with_context(|| format!("config file {}", path.display()))
-        }
-    }
+    let (text, file) = match path {
+        None => (String::new(), None),
+        Some(path) => (
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config file {}", path.display()))?,
+            Some(format!("config file {}", path.display())),
+        ),
+    };
+    merged(&text, file.as_deref(), flags)
 }
 
 /// [`load`] from the file's text.
 pub fn from_toml<F: Serialize>(text: &str, flags: &F) -> Result<Config> {
+    merged(text, None, flags)
+}
+
+fn merged<F: Serialize>(text: &str, file: Option<&str>, flags: &F) -> Result<Config> {
+    let in_file = |e: toml::de::Error| match file {
+        Some(f) => anyhow::Error::new(e).context(f.to_string()),
+        None => anyhow::Error::new(e),
+    };
     // Parsed once as a `Config` for errors with line numbers (a misspelt
     // key, a string where a number belongs), once as a table to lay the
     // flags over.
-    toml::from_str::<Config>(text)?;
-    let mut table: toml::Table = toml::from_str(text)?;
+    toml::from_str::<Config>(text).map_err(in_file)?;
+    let mut table: toml::Table = toml::from_str(text).map_err(in_file)?;
     let flags = toml::Table::try_from(flags).context("flags as configuration keys")?;
     for (key, value) in flags {
         let mut at = &mut table;
@@ -884,6 +895,29 @@ mod tests {
             checkpoint: Some("c".into()),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_file_error_names_the_file_and_line_a_range_error_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("osmvec.toml");
+        std::fs::write(&path, "store = \"s\"\n[kafka]\nbroker = \"x\"\n").unwrap();
+        let e = format!("{:#}", load(Some(&path), &RunFlags::default()).unwrap_err());
+        assert!(
+            e.contains(&path.display().to_string()) && e.contains("line 3"),
+            "{e}"
+        );
+        std::fs::write(&path, "store = \"s\"\n").unwrap();
+        let flags = RunFlags {
+            message_timeout_seconds: Some(0),
+            ..Default::default()
+        };
+        let e = format!("{:#}", load(Some(&path), &flags).unwrap_err());
+        assert!(e.contains("kafka.message_timeout_seconds"), "{e}");
+        assert!(
+            !e.contains("config file"),
+            "the flag set it, not the file: {e}"
+        );
     }
 
     #[test]
