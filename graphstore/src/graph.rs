@@ -59,7 +59,7 @@ mod spatial;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::ops::Range;
 
 use petgraph::graph::NodeIndex;
@@ -460,7 +460,7 @@ impl SharedFeature {
 /// does after every cycle). Bounded by feature and vertex counts: a batch
 /// that would exceed them empties it first.
 pub struct FeatureCache {
-    map: HashMap<(ElementType, i64), std::sync::Arc<SharedFeature>>,
+    map: crate::idhash::IdMap<(ElementType, i64), std::sync::Arc<SharedFeature>>,
     /// Verdicts of the spatial predicates between cached features.
     pairs: spatial::PairMemo,
     vertices: usize,
@@ -473,7 +473,7 @@ pub struct FeatureCache {
 impl Default for FeatureCache {
     fn default() -> Self {
         FeatureCache {
-            map: HashMap::new(),
+            map: Default::default(),
             pairs: spatial::PairMemo::default(),
             vertices: 0,
             max_features: 200_000,
@@ -709,8 +709,8 @@ fn assemble_shared(
     }
 
     // connects: shared OSM nodes.
-    let mut lines_at: HashMap<i64, Vec<usize>> = HashMap::new();
-    let point_at: HashMap<i64, usize> = points
+    let mut lines_at: crate::idhash::IdMap<i64, Vec<usize>> = Default::default();
+    let point_at: crate::idhash::IdMap<i64, usize> = points
         .iter()
         .filter(|&&i| nodes[i].element == ElementType::Node)
         .map(|&i| (nodes[i].id, i))

@@ -13,6 +13,7 @@ pub mod error;
 pub mod event;
 pub mod feature;
 pub mod graph;
+mod idhash;
 pub mod import;
 pub mod landuse;
 mod opl;

@@ -4,7 +4,7 @@
 //! polygons, multipolygon relations assembled from their member ways into
 //! rings joined end to end by node id.
 
-use std::collections::HashMap;
+use crate::idhash::IdMap;
 
 use geo::{Coord, Geometry, LineString, MultiPolygon, Point, Polygon};
 
@@ -88,11 +88,11 @@ impl<'a> View<'a> {
     }
 
     /// Locations (lon, lat degrees) of nodes, by id; missing nodes absent.
-    fn node_locs(&self, mut ids: Vec<i64>) -> Result<HashMap<i64, [f64; 2]>> {
+    fn node_locs(&self, mut ids: Vec<i64>) -> Result<IdMap<i64, [f64; 2]>> {
         ids.sort_unstable();
         ids.dedup();
         let keys: Vec<[u8; 8]> = ids.iter().map(|id| codec::id_key(*id)).collect();
-        let mut out = HashMap::with_capacity(ids.len());
+        let mut out = IdMap::with_capacity_and_hasher(ids.len(), Default::default());
         self.multi_get(cf::NODES, &keys, &mut |i, v| {
             let (lat, lon) = codec::decode_node_location(v)?;
             out.insert(ids[i], loc_of(lat, lon));
@@ -173,7 +173,7 @@ impl<'a> View<'a> {
             .collect();
         member_ids.sort_unstable();
         member_ids.dedup();
-        let member_ways: HashMap<i64, Way> = self
+        let member_ways: IdMap<i64, Way> = self
             .ways(&member_ids)?
             .into_iter()
             .flatten()
@@ -247,8 +247,8 @@ use crate::feature::Segment;
 /// derived.
 fn relation_geometry(
     members: &[Member],
-    ways: &HashMap<i64, Way>,
-    locs: &HashMap<i64, [f64; 2]>,
+    ways: &IdMap<i64, Way>,
+    locs: &IdMap<i64, [f64; 2]>,
 ) -> Option<MultiPolygon> {
     let mut outer = Vec::new();
     let mut inner = Vec::new();

@@ -42,12 +42,15 @@ use crate::feature::FeatureKind;
 /// tile, so two features that share forty tiles are compared once. Sharded
 /// so that rayon's threads seldom wait for each other.
 pub(crate) struct PairMemo {
-    shards: Vec<std::sync::Mutex<std::collections::HashMap<PairKey, Verdict>>>,
+    shards: Vec<std::sync::Mutex<PairMap>>,
     len: std::sync::atomic::AtomicUsize,
 }
 
 /// `(type, id)` of the pair's first and second feature (in graph order).
 type PairKey = (u8, i64, u8, i64);
+
+/// Keyed by ids: the fast hasher (see `idhash`).
+type PairMap = crate::idhash::IdMap<PairKey, Verdict>;
 
 impl Default for PairMemo {
     fn default() -> Self {
@@ -59,7 +62,7 @@ impl Default for PairMemo {
 }
 
 impl PairMemo {
-    fn shard(&self, k: &PairKey) -> &std::sync::Mutex<std::collections::HashMap<PairKey, Verdict>> {
+    fn shard(&self, k: &PairKey) -> &std::sync::Mutex<PairMap> {
         let h = (k.1 as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (k.3 as u64);
         &self.shards[(h % self.shards.len() as u64) as usize]
     }
