@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on bundled real data, end to end:
 #   1. import the Maldives base extract (2017-03-01 07:49Z);
-#   2. train a small model on it (a few CPU minutes; kept in demo-ckpt and
+#   2. train a small model on it (a few CPU minutes; kept in target/demo/ckpt and
 #      reused on the next run);
 #   3. start the local Kafka-protocol broker (tansu, ops/broker.sh) on
 #      127.0.0.1:${OSMVEC_DEMO_BROKER_PORT:-19092};
@@ -10,18 +10,19 @@
 #      applied, every dirty tile embedded, every change and embedding
 #      published; one JSON line per cycle (tiles, latency, drift);
 #   5. print the store's statistics and what the topics hold.
-# The store (demo-store), the checkpoint (demo-ckpt) and the broker are left
+# The store (target/demo/store), the checkpoint (target/demo/ckpt) and the broker are left
 # for you to inspect; `bash ops/broker.sh stop` stops the broker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash ops/install.sh
 bash ops/broker.sh install
 bin=target/release/osmvec
-store=${OSMVEC_DEMO_STORE:-demo-store}
-ckpt=${OSMVEC_DEMO_CKPT:-demo-ckpt}
+store=${OSMVEC_DEMO_STORE:-target/demo/store}
+ckpt=${OSMVEC_DEMO_CKPT:-target/demo/ckpt}
 port=${OSMVEC_DEMO_BROKER_PORT:-19092}
 data=tests/data/replication/maldives
 rm -rf "$store"
+mkdir -p "$(dirname "$store")" "$(dirname "$ckpt")"
 
 "$bin" import --store "$store" "$data/base-2017-03-01T0749Z.osm.pbf"
 if [ ! -f "$ckpt/checkpoint.json" ]; then

@@ -209,17 +209,16 @@ fn merged<F: Serialize>(text: &str, file: Option<&str>, flags: &F) -> Result<Con
 impl Config {
     /// The daemon's three settings without a default.
     pub fn required(&self) -> Result<(PathBuf, String, PathBuf)> {
-        let need = |what: &str| {
-            anyhow::anyhow!(
-                "no {what}: give --{what}, OSMVEC_{} or `{what} = …` in the config file",
-                what.to_uppercase()
-            )
-        };
         Ok((
-            self.store.clone().ok_or_else(|| need("store"))?,
-            self.source.clone().ok_or_else(|| need("source"))?,
-            self.checkpoint.clone().ok_or_else(|| need("checkpoint"))?,
+            self.store.clone().ok_or_else(|| missing("store"))?,
+            self.source.clone().ok_or_else(|| missing("source"))?,
+            self.checkpoint()?,
         ))
+    }
+
+    /// The checkpoint (`run` and `worker` both need one; it has no default).
+    pub fn checkpoint(&self) -> Result<PathBuf> {
+        self.checkpoint.clone().ok_or_else(|| missing("checkpoint"))
     }
 
     /// Ranges, whatever the command: a value out of range is an error that
@@ -268,6 +267,14 @@ impl Config {
         }
         self.kafka.validate()
     }
+}
+
+/// The error for a setting without a default that nothing gave.
+fn missing(what: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "no {what}: give --{what}, OSMVEC_{} or `{what} = …` in the config file",
+        what.to_uppercase()
+    )
 }
 
 /// `[kafka.properties]` values as librdkafka strings: TOML numbers and
@@ -326,21 +333,9 @@ pub struct RunFlags {
     #[arg(long, env = "OSMVEC_SOURCE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
-    #[arg(long, env = "OSMVEC_CHECKPOINT")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub checkpoint: Option<PathBuf>,
-    /// cpu, cuda or cuda:N [default: cpu].
-    #[arg(long, env = "OSMVEC_DEVICE")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub device: Option<String>,
-    /// Directory of all-MiniLM-L6-v2.
-    #[arg(long, env = "OSMVEC_TEXT_MODEL_DIR")]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub text_model_dir: Option<PathBuf>,
-    /// Kafka bootstrap servers [default: 127.0.0.1:9092].
-    #[arg(long, env = "OSMVEC_BROKERS")]
-    #[serde(rename = "kafka.brokers", skip_serializing_if = "Option::is_none")]
-    pub brokers: Option<String>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub shared: SharedFlags,
     /// [default: osmvec.tile-embeddings]
     #[arg(long, env = "OSMVEC_TOPIC_EMBEDDINGS")]
     #[serde(
@@ -408,10 +403,6 @@ pub struct RunFlags {
         skip_serializing_if = "Option::is_none"
     )]
     pub replication_factor: Option<i32>,
-    /// Message values: json or cbor (docs/messages.md) [default: json].
-    #[arg(long, env = "OSMVEC_ENCODING")]
-    #[serde(rename = "kafka.encoding", skip_serializing_if = "Option::is_none")]
-    pub encoding: Option<Encoding>,
     /// Seconds between polls of the source once caught up [default: 30].
     #[arg(long, alias = "poll-interval", env = "OSMVEC_POLL_INTERVAL")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -511,9 +502,10 @@ pub struct RunFlags {
     pub finetune_tolerance: Option<f64>,
 }
 
-/// `osmvec worker`'s flags (over the same file as `osmvec run`).
+/// The flags `osmvec run` and `osmvec worker` both take: the model, the
+/// broker and the message encoding (the two read the same file keys).
 #[derive(Debug, Clone, Default, clap::Args, Serialize)]
-pub struct WorkerFlags {
+pub struct SharedFlags {
     #[arg(long, env = "OSMVEC_CHECKPOINT")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<PathBuf>,
@@ -521,13 +513,27 @@ pub struct WorkerFlags {
     #[arg(long, env = "OSMVEC_DEVICE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
+    /// Directory of all-MiniLM-L6-v2.
     #[arg(long, env = "OSMVEC_TEXT_MODEL_DIR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub text_model_dir: Option<PathBuf>,
-    /// [default: 127.0.0.1:9092]
+    /// Kafka bootstrap servers [default: 127.0.0.1:9092].
     #[arg(long, env = "OSMVEC_BROKERS")]
     #[serde(rename = "kafka.brokers", skip_serializing_if = "Option::is_none")]
     pub brokers: Option<String>,
+    /// Message values: json or cbor (docs/messages.md; a worker uses the
+    /// ingest daemon's) [default: json].
+    #[arg(long, env = "OSMVEC_ENCODING")]
+    #[serde(rename = "kafka.encoding", skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<Encoding>,
+}
+
+/// `osmvec worker`'s flags (over the same file as `osmvec run`).
+#[derive(Debug, Clone, Default, clap::Args, Serialize)]
+pub struct WorkerFlags {
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub shared: SharedFlags,
     /// Consumer group [default: osmvec-workers].
     #[arg(long, env = "OSMVEC_WORKER_GROUP")]
     #[serde(rename = "worker.group", skip_serializing_if = "Option::is_none")]
@@ -544,10 +550,6 @@ pub struct WorkerFlags {
     #[arg(long, env = "OSMVEC_WORKER_MAX_WAIT_MS")]
     #[serde(rename = "worker.max_wait_ms", skip_serializing_if = "Option::is_none")]
     pub max_wait_ms: Option<u64>,
-    /// json or cbor, as the ingest daemon [default: json].
-    #[arg(long, env = "OSMVEC_ENCODING")]
-    #[serde(rename = "kafka.encoding", skip_serializing_if = "Option::is_none")]
-    pub encoding: Option<Encoding>,
     /// Address of the worker's /metrics, /healthz and /readyz; "off" serves
     /// nothing [default: 127.0.0.1:9188].
     #[arg(long, env = "OSMVEC_WORKER_HTTP_LISTEN")]
@@ -582,7 +584,10 @@ mod tests {
         let s = load(
             Some(&example_path()),
             &RunFlags {
-                brokers: Some("10.0.0.1:9092".into()),
+                shared: SharedFlags {
+                    brokers: Some("10.0.0.1:9092".into()),
+                    ..Default::default()
+                },
                 embed_batch: Some(7),
                 ..Default::default()
             },
@@ -708,10 +713,13 @@ mod tests {
         let all = RunFlags {
             store: Some("s".into()),
             source: Some("x".into()),
-            checkpoint: Some("c".into()),
-            device: Some("cpu".into()),
-            text_model_dir: Some("m".into()),
-            brokers: Some("b:1".into()),
+            shared: SharedFlags {
+                checkpoint: Some("c".into()),
+                device: Some("cpu".into()),
+                text_model_dir: Some("m".into()),
+                brokers: Some("b:1".into()),
+                encoding: Some(Encoding::Cbor),
+            },
             topic_embeddings: Some("e".into()),
             topic_changes: Some("c".into()),
             topic_models: Some("m".into()),
@@ -723,7 +731,6 @@ mod tests {
             mode: Some(Mode::Ingest),
             partitions: Some(2),
             replication_factor: Some(1),
-            encoding: Some(Encoding::Cbor),
             poll_interval_seconds: Some(1.5),
             debounce_seconds: Some(0.0),
             embed_batch: Some(3),
@@ -749,15 +756,17 @@ mod tests {
         assert_eq!(c.finetune.tolerance, 0.25);
         assert_eq!(c.http.token.as_deref(), Some("t"));
         let w = WorkerFlags {
-            checkpoint: Some("c".into()),
-            device: Some("cpu".into()),
-            text_model_dir: Some("m".into()),
-            brokers: Some("b:1".into()),
+            shared: SharedFlags {
+                checkpoint: Some("c".into()),
+                device: Some("cpu".into()),
+                text_model_dir: Some("m".into()),
+                brokers: Some("b:1".into()),
+                encoding: Some(Encoding::Cbor),
+            },
             group: Some("g".into()),
             instance_id: Some("i".into()),
             batch: Some(2),
             max_wait_ms: Some(3),
-            encoding: Some(Encoding::Cbor),
             http_listen: Some("off".into()),
         };
         let c = from_toml("", &w).unwrap();
@@ -806,7 +815,10 @@ mod tests {
             WorkerOptions::new(&c, osmvec_model::Device::Cpu, PathBuf::new())
         };
         let o = worker(WorkerFlags {
-            checkpoint: Some("/x".into()),
+            shared: SharedFlags {
+                checkpoint: Some("/x".into()),
+                ..Default::default()
+            },
             batch: Some(16),
             ..Default::default()
         })
@@ -817,7 +829,10 @@ mod tests {
         assert_eq!(o.kafka.topics.jobs, "osmvec.tile-jobs");
         assert_eq!(example().device, "cpu");
         let o = worker(WorkerFlags {
-            checkpoint: Some("/x".into()),
+            shared: SharedFlags {
+                checkpoint: Some("/x".into()),
+                ..Default::default()
+            },
             http_listen: Some("off".into()),
             ..Default::default()
         })
@@ -892,7 +907,10 @@ mod tests {
         RunFlags {
             store: Some("s".into()),
             source: Some("x".into()),
-            checkpoint: Some("c".into()),
+            shared: SharedFlags {
+                checkpoint: Some("c".into()),
+                ..Default::default()
+            },
             ..Default::default()
         }
     }

@@ -80,11 +80,7 @@ impl WorkerOptions {
             kafka: c.kafka.clone(),
             group: c.worker.group.clone(),
             instance_id: c.worker.instance_id.clone(),
-            checkpoint: c.checkpoint.clone().ok_or_else(|| {
-                anyhow::anyhow!(
-                    "no checkpoint: give --checkpoint, OSMVEC_CHECKPOINT or `checkpoint = …`"
-                )
-            })?,
+            checkpoint: c.checkpoint()?,
             model_dir,
             device,
             batch: c.worker.batch.max(1),

@@ -426,6 +426,8 @@ async fn tiles(State(s): State<AppState>, Query(q): Query<HashMap<String, String
 /// `export_max_tiles` are refused with 400; an empty one is 404.
 /// The bbox and format of a `GET /v1/tiles.parquet`, or the 400 that says
 /// what is wrong with them.
+// A `Response` as the error: axum's own idiom for handlers' early returns;
+// it is built once per request, never on a hot path.
 #[allow(clippy::result_large_err)]
 fn export_query(s: &AppState, q: &HashMap<String, String>) -> Result<([f64; 4], bool), Response> {
     let Some(b) = q.get("bbox") else {
